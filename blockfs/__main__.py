@@ -1,0 +1,3 @@
+from blockfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""The ``blockfs`` command: mount, umount, and the image and job commands.
+
+The one place that talks to a person: every BlockfsError becomes ``blockfs: <one line>`` on
+stderr and exit status 1; argparse mistakes exit 2. No traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from blockfs import __version__
+from blockfs.errors import BlockfsError, UsageError
+
+log = logging.getLogger("blockfs")
+
+#: how long ``blockfs mount`` waits for the daemon to open its images and mount
+STARTUP_TIMEOUT = 300.0
+#: how long ``blockfs umount`` waits for the daemon to flush, close and exit
+SHUTDOWN_TIMEOUT = 300.0
+
+
+def _setup_logging(log_file: str | None, foreground: bool, verbose: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s")
+    if log_file:
+        h: logging.Handler = logging.FileHandler(log_file)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if os.path.exists("/dev/log"):
+        try:
+            sh = logging.handlers.SysLogHandler(address="/dev/log")
+            sh.setFormatter(logging.Formatter("blockfs[%(process)d]: %(levelname)s %(message)s"))
+            sh.setLevel(logging.WARNING if not verbose else logging.INFO)
+            root.addHandler(sh)
+        except OSError:
+            pass
+    if foreground:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        h.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        root.addHandler(h)
+
+
+# -- mount ------------------------------------------------------------------------------------
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from blockfs.daemon import check_mountpoint, mount_state
+    from blockfs.spec import parse_image_specs
+
+    specs = parse_image_specs(args.images)
+    from blockfs.nodes.file import check_image_file
+
+    for spec in specs:
+        try:
+            check_image_file(spec.path)
+        except BlockfsError as exc:
+            raise type(exc)(f"image {spec.name}: {exc}", errno=exc.errno) from None
+    if args.log:
+        try:
+            with open(args.log, "a"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"log file {args.log}: {exc.strerror}") from None
+    if not args.foreground:
+        if mount_state(args.mountpoint) != "stale":
+            check_mountpoint(args.mountpoint)  # fail fast, before a daemon is started
+        return _spawn_daemon(args)
+    return _run_daemon(args, specs)
+
+
+def _run_daemon(args: argparse.Namespace, specs: list) -> int:  # type: ignore[type-arg]
+    import trio
+
+    from blockfs.daemon import Daemon, MountConfig
+
+    _setup_logging(args.log, foreground=args.ready_fd is None, verbose=args.verbose)
+    config = MountConfig(
+        mountpoint=args.mountpoint,
+        images=specs,
+        read_only=args.read_only,
+        allow_other=args.allow_other,
+    )
+    ready_fd: int | None = args.ready_fd
+
+    def ready(message: str | None) -> None:
+        nonlocal ready_fd
+        if ready_fd is None:
+            return
+        text = "ok\n" if message is None else f"error {message}\n"
+        try:
+            os.write(ready_fd, text.encode())
+        finally:
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        trio.run(Daemon(config).run, ready)
+    except BlockfsError:
+        raise
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _spawn_daemon(args: argparse.Namespace) -> int:
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "blockfs", "mount", "--foreground", f"--ready-fd={w}"]
+    if args.read_only:
+        cmd.append("--read-only")
+    if args.allow_other:
+        cmd.append("--allow-other")
+    if args.verbose:
+        cmd.append("--verbose")
+    if args.log:
+        cmd += ["--log", os.path.abspath(args.log)]
+    cmd += [os.path.abspath(args.mountpoint), "--", *args.images]
+    with open(os.devnull, "rb+") as devnull:
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(w,),
+            stdin=devnull,
+            stdout=devnull,
+            stderr=devnull,
+            start_new_session=True,
+            close_fds=True,
+        )
+    os.close(w)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    answer = b""
+    import select
+
+    try:
+        while not answer.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(proc.pid, signal.SIGTERM)
+                raise BlockfsError(f"the daemon did not mount within {STARTUP_TIMEOUT:.0f} s")
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        os.close(r)
+    text = answer.decode(errors="replace").strip()
+    if text == "ok":
+        return 0
+    if text.startswith("error "):
+        proc.wait()
+        raise BlockfsError(text[len("error ") :])
+    code = proc.wait()
+    where = f"; see {args.log}" if args.log else "; see the system log"
+    raise BlockfsError(f"the daemon exited during start-up (status {code}){where}")
+
+
+# -- umount -----------------------------------------------------------------------------------
+
+
+def _daemon_pid(mountpoint: str) -> int | None:
+    try:
+        with open(os.path.join(mountpoint, ".control", "pid")) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"blockfs" not in f.read():
+                return None
+    except OSError:
+        return None
+    return pid
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie of ours (in tests the daemon may be our child) counts as gone.
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    return False
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from blockfs.daemon import detach_stale, mount_state
+
+    mnt = os.path.abspath(args.mountpoint)
+    state = mount_state(mnt)
+    if state == "stale":
+        detach_stale(mnt)
+        if mount_state(mnt) == "stale":
+            raise BlockfsError(f"{mnt}: could not detach the dead mount")
+        return 0
+    if state in ("missing", "notdir"):
+        raise UsageError(f"{mnt}: no such directory", errno=errno.ENOENT)
+    if state != "mounted":
+        raise UsageError(f"{mnt}: not mounted")
+    pid = _daemon_pid(mnt)
+    if pid is None:
+        raise UsageError(f"{mnt}: not a blockfs mount")
+    # A plain (not lazy) unmount: refused while a file is open, like umount(8). The daemon then
+    # sees its FUSE channel close, flushes and closes every image, and exits.
+    res = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "fusermount3 failed"
+        if "busy" in msg.lower():
+            raise BlockfsError(f"{mnt}: busy (a file under it is open)", errno=errno.EBUSY)
+        raise BlockfsError(f"{mnt}: {msg}")
+    if not _wait_gone(pid, SHUTDOWN_TIMEOUT):
+        raise BlockfsError(f"daemon {pid} did not exit within {SHUTDOWN_TIMEOUT:.0f} s")
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blockfs", description="Virtual disk images as plain files, with live block jobs."
+    )
+    p.add_argument("--version", action="version", version=f"blockfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    m = sub.add_parser("mount", help="mount images as files under MNT")
+    m.add_argument("mountpoint", metavar="MNT")
+    m.add_argument("images", nargs="*", metavar="IMAGE", help="NAME=PATH[,format=F,read-only=on] or PATH")
+    m.add_argument("--read-only", action="store_true", help="open every image read-only")
+    m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    m.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
+    m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
+    m.add_argument("-v", "--verbose", action="store_true")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=_cmd_mount)
+
+    u = sub.add_parser("umount", help="flush every image and unmount MNT")
+    u.add_argument("mountpoint", metavar="MNT")
+    u.set_defaults(func=_cmd_umount)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    found = []
+    for mod_name in ("blockfs.imagecmds", "blockfs.jobcmds"):
+        try:
+            mod = __import__(mod_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != mod_name:
+                raise
+            continue
+        found.append(mod.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BlockfsError as exc:
+        print(f"blockfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,178 @@
+"""The life of one mount: open and check every image, mount, serve, and shut down cleanly.
+
+One trio nursery holds the FUSE loop, the signal watcher and (later) the jobs. Shutdown, whatever
+starts it (SIGTERM, SIGINT, ``blockfs umount``, ``fusermount3 -u``), runs in this order: the FUSE
+loop stops taking requests and lets the in-flight ones finish; jobs are cancelled; every image is
+flushed and closed; the mountpoint is released. Nothing is mounted until every image opened, so a
+bad image never leaves a half-mounted tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from blockfs.control import ControlTree
+from blockfs.control.tree import VirtualTree
+from blockfs.errors import BlockfsError, UsageError
+from blockfs.export import Export
+from blockfs.fs import BlockfsOperations
+from blockfs.nodes.opener import close_chain, open_image
+from blockfs.spec import ImageSpec
+
+log = logging.getLogger(__name__)
+
+#: how many FUSE requests may be served at once (pyfuse3 worker tasks)
+MAX_FUSE_TASKS = 64
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    images: list[ImageSpec]
+    read_only: bool = False
+    allow_other: bool = False
+    fuse_tasks: int = MAX_FUSE_TASKS
+    extra_fuse_options: list[str] = field(default_factory=list)
+
+
+def mount_state(path: str) -> str:
+    """"missing", "notdir", "stale" (a dead FUSE mount), "mounted", or "free"."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "stale"
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    if not os.path.isdir(path):
+        return "notdir"
+    del st
+    return "mounted" if os.path.ismount(path) else "free"
+
+
+def detach_stale(path: str) -> None:
+    """Lazily unmount a FUSE mount whose daemon is gone (after a kill -9)."""
+    res = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, text=True)
+    if res.returncode != 0:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def check_mountpoint(path: str) -> None:
+    """:raise UsageError: the mountpoint cannot be used; a stale mount is recovered."""
+    state = mount_state(path)
+    if state == "stale":
+        log.warning("%s: recovering a stale mount (its daemon died)", path)
+        detach_stale(path)
+        state = mount_state(path)
+    if state == "missing":
+        raise UsageError(f"mountpoint {path}: no such directory", errno=errno.ENOENT)
+    if state == "notdir":
+        raise UsageError(f"mountpoint {path}: not a directory", errno=errno.ENOTDIR)
+    if state == "mounted":
+        raise UsageError(f"mountpoint {path}: something is mounted there already", errno=errno.EBUSY)
+    if state == "stale":
+        raise UsageError(f"mountpoint {path}: a dead mount is still there; run blockfs umount {path}")
+
+
+class Daemon:
+    """Everything one mount owns. Jobs and the control tree reach the images through it."""
+
+    def __init__(self, config: MountConfig) -> None:
+        self.config = config
+        self.mountpoint = os.path.abspath(config.mountpoint)
+        self.tree = VirtualTree()
+        self.ops = BlockfsOperations(self.tree)
+        self.exports: dict[str, Export] = {}
+        self.control: ControlTree | None = None
+        self.nursery: trio.Nursery | None = None
+
+    async def open_images(self) -> None:
+        """Open every image; on any failure close what was opened and raise."""
+        try:
+            for spec in self.config.images:
+                read_only = self.config.read_only or spec.read_only
+                try:
+                    node = await open_image(spec.path, fmt=spec.format, read_only=read_only)
+                except BlockfsError as exc:
+                    raise type(exc)(f"image {spec.name}: {exc}", errno=exc.errno) from None
+                self.exports[spec.name] = Export(spec.name, node, read_only=read_only)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.close_images()
+            raise
+
+    async def close_images(self) -> None:
+        """Flush and close every image; errors are logged, and every image gets its turn."""
+        for export in list(self.exports.values()):
+            try:
+                if not export.read_only:
+                    await export.root.flush()
+            except Exception as exc:
+                log.error("flushing %s failed: %s", export.name, exc)
+            try:
+                await close_chain(export.root)
+            except Exception as exc:
+                log.error("closing %s failed: %s", export.name, exc)
+        self.exports.clear()
+
+    def _fuse_options(self) -> set[str]:
+        opts = set(pyfuse3.default_options)
+        opts |= {"fsname=blockfs", "subtype=blockfs"}
+        if self.config.allow_other:
+            opts.add("allow_other")
+        if self.config.read_only:
+            opts.add("ro")
+        opts.update(self.config.extra_fuse_options)
+        return opts
+
+    async def run(self, ready: Callable[[str | None], None]) -> None:
+        """Serve until unmounted or signalled. ``ready(None)`` is called once the mount is up,
+        ``ready(message)`` when start-up failed (the error is raised too)."""
+        try:
+            check_mountpoint(self.mountpoint)
+            await self.open_images()
+            for export in self.exports.values():
+                self.ops.add_image(self.tree.root, export)
+            self.control = ControlTree(self)
+            try:
+                pyfuse3.init(self.ops, self.mountpoint, self._fuse_options())
+            except RuntimeError as exc:
+                raise BlockfsError(f"cannot mount on {self.mountpoint}: {exc}") from None
+        except BaseException as exc:
+            ready(str(exc) if isinstance(exc, BlockfsError) else f"start-up failed: {exc!r}")
+            with trio.CancelScope(shield=True):
+                await self.close_images()
+            raise
+        log.info("mounted %d image(s) on %s", len(self.exports), self.mountpoint)
+        unmount = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._watch_signals)
+                ready(None)
+                await pyfuse3.main(min_tasks=4, max_tasks=self.config.fuse_tasks)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.control is not None:
+                    await self.control.aclose()
+                await self.close_images()
+            pyfuse3.close(unmount=unmount)
+            log.info("unmounted %s", self.mountpoint)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                pyfuse3.terminate()
+                return
