@@ -1,0 +1,452 @@
+"""On-disk structures of qcow2, declared once, each beside the section of QEMU's
+``docs/interop/qcow2.txt`` it comes from; and the validation of everything a header claims.
+
+Everything here is pure (bytes in, values out) and bounded: a hostile header is refused with a
+one-line :class:`ImageError` before anything is allocated from its numbers. This module must not
+do I/O; the node (``qcow2.py``) reads the bytes and hands them here.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from blockfs.errors import ImageError, UnsupportedFeature
+
+MAGIC = b"QFI\xfb"
+
+# == Header == (bytes 0-71, all versions)
+HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
+# version 3 additions (bytes 72-103): incompatible, compatible, autoclear features,
+# refcount_order, header_length
+HEADER_V3_EXTRA = struct.Struct(">QQQII")
+HEADER_V2_LEN = 72
+HEADER_V3_LEN = 104
+#: offset of compression_type (a byte) in a v3 header whose header_length is > 104
+COMPRESSION_TYPE_OFFSET = 104
+#: the header as blockfs and qemu-img write it for v3: 104 bytes + compression type + padding
+HEADER_V3_WRITTEN_LEN = 112
+
+# byte offsets of fields that are rewritten in place (each rewrite is one small write)
+OFF_SIZE = 24
+OFF_L1 = 36  # l1_size (I), l1_table_offset (Q)
+OFF_REFCOUNT_TABLE = 48  # refcount_table_offset (Q), refcount_table_clusters (I)
+OFF_SNAPSHOTS = 60  # nb_snapshots (I), snapshots_offset (Q)
+OFF_AUTOCLEAR = 88
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21  # QEMU's implementation limit (2 MiB)
+MAX_BACKING_NAME = 1023
+#: QEMU's limits: 32 MiB of active L1, 8 MiB of refcount table, 64 Ki snapshots, 64 MiB of table
+MAX_L1_BYTES = 32 * 1024 * 1024
+MAX_REFCOUNT_TABLE_BYTES = 8 * 1024 * 1024
+MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024
+MAX_SNAPSHOT_EXTRA = 1024
+#: host offsets live in bits 9-55 of L1/L2 entries
+MAX_HOST_OFFSET = 1 << 56
+
+
+class Incompatible(enum.IntFlag):
+    """incompatible_features (header bytes 72-79)."""
+
+    DIRTY = 1 << 0
+    CORRUPT = 1 << 1
+    DATA_FILE = 1 << 2
+    COMPRESSION = 1 << 3
+    EXTL2 = 1 << 4
+
+
+KNOWN_INCOMPATIBLE = Incompatible.DIRTY | Incompatible.CORRUPT | Incompatible.DATA_FILE | (
+    Incompatible.COMPRESSION | Incompatible.EXTL2
+)
+
+
+class Compatible(enum.IntFlag):
+    """compatible_features (header bytes 80-87)."""
+
+    LAZY_REFCOUNTS = 1 << 0
+
+
+class Autoclear(enum.IntFlag):
+    """autoclear_features (header bytes 88-95)."""
+
+    BITMAPS = 1 << 0
+    DATA_FILE_RAW = 1 << 1
+
+
+class CompressionType(enum.IntEnum):
+    """compression_type (header byte 104)."""
+
+    ZLIB = 0
+    ZSTD = 1
+
+
+class ExtensionType(enum.IntEnum):
+    """== Header extensions == type codes."""
+
+    END = 0x00000000
+    BACKING_FORMAT = 0xE2792ACA
+    FEATURE_TABLE = 0x6803F857
+    BITMAPS = 0x23852875
+    CRYPTO = 0x0537BE77
+    DATA_FILE = 0x44415441
+
+
+EXTENSION_HEADER = struct.Struct(">II")
+FEATURE_ENTRY = struct.Struct(">BB46s")
+
+# == Cluster mapping == L1 / L2 entry bits
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1 << 0
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+# == Snapshots == table entry, fixed part (40 bytes) and the v3 extra data
+SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
+SNAPSHOT_EXTRA = struct.Struct(">QQ")  # vm_state_size_large, disk_size
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The parsed, validated image header (== Header == of qcow2.txt)."""
+
+    version: int  # bytes 4-7: 2 or 3
+    backing_file_offset: int  # bytes 8-15
+    backing_file_size: int  # bytes 16-19
+    cluster_bits: int  # bytes 20-23
+    size: int  # bytes 24-31: virtual size
+    crypt_method: int  # bytes 32-35
+    l1_size: int  # bytes 36-39: entries of the active L1
+    l1_table_offset: int  # bytes 40-47
+    refcount_table_offset: int  # bytes 48-55
+    refcount_table_clusters: int  # bytes 56-59
+    nb_snapshots: int  # bytes 60-63
+    snapshots_offset: int  # bytes 64-71
+    incompatible: int = 0  # bytes 72-79 (v3)
+    compatible: int = 0  # bytes 80-87 (v3)
+    autoclear: int = 0  # bytes 88-95 (v3)
+    refcount_order: int = 4  # bytes 96-99 (v3; v2 is always 4)
+    header_length: int = HEADER_V2_LEN  # bytes 100-103 (v3)
+    compression_type: int = CompressionType.ZLIB  # byte 104 (v3, optional)
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    def pack(self) -> bytes:
+        """The header bytes (``header_length`` long; v3 includes the compression type)."""
+        base = HEADER_V2.pack(
+            MAGIC,
+            self.version,
+            self.backing_file_offset,
+            self.backing_file_size,
+            self.cluster_bits,
+            self.size,
+            self.crypt_method,
+            self.l1_size,
+            self.l1_table_offset,
+            self.refcount_table_offset,
+            self.refcount_table_clusters,
+            self.nb_snapshots,
+            self.snapshots_offset,
+        )
+        if self.version == 2:
+            return base
+        extra = HEADER_V3_EXTRA.pack(
+            self.incompatible,
+            self.compatible,
+            self.autoclear,
+            self.refcount_order,
+            self.header_length,
+        )
+        tail = bytearray(self.header_length - HEADER_V3_LEN)
+        if tail:
+            tail[0] = self.compression_type
+        return base + extra + bytes(tail)
+
+
+@dataclass(slots=True)
+class Extensions:
+    """What the header extensions say (== Header extensions ==)."""
+
+    backing_format: str | None = None
+    data_file: str | None = None
+    #: (type, bit) -> name, from the feature name table
+    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    has_bitmaps: bool = False
+    #: offset just past the end-of-extensions marker (where a backing name may start)
+    end: int = 0
+    #: raw unknown extensions to preserve when rewriting: (type, data)
+    unknown: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+def l2_entries(cluster_bits: int) -> int:
+    return 1 << (cluster_bits - 3)
+
+
+def l1_entries_needed(size: int, cluster_bits: int) -> int:
+    """L1 entries that a disk of ``size`` bytes needs (== Cluster mapping ==)."""
+    span = 1 << (cluster_bits + cluster_bits - 3)  # guest bytes one L2 table maps
+    return (size + span - 1) // span
+
+
+def parse_header(buf: bytes, file_size: int, where: str) -> Header:
+    """Parse and validate the header at the start of ``buf`` (at least one cluster, or the whole
+    file if shorter). ``file_size`` bounds every offset.
+
+    :raise ImageError: a corrupt or hostile header.
+    :raise UnsupportedFeature: encryption, an external data file, extended L2 entries, unknown
+        incompatible features.
+    """
+    if len(buf) < HEADER_V2_LEN or buf[:4] != MAGIC:
+        raise ImageError(f"{where}: not a qcow2 image (bad magic or truncated header)")
+    f = HEADER_V2.unpack_from(buf, 0)
+    (_, version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
+     nb_snap, snap_off) = f
+    if version not in (2, 3):
+        raise UnsupportedFeature(f"{where}: qcow2 version {version} is not supported (2 or 3)")
+    if not MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
+        raise ImageError(
+            f"{where}: cluster_bits {cbits} out of range "
+            f"({MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}: 512 B to 2 MiB clusters)"
+        )
+    cs = 1 << cbits
+    incompatible = compatible = autoclear = 0
+    refcount_order = 4
+    header_length = HEADER_V2_LEN
+    compression = CompressionType.ZLIB
+    if version == 3:
+        if len(buf) < HEADER_V3_LEN:
+            raise ImageError(f"{where}: truncated qcow2 v3 header")
+        incompatible, compatible, autoclear, refcount_order, header_length = (
+            HEADER_V3_EXTRA.unpack_from(buf, HEADER_V2_LEN)
+        )
+        if header_length < HEADER_V3_LEN or header_length % 8 or header_length > cs:
+            raise ImageError(f"{where}: invalid header_length {header_length}")
+        if len(buf) < header_length:
+            raise ImageError(f"{where}: truncated qcow2 header")
+        if refcount_order > 6:
+            raise ImageError(f"{where}: refcount_order {refcount_order} out of range (0..6)")
+        if header_length > COMPRESSION_TYPE_OFFSET:
+            ctype = buf[COMPRESSION_TYPE_OFFSET]
+            if ctype not in (0, 1):
+                raise UnsupportedFeature(f"{where}: unknown compression type {ctype}")
+            compression = CompressionType(ctype)
+        if bool(incompatible & Incompatible.COMPRESSION) != (compression != 0):
+            raise ImageError(f"{where}: compression type bit and compression_type disagree")
+    if crypt:
+        raise UnsupportedFeature(f"{where}: encrypted qcow2 images are not supported")
+    if size >= 1 << 63:
+        raise ImageError(f"{where}: virtual size {size} overflows")
+    needed = l1_entries_needed(size, cbits)
+    if needed * 8 > MAX_L1_BYTES:
+        raise ImageError(f"{where}: virtual size {size} too large for {cs}-byte clusters")
+    if l1_size < needed:
+        raise ImageError(f"{where}: L1 table too small ({l1_size} entries, need {needed})")
+    if l1_size * 8 > MAX_L1_BYTES or l1_size > 4 * needed + 128:
+        raise ImageError(
+            f"{where}: L1 table of {l1_size} entries is larger than a {size}-byte disk needs"
+        )
+    _check_table(where, "L1 table", l1_off, l1_size * 8, cs, file_size, allow_empty=True)
+    if rt_clusters == 0:
+        raise ImageError(f"{where}: refcount table is empty")
+    if rt_clusters * cs > MAX_REFCOUNT_TABLE_BYTES:
+        raise ImageError(f"{where}: refcount table of {rt_clusters} clusters is too large")
+    _check_table(where, "refcount table", rt_off, rt_clusters * cs, cs, file_size)
+    if nb_snap > MAX_SNAPSHOTS:
+        raise ImageError(f"{where}: {nb_snap} snapshots is more than {MAX_SNAPSHOTS}")
+    if nb_snap:
+        _check_table(where, "snapshot table", snap_off, nb_snap * SNAPSHOT_ENTRY.size, cs,
+                     file_size)
+    if bf_off:
+        if bf_size > MAX_BACKING_NAME or bf_size == 0:
+            raise ImageError(f"{where}: backing file name length {bf_size} is invalid")
+        if bf_off + bf_size > min(cs, file_size):
+            raise ImageError(f"{where}: backing file name lies outside the first cluster")
+    else:
+        bf_size = 0
+    unknown = incompatible & ~KNOWN_INCOMPATIBLE
+    if unknown:
+        raise UnsupportedFeature(f"{where}: unknown incompatible features {unknown:#x}")
+    if incompatible & Incompatible.EXTL2:
+        raise UnsupportedFeature(
+            f"{where}: extended L2 entries (subclusters) are not supported"
+        )
+    if incompatible & Incompatible.DATA_FILE:
+        raise UnsupportedFeature(f"{where}: external data files are not supported")
+    return Header(
+        version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
+        nb_snap, snap_off, incompatible, compatible, autoclear, refcount_order, header_length,
+        compression,
+    )
+
+
+def _check_table(
+    where: str, what: str, offset: int, length: int, cs: int, file_size: int,
+    allow_empty: bool = False,
+) -> None:
+    if allow_empty and length == 0:
+        return
+    if offset % cs:
+        raise ImageError(f"{where}: {what} offset {offset:#x} is not cluster aligned")
+    if offset == 0:
+        raise ImageError(f"{where}: {what} overlaps the header")
+    if offset + length > file_size:
+        raise ImageError(f"{where}: {what} at {offset:#x} lies past the end of the file")
+
+
+def parse_extensions(buf: bytes, header: Header, where: str) -> Extensions:
+    """Walk the header extensions that follow the header, within the first cluster.
+
+    :raise ImageError: an extension that runs past the first cluster.
+    """
+    ext = Extensions()
+    limit = min(len(buf), header.cluster_size)
+    if header.backing_file_offset:
+        limit = min(limit, header.backing_file_offset)
+    pos = header.header_length
+    seen: set[int] = set()
+    while True:
+        if pos + EXTENSION_HEADER.size > limit:
+            if pos >= limit:  # no end marker, but nothing left: tolerated as QEMU does
+                ext.end = pos
+                return ext
+            raise ImageError(f"{where}: header extension area is truncated")
+        etype, elen = EXTENSION_HEADER.unpack_from(buf, pos)
+        pos += EXTENSION_HEADER.size
+        if etype == ExtensionType.END:
+            ext.end = pos
+            return ext
+        if elen > limit - pos:
+            raise ImageError(f"{where}: header extension {etype:#x} of {elen} bytes is too long")
+        data = bytes(buf[pos:pos + elen])
+        pos += (elen + 7) & ~7
+        if etype in seen and etype != ExtensionType.FEATURE_TABLE:
+            raise ImageError(f"{where}: header extension {etype:#x} appears twice")
+        seen.add(etype)
+        if etype == ExtensionType.BACKING_FORMAT:
+            ext.backing_format = _text(data, where, "backing format")
+        elif etype == ExtensionType.DATA_FILE:
+            ext.data_file = _text(data, where, "data file name")
+        elif etype == ExtensionType.FEATURE_TABLE:
+            for i in range(0, len(data) - FEATURE_ENTRY.size + 1, FEATURE_ENTRY.size):
+                ftype, bit, name = FEATURE_ENTRY.unpack_from(data, i)
+                ext.feature_names[(ftype, bit)] = name.rstrip(b"\0").decode("utf-8", "replace")
+        elif etype == ExtensionType.BITMAPS:
+            ext.has_bitmaps = True
+        elif etype == ExtensionType.CRYPTO:
+            pass  # encryption is refused by crypt_method already
+        else:
+            ext.unknown.append((etype, data))
+
+
+def _text(data: bytes, where: str, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ImageError(f"{where}: {what} is not valid UTF-8") from None
+
+
+def feature_table() -> bytes:
+    """The feature name table blockfs writes (names as qemu-img writes them)."""
+    names = [
+        (0, 0, "dirty bit"),
+        (0, 1, "corrupt bit"),
+        (0, 2, "external data file"),
+        (0, 3, "compression type"),
+        (0, 4, "extended L2 entries"),
+        (1, 0, "lazy refcounts"),
+        (2, 0, "bitmaps"),
+        (2, 1, "raw external data"),
+    ]
+    return b"".join(FEATURE_ENTRY.pack(t, b, n.encode()) for t, b, n in names)
+
+
+def pack_extension(etype: int, data: bytes) -> bytes:
+    pad = (-len(data)) % 8
+    return EXTENSION_HEADER.pack(etype, len(data)) + data + bytes(pad)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One entry of the snapshot table (== Snapshots ==)."""
+
+    l1_table_offset: int  # bytes 0-7
+    l1_size: int  # bytes 8-11
+    id: str  # unique ID string
+    name: str
+    date_sec: int  # bytes 16-19
+    date_nsec: int  # bytes 20-23
+    vm_clock_nsec: int  # bytes 24-31
+    vm_state_size: int  # bytes 32-35, or extra bytes 40-47 when present
+    disk_size: int | None  # extra bytes 48-55 (v3)
+    extra: bytes = b""  # the whole extra data, preserved when rewriting the table
+
+    def pack(self, version: int) -> bytes:
+        extra = bytearray(self.extra)
+        if version == 3 and len(extra) < SNAPSHOT_EXTRA.size:
+            extra.extend(bytes(SNAPSHOT_EXTRA.size - len(extra)))
+        if len(extra) >= SNAPSHOT_EXTRA.size:
+            disk = self.disk_size if self.disk_size is not None else 0
+            SNAPSHOT_EXTRA.pack_into(extra, 0, self.vm_state_size, disk)
+        ident = self.id.encode()
+        name = self.name.encode()
+        head = SNAPSHOT_ENTRY.pack(
+            self.l1_table_offset, self.l1_size, len(ident), len(name), self.date_sec,
+            self.date_nsec, self.vm_clock_nsec, min(self.vm_state_size, 0xFFFFFFFF), len(extra),
+        )
+        entry = head + bytes(extra) + ident + name
+        return entry + bytes((-len(entry)) % 8)
+
+
+def parse_snapshots(
+    buf: bytes, count: int, header: Header, file_size: int, where: str
+) -> list[Snapshot]:
+    """Parse ``count`` entries from ``buf`` (the table, read up to its bound).
+
+    :raise ImageError: an entry runs past the table, or its L1 table is out of bounds.
+    """
+    cs = header.cluster_size
+    out: list[Snapshot] = []
+    pos = 0
+    for _ in range(count):
+        if pos + SNAPSHOT_ENTRY.size > len(buf):
+            raise ImageError(f"{where}: snapshot table is truncated")
+        (l1_off, l1_size, id_len, name_len, sec, nsec, clock, vmstate, extra_len) = (
+            SNAPSHOT_ENTRY.unpack_from(buf, pos)
+        )
+        pos += SNAPSHOT_ENTRY.size
+        if extra_len > MAX_SNAPSHOT_EXTRA:
+            raise ImageError(f"{where}: snapshot extra data of {extra_len} bytes is too large")
+        end = pos + extra_len + id_len + name_len
+        if end > len(buf):
+            raise ImageError(f"{where}: snapshot table is truncated")
+        extra = bytes(buf[pos:pos + extra_len])
+        pos += extra_len
+        ident = buf[pos:pos + id_len].decode("utf-8", "replace")
+        pos += id_len
+        name = buf[pos:pos + name_len].decode("utf-8", "replace")
+        pos += name_len
+        pos += (-pos) % 8
+        disk_size: int | None = None
+        if extra_len >= 8:
+            vmstate = struct.unpack_from(">Q", extra, 0)[0]
+        if extra_len >= 16:
+            disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise ImageError(f"{where}: snapshot {ident!r} has an L1 table that is too large")
+        _check_table(where, f"snapshot {ident!r} L1 table", l1_off, l1_size * 8, cs, file_size,
+                     allow_empty=True)
+        out.append(Snapshot(l1_off, l1_size, ident, name, sec, nsec, clock, vmstate, disk_size,
+                            extra))
+    return out
+
+
+def snapshot_table_bound(count: int) -> int:
+    """The most bytes a table of ``count`` entries may take (bounds the read)."""
+    return min(MAX_SNAPSHOT_TABLE_BYTES,
+               count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8))

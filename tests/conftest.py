@@ -1,0 +1,143 @@
+"""Shared fixtures: real mounts through the real CLI, and the external oracles.
+
+A test that mounts gets a :class:`Mount` from the ``mount`` fixture factory; every mount is
+unmounted at teardown whatever happened (``blockfs umount``, then a lazy ``fusermount3 -u -z``),
+so a failing test never leaves a FUSE mount behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+BLOCKFS = [sys.executable, "-m", "blockfs"]
+
+
+def have_fuse() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+needs_fuse = pytest.mark.skipif(not have_fuse(), reason="FUSE (/dev/fuse, fusermount3) is absent")
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (make setup installs it)")
+    return path
+
+
+def run(cmd: list[str], *, check: bool = True, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} exited {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
+    return res
+
+
+def blockfs(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return run([*BLOCKFS, *args], check=check, timeout=timeout)
+
+
+def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["qemu-img", *args], check=check)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+
+
+class Mount:
+    """A live blockfs mount made by the CLI."""
+
+    def __init__(self, mnt: Path, log: Path) -> None:
+        self.path = mnt
+        self.log = log
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def pid(self) -> int:
+        return int((self.path / ".control" / "pid").read_text())
+
+    def info(self, name: str) -> dict:  # type: ignore[type-arg]
+        return json.loads((self.path / ".control" / "images" / name / "info").read_text())
+
+    def stats(self, name: str) -> dict:  # type: ignore[type-arg]
+        return json.loads((self.path / ".control" / "images" / name / "stats").read_text())
+
+    def umount(self) -> None:
+        blockfs("umount", str(self.path))
+        assert not is_mounted(self.path)
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """``m = mount("disk0=/path", ..., options=["--read-only"])`` mounts under tmp_path."""
+    if not have_fuse():
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    made: list[Mount] = []
+
+    def make(*specs: str, options: tuple[str, ...] = (), name: str = "mnt") -> Mount:
+        mnt = tmp_path / f"{name}{len(made)}"
+        mnt.mkdir()
+        log = tmp_path / f"{name}{len(made)}.log"
+        blockfs("mount", *options, "--log", str(log), str(mnt), *specs)
+        m = Mount(mnt, log)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        if is_mounted(m.path):
+            try:
+                pid = m.pid
+            except (OSError, ValueError):
+                pid = None
+            subprocess.run([*BLOCKFS, "umount", str(m.path)], capture_output=True, timeout=120)
+            force_unmount(m.path)
+            if pid is not None:
+                _reap(pid)
+        text = m.log_text()
+        # Unexpected tracebacks in the daemon's log fail the test that caused them.
+        assert "Traceback" not in text, f"daemon log of {m.path} holds a traceback:\n{text}"
+
+
+def _reap(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def random_file(path: Path, size: int, seed: int = 0) -> Path:
+    import random
+
+    rnd = random.Random(seed)
+    path.write_bytes(rnd.randbytes(size))
+    return path
