@@ -1,0 +1,115 @@
+"""The file and raw nodes on their own: concurrency, holes, zeroes, spec parsing."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockfs.errors import UsageError
+from blockfs.nodes.base import Status, chain_block_status
+from blockfs.nodes.file import FileNode, IoThreadPool
+from blockfs.nodes.opener import close_chain, open_image
+from blockfs.spec import parse_image_spec, parse_size
+
+
+async def test_pool_runs_calls_at_the_same_time() -> None:
+    # Two calls that each wait for the other: they only finish if the pool overlaps them.
+    pool = IoThreadPool(4)
+    barrier = threading.Barrier(2, timeout=10)
+    results: list[int] = []
+
+    def meet(i: int) -> int:
+        barrier.wait()  # raises BrokenBarrierError after 10 s if the other call never comes
+        return i
+
+    async def one(i: int) -> None:
+        results.append(await pool.run(meet, i))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, 1)
+        n.start_soon(one, 2)
+    assert sorted(results) == [1, 2]
+    pool.close()
+
+
+async def test_pool_passes_exceptions_back() -> None:
+    pool = IoThreadPool(1)
+    with pytest.raises(ZeroDivisionError):
+        await pool.run(lambda: 1 // 0)
+    pool.close()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "inline", "threads"])
+async def test_file_node_io_modes_agree(tmp_path: Path, mode: str) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(1 << 20))
+    node = await FileNode.open(str(p), mode=mode)
+    try:
+        await node.write(4096, b"abc" * 1000)
+        assert await node.read(4096, 3000) == b"abc" * 1000
+        assert await node.read(0, 4096) == p.read_bytes()[:4096]
+    finally:
+        await node.aclose()
+
+
+async def test_concurrent_reads_and_writes_overlap(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(bytes(1 << 22))
+    node = await FileNode.open(str(p), mode="threads")
+    try:
+        async with trio.open_nursery() as n:
+            for i in range(64):
+                n.start_soon(node.write, i * 65536, bytes([i]) * 65536)
+        async with trio.open_nursery() as n:
+            for i in range(64):
+
+                async def check(i: int = i) -> None:
+                    assert await node.read(i * 65536, 65536) == bytes([i]) * 65536
+
+                n.start_soon(check)
+    finally:
+        await node.aclose()
+
+
+async def test_holes_read_as_zero_and_report_as_zero(tmp_path: Path) -> None:
+    p = tmp_path / "sparse"
+    with open(p, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(4 << 20)
+        f.write(b"x" * 65536)
+    node = await open_image(str(p))
+    try:
+        ext = await chain_block_status(node, 0, 8 << 20)
+        assert ext.status & Status.ZERO and ext.length == 4 << 20
+        ext = await chain_block_status(node, 4 << 20, 4 << 20)
+        assert ext.status & Status.DATA and ext.length >= 65536
+        await node.write_zeroes(4 << 20, 65536, may_unmap=True)
+        assert await node.read(4 << 20, 65536) == bytes(65536)
+    finally:
+        await close_chain(node)
+
+
+def test_spec_parsing() -> None:
+    s = parse_image_spec("disk0=/srv/a.img,format=raw,read-only=on")
+    assert (s.name, s.path, s.format, s.read_only) == ("disk0", "/srv/a.img", "raw", True)
+    assert parse_image_spec("/srv/b.qcow2").name == "b.qcow2"
+    assert parse_image_spec("/srv/x=y.img").path == "/srv/x=y.img"
+    assert parse_image_spec("d=/srv/a,,b.img").path == "/srv/a,b.img"
+    for bad in ["d=/x,foo=1", "d=/x,format", ".d=/x", "d=", "d=/x,format=raw,format=raw"]:
+        with pytest.raises(UsageError):
+            parse_image_spec(bad)
+
+
+def test_sizes() -> None:
+    assert parse_size("4096") == 4096
+    assert parse_size("64K") == 65536
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("1.5M") == 3 << 19
+    assert parse_size("2MiB") == 2 << 20
+    for bad in ["", "ten", "-1", "1.0000001K", "5Q"]:
+        with pytest.raises(UsageError):
+            parse_size(bad)
