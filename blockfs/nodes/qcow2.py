@@ -1012,6 +1012,6 @@ def _check_entries(
                 raise ImageError(f"{where}: {what} entry {e:#x} points to the header")
 
 
-from blockfs.nodes.qcow2_create import create_qcow2  # noqa: E402  (re-exported for block jobs)
+from blockfs.nodes.qcow2_create import create_qcow2
 
 __all__ = ["FORMAT_NAME", "Qcow2Node", "create_qcow2", "open_node", "probe"]

@@ -1,0 +1,224 @@
+"""The image commands of the ``blockfs`` CLI: ``create``, ``snapshot`` and ``info``.
+
+Each works on an image file directly (never on a mounted image) and raises UsageError /
+ImageError for a user's mistake; ``blockfs.cli.main`` prints those as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import trio
+
+from blockfs.errors import UsageError
+from blockfs.info import chain_info
+from blockfs.spec import parse_size
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    c = subparsers.add_parser(
+        "create", help="create a qcow2 or raw image",
+        description="Create an image. Options (-o, comma separated): cluster_size, compat "
+        "(0.10 or 1.1), preallocation (off, metadata), backing_file, backing_fmt.",
+    )
+    c.add_argument("-f", dest="fmt", default="qcow2", help="image format: qcow2 (default), raw")
+    c.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
+    c.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the backing file")
+    c.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c.add_argument("filename")
+    c.add_argument("size", nargs="?", help="virtual size (K, M, G, T suffixes)")
+    c.set_defaults(func=cmd_create)
+
+    s = subparsers.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
+    g.add_argument("-l", dest="list", action="store_true", help="list snapshots")
+    g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
+    g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
+    s.add_argument("filename")
+    s.set_defaults(func=cmd_snapshot)
+
+    i = subparsers.add_parser("info", help="show what an image is")
+    i.add_argument("filename")
+    i.add_argument("--backing-chain", action="store_true", help="every layer of the chain")
+    i.add_argument("--output", choices=("human", "json"), default="human")
+    i.set_defaults(func=cmd_info)
+
+
+# -- create -----------------------------------------------------------------------------------
+
+_CREATE_OPTIONS = ("cluster_size", "compat", "preallocation", "backing_file", "backing_fmt")
+
+
+def _parse_options(items: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep:
+                raise UsageError(f"option {part!r} needs a value (KEY=VALUE)")
+            if key not in _CREATE_OPTIONS:
+                raise UsageError(f"unknown option {key!r} (known: {', '.join(_CREATE_OPTIONS)})")
+            opts[key] = value.strip()
+    return opts
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from blockfs.nodes.qcow2_create import create_qcow2, create_raw
+
+    opts = _parse_options(args.options)
+    backing = args.backing or opts.pop("backing_file", None)
+    backing_fmt = args.backing_fmt or opts.pop("backing_fmt", None)
+    size = parse_size(args.size, "image size") if args.size is not None else None
+    if args.fmt == "raw":
+        if backing or opts:
+            raise UsageError("raw images take no backing file and no options")
+        if size is None:
+            raise UsageError("image size is required")
+        trio.run(lambda: create_raw(args.filename, size, overwrite=args.force))
+        return 0
+    if args.fmt != "qcow2":
+        raise UsageError(f"cannot create format {args.fmt!r} (qcow2, raw)")
+    cluster_size = parse_size(opts.pop("cluster_size", "65536"), "cluster size")
+
+    async def run() -> None:
+        await create_qcow2(
+            args.filename,
+            size,
+            cluster_size=cluster_size,
+            compat=opts.pop("compat", "1.1"),
+            backing=backing,
+            backing_fmt=backing_fmt,
+            preallocation=opts.pop("preallocation", "off"),
+            overwrite=args.force,
+        )
+
+    trio.run(run)
+    return 0
+
+
+# -- snapshot ---------------------------------------------------------------------------------
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from blockfs.nodes import qcow2_snapshot as snaps
+    from blockfs.nodes.opener import close_chain, open_image
+    from blockfs.nodes.qcow2 import Qcow2Node
+
+    async def run() -> None:
+        node = await open_image(args.filename, read_only=bool(args.list))
+        try:
+            if not isinstance(node, Qcow2Node):
+                raise UsageError(f"{args.filename}: internal snapshots need a qcow2 image")
+            if args.list:
+                print(format_snapshots(node.describe()["snapshots"]), end="")  # type: ignore[arg-type]
+            elif args.create is not None:
+                await snaps.create_snapshot(node, args.create)
+            elif args.apply is not None:
+                await snaps.apply_snapshot(node, args.apply)
+            else:
+                await snaps.delete_snapshot(node, args.delete)
+        finally:
+            await close_chain(node)
+
+    trio.run(run)
+    return 0
+
+
+def format_snapshots(snapshots: list[dict[str, Any]]) -> str:
+    if not snapshots:
+        return ""
+    lines = [f"{'ID':<10}{'TAG':<18}{'VM SIZE':>8}{'DATE':>21}{'VM CLOCK':>15}"]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        clock = s["vm-clock-nsec"] // 1_000_000
+        ms = clock % 1000
+        secs = clock // 1000
+        vmclock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        lines.append(f"{s['id']:<10}{s['name']:<18}{_human(s['vm-state-size']):>8}"
+                     f"{date:>21}{vmclock:>15}")
+    return "Snapshot list:\n" + "\n".join(lines) + "\n"
+
+
+# -- info -------------------------------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.3g} {unit}"
+    return f"{n} B"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from blockfs.nodes.opener import close_chain, open_image
+
+    async def run() -> list[dict[str, Any]]:
+        node = await open_image(args.filename, read_only=True)
+        try:
+            layers = chain_info(node)
+        finally:
+            await close_chain(node)
+        for layer in layers:
+            try:
+                layer["actual-size"] = os.stat(layer["filename"]).st_blocks * 512
+            except OSError:
+                layer["actual-size"] = None
+        return layers
+
+    layers = trio.run(run)
+    if not args.backing_chain:
+        layers = layers[:1]
+    if args.output == "json":
+        doc: object = layers if args.backing_chain else layers[0]
+        print(json.dumps(doc, indent=4, default=str))
+        return 0
+    print("\n".join(_human_info(layer) for layer in layers), end="")
+    return 0
+
+
+_FORMAT_SPECIFIC = (
+    ("compat", "compat"),
+    ("compression-type", "compression type"),
+    ("lazy-refcounts", "lazy refcounts"),
+    ("refcount-bits", "refcount bits"),
+    ("corrupt", "corrupt"),
+    ("extended-l2", "extended l2"),
+    ("dirty-flag", "dirty flag"),
+)
+
+
+def _human_info(d: dict[str, Any]) -> str:
+    out = [
+        f"image: {d['filename']}",
+        f"file format: {d['format']}",
+        f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
+    ]
+    if d.get("actual-size") is not None:
+        out.append(f"disk size: {_human(d['actual-size'])}")
+    if "cluster-size" in d:
+        out.append(f"cluster_size: {d['cluster-size']}")
+    if d.get("backing-filename"):
+        out.append(f"backing file: {d['backing-filename']}")
+        if d.get("backing-format"):
+            out.append(f"backing file format: {d['backing-format']}")
+    snaps = d.get("snapshots") or []
+    if snaps:
+        out.append(format_snapshots(snaps).rstrip("\n"))
+    specific = [(label, d[key]) for key, label in _FORMAT_SPECIFIC if key in d]
+    if specific:
+        out.append("Format specific information:")
+        for label, value in specific:
+            if isinstance(value, bool):
+                value = str(value).lower()
+            out.append(f"    {label}: {value}")
+    return "\n".join(out) + "\n\n"
