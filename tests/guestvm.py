@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -168,7 +169,7 @@ def _kernel_package() -> tuple[str, str] | None:
         return None
     name = names[0]
     show = _run(["apt-cache", "show", "--no-all-versions", name])
-    version = re.search(r"^Version:\s*(\S+)", show.stdout, re.M)
+    version = re.search(r"^Version:\s*(\S+)", show.stdout, re.MULTILINE)
     if show.returncode != 0 or version is None:
         return None
     return name, version.group(1)
@@ -318,22 +319,34 @@ def _locked(cache_dir: Path):  # type: ignore[no-untyped-def]
 def prepare_kernel(cache_dir: Path = DEFAULT_CACHE_DIR) -> KernelBundle:
     """The cached kernel for the current Debian candidate, fetched on first use.
 
-    Without apt's package lists the newest complete cache entry is used, so an offline rerun works.
+    A fresh machine may have no apt package lists: then, as root and with nothing cached, this
+    runs ``apt-get update`` once rather than skip every VM test. When apt still cannot say, or the
+    download fails, the newest complete cache entry is used, so an offline rerun works.
 
     :raise GuestUnavailable: no kernel in the cache and none can be downloaded.
     """
     with _locked(cache_dir):
+        cached = _cached_bundles(cache_dir)
         found = _kernel_package()
+        if found is None and not cached and os.geteuid() == 0 and shutil.which("apt-get"):
+            log.info("apt cannot resolve %s: running apt-get update once", KERNEL_METAPACKAGE)
+            _run(["apt-get", "update", "-qq"], timeout=600)
+            found = _kernel_package()
         if found is not None:
             key = _cache_key(*found)
             directory = cache_dir / key
-            if not (directory / _COMPLETE).exists():
+            if (directory / _COMPLETE).exists():
+                return _load_bundle(key, directory)
+            try:
                 if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
                     raise GuestUnavailable("apt-get/dpkg missing: cannot fetch a kernel")
                 log.info("fetching %s %s into %s", found[0], found[1], directory)
                 _fetch_kernel(found[0], found[1], directory)
-            return _load_bundle(key, directory)
-        cached = _cached_bundles(cache_dir)
+                return _load_bundle(key, directory)
+            except GuestUnavailable:
+                if not cached:
+                    raise
+                log.warning("cannot fetch %s; using cached %s", key, cached[0].name)
         if not cached:
             raise GuestUnavailable(
                 f"apt cannot resolve {KERNEL_METAPACKAGE} (run apt-get update) and "
@@ -359,11 +372,9 @@ class CpioWriter:
         self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
     ) -> None:
         encoded = name.encode() + b"\x00"
-        fields = (
-            self._ino, mode, 0, 0, 1, 0, len(data),  # ino mode uid gid nlink mtime filesize
-            0, 0, rdev[0], rdev[1],  # devmajor devminor rdevmajor rdevminor
-            len(encoded), 0,  # namesize check
-        )
+        # newc header fields, in order: ino mode uid gid nlink mtime filesize devmajor devminor
+        # rdevmajor rdevminor namesize check; each written as 8 hex digits.
+        fields = [self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(encoded), 0]
         self._ino += 1
         self._out.write(_NEWC_MAGIC + b"".join(b"%08X" % f for f in fields) + encoded)
         self._pad()
@@ -417,13 +428,29 @@ poweroff -f
 """
 
 
+_INITRAMFS_DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "mnt")
+_GUEST_DIRS = ("modules", "guest")
+
+
+_ELF64_HEADER = struct.Struct("<16xHHIQQQIHHH")  # e_type .. e_phnum (ELF64 little-endian)
+_PT_INTERP = 3  # a program header naming a dynamic loader
+
+
+def _is_static_elf(path: Path) -> bool:
+    """True for an ELF64 executable without a PT_INTERP header, i.e. one that needs no libc."""
+    data = path.read_bytes()
+    if data[:5] != b"\x7fELF\x02":
+        return False
+    *_, phoff, _, _, _, phentsize, phnum = _ELF64_HEADER.unpack_from(data)
+    return all(
+        struct.unpack_from("<I", data, phoff + i * phentsize)[0] != _PT_INTERP for i in range(phnum)
+    )
+
+
 def _busybox() -> Path:
     for candidate in BUSYBOX_CANDIDATES:
         path = Path(candidate)
-        if path.exists():
-            probe = _run(["file", "-b", str(path)]) if shutil.which("file") else None
-            if probe is not None and "dynamically linked" in probe.stdout:
-                continue
+        if path.exists() and _is_static_elf(path):
             return path
     raise GuestUnavailable("no static busybox (apt-get install busybox-static)")
 
@@ -431,8 +458,7 @@ def _busybox() -> Path:
 def build_initramfs(kernel: KernelBundle, script: str, ndisks: int) -> bytes:
     """A gzip'd initramfs whose /init loads the virtio modules and runs ``script`` with ``sh -e``."""
     cpio = CpioWriter()
-    for directory in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
-                      "mnt", "modules", "guest"):
+    for directory in (*_INITRAMFS_DIRS, *_GUEST_DIRS):
         cpio.directory(directory)
     # The kernel opens /dev/console before /init runs; devtmpfs is mounted only afterwards.
     cpio.char_device("dev/console", 5, 1)
@@ -458,14 +484,14 @@ def parse_console(console: str) -> tuple[str, int | None, dict[str, str]]:
     body: list[str] = []
     status: int | None = None
     results: dict[str, str] = {}
-    for line in lines[(begin + 1 if begin is not None else 0):]:
+    for line in lines[(begin + 1 if begin is not None else 0) :]:
         if line.startswith(EXIT_MARKER):
             with contextlib.suppress(ValueError):
-                status = int(line[len(EXIT_MARKER):].strip())
+                status = int(line[len(EXIT_MARKER) :].strip())
             break
         body.append(line)
         if line.startswith(RESULT_MARKER):
-            key, _, value = line[len(RESULT_MARKER):].partition("=")
+            key, _, value = line[len(RESULT_MARKER) :].partition("=")
             results[key.strip()] = value.strip()
     return "\n".join(body), status, results
 
@@ -492,20 +518,32 @@ class GuestKit:
     def command(self, kernel_path: Path, initrd_path: Path, disks: Sequence[Disk]) -> list[str]:
         cmd = [
             self.qemu,
-            "-accel", "tcg",
-            "-machine", "q35",
-            "-cpu", "max",
-            "-smp", "1",
-            "-m", "512",
+            "-accel",
+            "tcg",
+            "-machine",
+            "q35",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "512",
             "-nodefaults",
             "-no-reboot",
-            "-nic", "none",
-            "-display", "none",
-            "-monitor", "none",
-            "-serial", "stdio",
-            "-kernel", str(kernel_path),
-            "-initrd", str(initrd_path),
-            "-append", "console=ttyS0 panic=-1 loglevel=4 i8042.noaux i8042.nokbd tsc=reliable",
+            "-nic",
+            "none",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+            str(kernel_path),
+            "-initrd",
+            str(initrd_path),
+            "-append",
+            "console=ttyS0 panic=-1 loglevel=4 i8042.noaux i8042.nokbd tsc=reliable",
         ]
         for disk in disks:
             cmd += ["-drive", disk.drive_arg()]
@@ -610,7 +648,7 @@ class PatternWorkload:
     def script(self, device: str = "/dev/vda") -> str:
         gen = (
             "awk -v s=$1 -v n=$2 -v t=$3 'BEGIN { for (i = s; i < s + n; i++) "
-            "for (w = 0; w < 8; w++) printf \"%-63s\\n\", sprintf(\"%s sector=%010d word=%d\", "
+            'for (w = 0; w < 8; w++) printf "%-63s\\n", sprintf("%s sector=%010d word=%d", '
             "t, i, w) }'"
         )
         lines = [
@@ -703,9 +741,11 @@ class Ext2Workload:
             "mkdir -p /mnt/dir/sub",
             'echo "hello from the guest" > /mnt/hello.txt',
             "seq 0 19999 > /mnt/dir/numbers.txt",
-            "awk 'BEGIN { for (i = 0; i < 600; i++) for (w = 0; w < 8; w++) "
-            "printf \"%-63s\\n\", sprintf(\"ext2 sector=%010d word=%d\", i, w) }' "
-            "> /mnt/dir/sub/pattern.bin",
+            (
+                "awk 'BEGIN { for (i = 0; i < 600; i++) for (w = 0; w < 8; w++) "
+                'printf "%-63s\\n", sprintf("ext2 sector=%010d word=%d", i, w) }\' '
+                "> /mnt/dir/sub/pattern.bin"
+            ),
             "sync",
             "md5sum /mnt/hello.txt /mnt/dir/numbers.txt /mnt/dir/sub/pattern.bin",
             "umount /mnt",
@@ -759,7 +799,9 @@ def _parse_disk(spec: str) -> Disk:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.guestvm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.guestvm", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="fetch and cache the kernel, print what is cached")
@@ -768,8 +810,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--workload", choices=sorted(WORKLOADS))
     what.add_argument("--script", type=Path, help="a shell script to run in the guest")
-    run.add_argument("--verify", type=Path, metavar="IMAGE",
-                     help="after the boot, check the workload's result in this raw image")
+    run.add_argument(
+        "--verify",
+        type=Path,
+        metavar="IMAGE",
+        help="after the boot, check the workload's result in this raw image",
+    )
     run.add_argument("--timeout", type=float, default=120)
     run.add_argument("--console", action="store_true", help="print the whole console")
     args = parser.parse_args(argv)

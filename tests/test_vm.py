@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import guestvm  # noqa: E402
+import guestvm
 
 DISK_BYTES = 64 << 20
 BLOCKFS = [sys.executable, "-m", "blockfs"]
@@ -80,7 +80,10 @@ class BlockfsMount:
         self.mnt.mkdir()
         res = subprocess.run(
             [*BLOCKFS, "mount", "--log", str(self.log), str(self.mnt), f"vm={image},format={fmt}"],
-            capture_output=True, text=True, timeout=120,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if res.returncode != 0:
             if fmt != "raw" and "format" in res.stderr:
@@ -94,7 +97,11 @@ class BlockfsMount:
     def umount(self) -> None:
         """Unmount cleanly (flushing the image) and fail if that did not work."""
         res = subprocess.run(
-            [*BLOCKFS, "umount", str(self.mnt)], capture_output=True, text=True, timeout=120
+            [*BLOCKFS, "umount", str(self.mnt)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert res.returncode == 0, f"blockfs umount failed: {res.stderr}"
         assert not _is_mounted(self.mnt)
@@ -103,9 +110,13 @@ class BlockfsMount:
 
     def close(self) -> None:
         if _is_mounted(self.mnt):
-            subprocess.run([*BLOCKFS, "umount", str(self.mnt)], capture_output=True, timeout=120)
+            subprocess.run(
+                [*BLOCKFS, "umount", str(self.mnt)], check=False, capture_output=True, timeout=120
+            )
         if _is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(self.mnt)], check=False, capture_output=True
+            )
         if self.pid is not None:
             _wait_gone(self.pid)
 
@@ -142,8 +153,9 @@ class Target:
         """The backing image as raw bytes, read without blockfs."""
         if self.fmt == "raw":
             return self.image
-        check = subprocess.run(["qemu-img", "check", str(self.image)], capture_output=True,
-                               text=True)
+        check = subprocess.run(
+            ["qemu-img", "check", str(self.image)], check=False, capture_output=True, text=True
+        )
         assert check.returncode == 0, f"qemu-img check: {check.stdout}{check.stderr}"
         raw = self.tmp_path / "converted.raw"
         subprocess.run(
