@@ -58,7 +58,7 @@ class Incompatible(enum.IntFlag):
     EXTL2 = 1 << 4
 
 
-KNOWN_INCOMPATIBLE = Incompatible.DIRTY | Incompatible.CORRUPT | Incompatible.DATA_FILE | (
+KNOWN_INCOMPATIBLE = int(Incompatible.DIRTY | Incompatible.CORRUPT | Incompatible.DATA_FILE) | int(
     Incompatible.COMPRESSION | Incompatible.EXTL2
 )
 

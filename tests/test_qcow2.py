@@ -1,0 +1,508 @@
+"""The qcow2 node against images qemu-img and qemu-io made: every read equals
+``qemu-img convert -O raw``; after writes through the node ``qemu-img check`` is clean (no errors,
+no leaks) and ``qemu-img compare`` agrees with a raw file that got the same writes."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockfs.errors import ImageError, UnsupportedFeature, UsageError
+from blockfs.nodes.base import Status, chain_block_status
+from blockfs.nodes.opener import close_chain, open_image
+from blockfs.nodes.qcow2 import Qcow2Node, create_qcow2
+from conftest import qemu_img, run
+
+MiB = 1024 * 1024
+
+
+def qemu_io(img: Path, *cmds: str, fmt: str = "qcow2") -> None:
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    res = run([*args, str(img)])
+    assert "error" not in res.stdout.lower() + res.stderr.lower(), res.stdout + res.stderr
+
+
+def to_raw(img: Path, tmp: Path) -> bytes:
+    out = tmp / (img.name + ".raw")
+    qemu_img("convert", "-O", "raw", str(img), str(out))
+    return out.read_bytes()
+
+
+def check_clean(img: Path) -> str:
+    """``qemu-img check`` exit 0 means no corruption and no leaks."""
+    res = qemu_img("check", str(img), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "No errors were found" in res.stdout
+    return res.stdout
+
+
+def compare(img: Path, raw: Path) -> None:
+    res = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(img), str(raw), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def random_patterns(rnd: random.Random, size: int, count: int, zero: bool) -> list[str]:
+    """qemu-io commands writing random patterns (some unaligned) and zeroes."""
+    cmds = []
+    for _ in range(count):
+        off = rnd.randrange(0, size - 1) // 512 * 512
+        ln = min(rnd.randrange(512, 700 * 1024) // 512 * 512, size - off)
+        if zero and rnd.random() < 0.25:
+            cmds.append(f"write -z {off} {ln}")
+        else:
+            cmds.append(f"write -P {rnd.randrange(1, 256):#x} {off} {ln}")
+    return cmds
+
+
+async def read_all(node: Qcow2Node | object, size: int, rnd: random.Random) -> bytes:
+    parts = []
+    pos = 0
+    while pos < size:
+        n = min(size - pos, rnd.choice([1, 511, 4096, 65536 + 7, MiB, 3 * MiB + 5]))
+        parts.append(await node.read(pos, n))  # type: ignore[attr-defined]
+        pos += n
+    return b"".join(parts)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+READ_CASES = [(512, "1.1"), (4096, "0.10"), (65536, "1.1"), (65536, "0.10"), (2 * MiB, "1.1")]
+
+
+@pytest.mark.parametrize(("cluster_size", "compat"), READ_CASES)
+async def test_reads_equal_qemu_img_convert(tmp_path: Path, cluster_size: int, compat: str) -> None:
+    rnd = random.Random(cluster_size)
+    size = 10 * MiB + 1536  # not a multiple of any cluster size above 512
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size},compat={compat}",
+             str(img), str(size))
+    qemu_io(img, *random_patterns(rnd, size, 30, zero=True), f"write -P 0x77 {size - 512} 512")
+    expect = to_raw(img, tmp_path)
+    node = await open_image(str(img), read_only=True)
+    try:
+        assert isinstance(node, Qcow2Node)
+        assert node.size == size
+        assert await read_all(node, size, rnd) == expect
+        # block_status: ranges this layer does not hold read as zeroes (no backing file)
+        pos = 0
+        while pos < size:
+            ext = await node.block_status(pos, size - pos)
+            assert ext.length > 0
+            if not ext.status & Status.ALLOCATED or ext.status & Status.ZERO:
+                assert expect[pos:pos + ext.length] == bytes(ext.length)
+            pos += ext.length
+        assert await node.allocated_bytes() > 0
+    finally:
+        await close_chain(node)
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+async def test_compressed_clusters_read_and_rewrite(tmp_path: Path, ctype: str) -> None:
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
+    qemu_io(src, "write -P 0x11 0 1M", "write -P 0x22 1M 100k", "write -P 0x33 3M 64k")
+    # text-like data compresses, but not to a constant: decompression must be exact
+    text = b"".join(b"line %d of a compressible file\n" % i for i in range(30000))[: 900 * 1024]
+    raw_src = tmp_path / "text.raw"
+    raw_src.write_bytes(text)
+    qemu_io(src, f"write -s {raw_src} 2M {len(text)}")
+    img = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", str(src), str(img))
+    assert "compressed" in check_clean(img)
+    info = json.loads(qemu_img("info", "--output=json", str(img)).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == ctype
+    expect = to_raw(img, tmp_path)
+    assert expect[2 * MiB:2 * MiB + len(text)] == text
+    node = await open_image(str(img))
+    try:
+        assert node.describe()["compression-type"] == ctype
+        assert await read_all(node, node.size, random.Random(1)) == expect
+        # partial rewrites of compressed clusters: the rest of each cluster must survive
+        ref = bytearray(expect)
+        for off, ln in [(100, 3000), (65536 * 3 + 5, 70000), (2 * MiB + 999, 12345)]:
+            data = random.Random(off).randbytes(ln)
+            await node.write(off, data)
+            ref[off:off + ln] = data
+        assert await node.read(0, node.size) == bytes(ref)
+    finally:
+        await close_chain(node)
+    check_clean(img)
+    (tmp_path / "ref.raw").write_bytes(ref)
+    compare(img, tmp_path / "ref.raw")
+
+
+async def test_three_deep_chain_with_relative_paths_and_short_base(tmp_path: Path) -> None:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    base, mid, top = d / "base.raw", d / "mid.qcow2", d / "top.qcow2"
+    base.write_bytes(random.Random(3).randbytes(3 * MiB + 4096))  # shorter than the overlays
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(mid), "6M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2",
+             "-F", "qcow2", str(top), "8M")
+    qemu_io(mid, "write -P 0x44 1M 200k", "write -z 2M 64k", "write -P 0x45 5M 100k")
+    qemu_io(top, "write -P 0x55 1100k 8k", "write -P 0x56 3M 1M", "write -z 3200k 4k")
+    expect = to_raw(top, tmp_path)
+    node = await open_image(str(top), read_only=True)
+    try:
+        assert node.backing is not None and node.backing.backing is not None
+        assert node.backing.backing.format_name == "raw"
+        assert await read_all(node, node.size, random.Random(2)) == expect
+        assert expect[7 * MiB:] == bytes(MiB)  # past every backing file: zeroes
+        ext = await chain_block_status(node, 2 * MiB, 64 * 1024)
+        assert ext.depth == 1 and ext.status & Status.ZERO  # mid's zero cluster
+        ext = await chain_block_status(node, 0, 4096)
+        assert ext.depth == 2  # only the base holds it
+        ext = await chain_block_status(node, 3 * MiB + 8192, 4096)
+        assert ext.depth == 0  # top's data
+        ext = await chain_block_status(node, 6 * MiB + 4096, 4096)
+        assert ext.status == Status.ZERO  # past mid's end, nobody has it
+    finally:
+        await close_chain(node)
+
+
+async def test_backing_format_probed_when_header_has_none(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "2M")
+    qemu_io(base, "write -P 0x61 0 1M")
+    top = tmp_path / "top.qcow2"
+    await create_qcow2(str(top), None, backing="base.qcow2")  # format probed, then recorded
+    raw = bytearray(top.read_bytes())
+    at = raw.index(bytes.fromhex("e2792aca"))  # turn the backing format extension into an
+    raw[at:at + 4] = bytes.fromhex("12345678")  # unknown one, which readers must ignore
+    top.write_bytes(raw)
+    assert "backing-filename-format" not in qemu_img("info", "--output=json", str(top)).stdout
+    node = await open_image(str(top), read_only=True)
+    try:
+        assert node.backing is not None and node.backing.format_name == "qcow2"
+        assert await node.read(0, MiB) == b"\x61" * MiB
+    finally:
+        await close_chain(node)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+WRITE_CASES = [
+    (512, "1.1", False),
+    (4096, "0.10", True),
+    (4096, "0.10", False),
+    (65536, "1.1", True),
+    (2 * MiB, "1.1", True),
+]
+
+
+@pytest.mark.parametrize(("cluster_size", "compat", "with_backing"), WRITE_CASES)
+async def test_writes_zeroes_discards_match_raw_reference(
+    tmp_path: Path, cluster_size: int, compat: str, with_backing: bool
+) -> None:
+    rnd = random.Random(cluster_size + with_backing)
+    size = 8 * MiB + 3 * 512
+    img = tmp_path / "w.qcow2"
+    if with_backing:
+        base = tmp_path / "base.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(base), str(size - 512 * 7))
+        qemu_io(base, *random_patterns(rnd, size - 512 * 7, 10, zero=False))
+        qemu_img("create", "-q", "-f", "qcow2", "-o",
+                 f"cluster_size={cluster_size},compat={compat}", "-b", str(base), "-F", "qcow2",
+                 str(img), str(size))
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-o",
+                 f"cluster_size={cluster_size},compat={compat}", str(img), str(size))
+    qemu_io(img, *random_patterns(rnd, size, 8, zero=compat == "1.1"))
+    ref = bytearray(to_raw(img, tmp_path))
+    node = await open_image(str(img))
+    assert isinstance(node, Qcow2Node)
+    try:
+        for _ in range(120):
+            off = rnd.randrange(0, size - 1)
+            ln = rnd.randrange(1, min(3 * cluster_size + 5000, size - off) + 1)
+            op = rnd.random()
+            if op < 0.75:
+                data = rnd.randbytes(ln)
+                await node.write(off, data)
+                ref[off:off + ln] = data
+            elif op < 0.88:
+                await node.write_zeroes(off, ln, may_unmap=rnd.random() < 0.5)
+                ref[off:off + ln] = bytes(ln)
+            else:
+                await node.discard(off, ln)
+                # whole clusters read as zeroes afterwards (v2 with a backing file keeps them)
+                a = -(-off // cluster_size) * cluster_size
+                b = (off + ln) // cluster_size * cluster_size
+                if off + ln == size:
+                    b = size
+                if b > a and not (compat == "0.10" and with_backing):
+                    ref[a:b] = bytes(b - a)
+        assert await read_all(node, size, rnd) == bytes(ref)
+        await node.flush()
+    finally:
+        await close_chain(node)
+    check_clean(img)
+    (tmp_path / "ref.raw").write_bytes(ref)
+    compare(img, tmp_path / "ref.raw")
+
+
+async def test_partial_cluster_write_over_backing_copies_the_rest(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
+    qemu_io(base, "write -P 0xaa 0 1M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    node = await open_image(str(top))
+    try:
+        await node.write(65536 + 100, b"\x01" * 10)
+    finally:
+        await close_chain(node)
+    check_clean(top)
+    m = json.loads(qemu_img("map", "--output=json", str(top)).stdout)
+    top_data = [e for e in m if e["depth"] == 0 and e["data"]]
+    assert [(e["start"], e["length"]) for e in top_data] == [(65536, 65536)]
+    data = to_raw(top, tmp_path)
+    assert data[:65636] == b"\xaa" * 65636
+    assert data[65636:65646] == b"\x01" * 10
+    assert data[65646:] == b"\xaa" * (MiB - 65646)
+
+
+async def test_discard_with_backing_v3_does_not_resurface_old_data(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
+    qemu_io(base, "write -P 0xbb 0 1M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 0xcc 0 256k")
+    node = await open_image(str(top))
+    try:
+        await node.discard(0, 512 * 1024)
+        await node.write_zeroes(512 * 1024, 128 * 1024, may_unmap=True)
+        assert await node.read(0, 640 * 1024) == bytes(640 * 1024)
+    finally:
+        await close_chain(node)
+    check_clean(top)
+    data = to_raw(top, tmp_path)
+    assert data[: 640 * 1024] == bytes(640 * 1024)
+    assert data[640 * 1024:] == b"\xbb" * (384 * 1024)
+    # the overlay holds no data any more, only zero flags over the backing file's data
+    m = json.loads(qemu_img("map", "--output=json", str(top)).stdout)
+    assert not [e for e in m if e["depth"] == 0 and e["data"]]
+    assert [e["length"] for e in m if e["depth"] == 0 and e["zero"]] == [640 * 1024]
+
+
+async def test_discard_without_backing_frees_clusters(tmp_path: Path) -> None:
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(img), "2M")
+    qemu_io(img, "write -P 0x12 0 2M")
+    node = await open_image(str(img))
+    try:
+        before = await node.allocated_bytes()
+        await node.discard(0, MiB)
+        assert await node.allocated_bytes() == before - MiB
+        assert await node.read(0, MiB) == bytes(MiB)
+    finally:
+        await close_chain(node)
+    check_clean(img)
+    m = json.loads(qemu_img("map", "--output=json", str(img)).stdout)
+    assert sum(e["length"] for e in m if e["data"]) == MiB
+
+
+async def test_concurrent_writes_to_same_and_different_clusters(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 0x5a 0 4M")
+    img = tmp_path / "c.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.qcow2",
+             "-F", "qcow2", str(img))
+    ref = bytearray(b"\x5a" * 4 * MiB)
+    writes = []
+    # 64 writers share cluster 0 (disjoint 1000-byte pieces); 32 more fill their own clusters
+    for k in range(64):
+        writes.append((k * 1000, bytes([k + 1]) * 1000))
+    for k in range(32):
+        writes.append(((k + 8) * 65536 + 3, bytes([200 + k % 50]) * 60000))
+    for off, data in writes:
+        ref[off:off + len(data)] = data
+    node = await open_image(str(img))
+    try:
+        async with trio.open_nursery() as nursery:
+            for off, data in writes:
+                nursery.start_soon(node.write, off, data)
+        assert await node.read(0, node.size) == bytes(ref)
+    finally:
+        await close_chain(node)
+    out = check_clean(img)  # a cluster allocated twice would be a leak
+    m = json.loads(qemu_img("map", "--output=json", str(img)).stdout)
+    top = sum(e["length"] for e in m if e["depth"] == 0 and e["data"])
+    assert top == (1 + 32) * 65536  # cluster 0 once; clusters 8..39 once each
+    assert "Image end offset" in out
+    (tmp_path / "ref.raw").write_bytes(ref)
+    compare(img, tmp_path / "ref.raw")
+
+
+async def test_refcount_table_grows(tmp_path: Path) -> None:
+    # 512-byte clusters: one refcount block covers 128 KiB, one table cluster 64 blocks
+    img = tmp_path / "g.qcow2"
+    await create_qcow2(str(img), 32 * MiB, cluster_size=512)
+    rnd = random.Random(9)
+    ref = bytearray(32 * MiB)
+    node = await open_image(str(img))
+    try:
+        for _ in range(40):
+            off = rnd.randrange(0, 31 * MiB)
+            data = rnd.randbytes(rnd.randrange(1, 400_000))
+            await node.write(off, data)
+            ref[off:off + len(data)] = data
+    finally:
+        await close_chain(node)
+    out = check_clean(img)
+    assert "Image end offset" in out
+    (tmp_path / "ref.raw").write_bytes(ref)
+    compare(img, tmp_path / "ref.raw")
+
+
+async def test_write_through_survives_without_close(tmp_path: Path) -> None:
+    # What a kill -9 leaves: the node is never flushed or closed, the file must still hold
+    # every acknowledged write (leaks would be tolerable, corruption is not).
+    img = tmp_path / "k.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+    node = await open_image(str(img))
+    await node.write(12345, b"\x42" * 200_000)
+    await node.write_zeroes(MiB, 65536)
+    data = to_raw(img, tmp_path)
+    await close_chain(node)
+    assert data[12345:212345] == b"\x42" * 200_000
+    res = qemu_img("check", str(img), check=False)
+    assert res.returncode in (0, 3), res.stdout  # 3: leaked clusters only
+
+
+# -- creating ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expect"),
+    [
+        ({}, {"compat": "1.1", "cluster-size": 65536}),
+        ({"compat": "0.10", "cluster_size": 512}, {"compat": "0.10", "cluster-size": 512}),
+        ({"cluster_size": 2 * MiB, "preallocation": "metadata"}, {"cluster-size": 2 * MiB}),
+        ({"cluster_size": 4096, "preallocation": "metadata", "compat": "0.10"},
+         {"compat": "0.10"}),
+    ],
+)
+async def test_create_is_accepted_by_qemu_img(tmp_path: Path, kwargs: dict, expect: dict) -> None:  # type: ignore[type-arg]
+    img = tmp_path / "n.qcow2"
+    await create_qcow2(str(img), 100 * MiB + 512, **kwargs)
+    check_clean(img)
+    info = json.loads(qemu_img("info", "--output=json", str(img)).stdout)
+    assert info["virtual-size"] == 100 * MiB + 512
+    assert info["cluster-size"] == expect.get("cluster-size", info["cluster-size"])
+    assert info["format-specific"]["data"]["compat"] == expect.get("compat", "1.1")
+    if kwargs.get("preallocation") == "metadata":
+        m = json.loads(qemu_img("map", "--output=json", str(img)).stdout)
+        assert all(e["data"] and "offset" in e for e in m)
+    qemu_io(img, "write -P 0x31 1000 300k", "write -z 50M 1M")
+    check_clean(img)
+    node = await open_image(str(img))
+    try:
+        assert await node.read(1000, 300 * 1024) == b"\x31" * 300 * 1024
+        await node.write(60 * MiB + 17, b"\x32" * 70000)
+    finally:
+        await close_chain(node)
+    check_clean(img)
+    qemu_io(img, "read -P 0x32 62914577 70000")
+
+
+async def test_create_overlay_takes_size_from_backing(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    await create_qcow2(str(base), 10 * MiB)
+    top = tmp_path / "top.qcow2"
+    await create_qcow2(str(top), None, backing="base.qcow2", backing_fmt="qcow2")
+    info = json.loads(qemu_img("info", "--output=json", str(top)).stdout)
+    assert info["virtual-size"] == 10 * MiB
+    assert info["backing-filename"] == "base.qcow2"
+    assert info["backing-filename-format"] == "qcow2"
+    check_clean(top)
+
+
+@pytest.mark.parametrize(
+    ("size", "kwargs", "message"),
+    [
+        (-512, {}, "multiple of 512"),
+        (1000, {}, "multiple of 512"),
+        (MiB, {"cluster_size": 3000}, "power of two"),
+        (MiB, {"cluster_size": 4 * MiB}, "power of two"),
+        (MiB, {"compat": "2.0"}, "compat"),
+        (MiB, {"preallocation": "full"}, "preallocation"),
+        (1 << 62, {"cluster_size": 512}, "too large"),
+        (None, {}, "size is required"),
+        (MiB, {"backing": "missing.qcow2"}, "backing"),
+    ],
+)
+async def test_create_refuses_bad_requests(
+    tmp_path: Path, size: int | None, kwargs: dict, message: str  # type: ignore[type-arg]
+) -> None:
+    with pytest.raises(UsageError, match=message):
+        await create_qcow2(str(tmp_path / "x.qcow2"), size, **kwargs)
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+async def test_create_refuses_existing_file_unless_asked(tmp_path: Path) -> None:
+    img = tmp_path / "e.qcow2"
+    img.write_bytes(b"precious")
+    with pytest.raises(UsageError, match="exists"):
+        await create_qcow2(str(img), MiB)
+    assert img.read_bytes() == b"precious"
+    await create_qcow2(str(img), MiB, overwrite=True)
+    check_clean(img)
+
+
+# -- features we refuse -----------------------------------------------------------------------
+
+
+async def test_extended_l2_is_refused_by_name(tmp_path: Path) -> None:
+    img = tmp_path / "x.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(img), "1M")
+    with pytest.raises(UnsupportedFeature, match="extended L2"):
+        await open_image(str(img), read_only=True)
+
+
+async def test_external_data_file_is_refused_by_name(tmp_path: Path) -> None:
+    img = tmp_path / "x.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'x.data'}",
+             str(img), "1M")
+    with pytest.raises(UnsupportedFeature, match="external data file"):
+        await open_image(str(img), read_only=True)
+
+
+def _set_incompatible(img: Path, bits: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(72)
+        old = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", old | bits))
+
+
+async def test_unknown_incompatible_feature_is_refused(tmp_path: Path) -> None:
+    img = tmp_path / "x.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    _set_incompatible(img, 1 << 40)
+    with pytest.raises(UnsupportedFeature, match="unknown incompatible features 0x10000000000"):
+        await open_image(str(img), read_only=True)
+
+
+async def test_dirty_image_opens_read_only_but_not_read_write(tmp_path: Path) -> None:
+    img = tmp_path / "x.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    qemu_io(img, "write -P 0x21 0 64k")
+    _set_incompatible(img, 1)
+    with pytest.raises(ImageError, match=r"qemu-img check -r all"):
+        await open_image(str(img))
+    node = await open_image(str(img), read_only=True)
+    try:
+        assert node.describe()["dirty-flag"] is True
+        assert await node.read(0, 65536) == b"\x21" * 65536
+    finally:
+        await close_chain(node)
