@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import qemu_img, run
 
 from blockfs.errors import ImageError, UnsupportedFeature, UsageError
 from blockfs.nodes.base import Status, chain_block_status
 from blockfs.nodes.opener import close_chain, open_image
 from blockfs.nodes.qcow2 import Qcow2Node, create_qcow2
-from conftest import qemu_img, run
 
 MiB = 1024 * 1024
 

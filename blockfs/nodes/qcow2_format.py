@@ -44,6 +44,7 @@ MAX_REFCOUNT_TABLE_BYTES = 8 * 1024 * 1024
 MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024
 MAX_SNAPSHOT_EXTRA = 1024
+MAX_SNAPSHOT_ID = 1024  # QEMU's IDs are decimal numbers; a long one is an attack
 #: host offsets live in bits 9-55 of L1/L2 entries
 MAX_HOST_OFFSET = 1 << 56
 
@@ -420,6 +421,8 @@ def parse_snapshots(
             SNAPSHOT_ENTRY.unpack_from(buf, pos)
         )
         pos += SNAPSHOT_ENTRY.size
+        if id_len > MAX_SNAPSHOT_ID:
+            raise ImageError(f"{where}: snapshot table entry has an ID of {id_len} bytes")
         if extra_len > MAX_SNAPSHOT_EXTRA:
             raise ImageError(f"{where}: snapshot extra data of {extra_len} bytes is too large")
         end = pos + extra_len + id_len + name_len
@@ -449,4 +452,4 @@ def parse_snapshots(
 def snapshot_table_bound(count: int) -> int:
     """The most bytes a table of ``count`` entries may take (bounds the read)."""
     return min(MAX_SNAPSHOT_TABLE_BYTES,
-               count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8))
+               count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + MAX_SNAPSHOT_ID + 65535 + 8))
