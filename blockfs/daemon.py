@@ -160,12 +160,16 @@ class Daemon:
                 self.nursery = nursery
                 nursery.start_soon(self._watch_signals)
                 ready(None)
-                await pyfuse3.main(min_tasks=4, max_tasks=self.config.fuse_tasks)
-                nursery.cancel_scope.cancel()
+                try:
+                    await pyfuse3.main(min_tasks=4, max_tasks=self.config.fuse_tasks)
+                finally:
+                    # Jobs end first (their filters leave the graph), while the nursery that
+                    # runs them is still alive; then the watcher goes.
+                    with trio.CancelScope(shield=True):
+                        await self.control.aclose()
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if self.control is not None:
-                    await self.control.aclose()
                 await self.close_images()
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", self.mountpoint)

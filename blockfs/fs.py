@@ -47,12 +47,13 @@ class ImageFile(VFile):
 
 
 class _ControlHandle:
-    __slots__ = ("file", "content", "reply")
+    __slots__ = ("file", "content", "reply", "reply_pos")
 
     def __init__(self, file: VFile, content: bytes) -> None:
         self.file = file
         self.content = content
         self.reply: bytes | None = None  # what a write answered; reads then return it
+        self.reply_pos = 0
 
 
 def _fuse_errors(fn: Callable[..., Coroutine[Any, Any, _T]]) -> Callable[..., Coroutine[Any, Any, _T]]:
@@ -253,8 +254,13 @@ class BlockfsOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        content = handle.reply if handle.reply is not None else handle.content
-        return content[off : off + size]
+        if handle.reply is not None:
+            # The answer to a write is read from the same open file, whose offset is past what
+            # was written: serve it from its own start, whatever the offset.
+            data = handle.reply[handle.reply_pos : handle.reply_pos + size]
+            handle.reply_pos += len(data)
+            return data
+        return handle.content[off : off + size]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         export = self._exports.get(fh)
@@ -273,10 +279,13 @@ class BlockfsOperations(pyfuse3.Operations):
             reply = await handle.file.write(bytes(buf))
         except BlockfsError as exc:
             handle.reply = (str(exc) + "\n").encode()
+            handle.reply_pos = 0
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception as exc:
             log.exception("write to control file %s failed", handle.file.name)
             handle.reply = f"internal error: {exc}\n".encode()
+            handle.reply_pos = 0
             raise pyfuse3.FUSEError(errno.EIO) from None
         handle.reply = reply
+        handle.reply_pos = 0
         return len(buf)

@@ -1,19 +1,35 @@
 """The control tree under ``MNT/.control``: files a shell can read and write.
 
-    .control/pid                 the daemon's process id (``blockfs umount`` reads it)
-    .control/images/NAME/info    JSON: the image and its backing chain
-    .control/images/NAME/stats   JSON: QEMU's blockstats counters
+    .control/README                what every file here does, with examples
+    .control/pid                   the daemon's process id (``blockfs umount`` reads it)
+    .control/events                newline-delimited JSON events, oldest first (bounded)
+    .control/images/NAME/info      JSON: the image and its backing chain
+    .control/images/NAME/stats     JSON: QEMU's blockstats counters
+    .control/jobs/backup           write a spec here to start a backup
+    .control/jobs/ID/status        JSON status of one job
+    .control/jobs/ID/ctl           write a verb: pause resume cancel complete dismiss speed=N
 
 The names are a contract with users and scripts; ``fs.py`` only maps inodes to these objects.
+A write of a spec answers with the new job's ID (read the same open file to see it) or fails
+with an errno, and a read of the same open file then returns the one-line reason.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from blockfs.control.tree import TextFile, VDir
+import trio
+
+from blockfs.control.tree import TextFile, VDir, VFile
+from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.info import export_info
+from blockfs.jobs.job import EventLog, Job, JobState
+from blockfs.nodes.opener import close_chain
+from blockfs.spec import parse_size
 
 if TYPE_CHECKING:
     from blockfs.daemon import Daemon
@@ -21,16 +37,69 @@ if TYPE_CHECKING:
 
 CONTROL_DIR = ".control"
 
+README = """\
+blockfs control files
+=====================
+
+Everything blockfs can do while mounted is done by reading and writing the files here;
+`blockfs job ...` is a thin client of the same files.
+
+pid                     the daemon's process id
+events                  one JSON event per line, oldest first (the last 1000)
+images/NAME/info        JSON: format, virtual-size, filename, read-only, backing-chain
+images/NAME/stats       JSON: rd_bytes, wr_bytes, rd_operations, wr_operations, ...
+jobs/backup             write a spec to start a backup job
+jobs/ID/status          JSON: id, type, device, state, offset, len, speed, ready,
+                        io-status, error
+jobs/ID/ctl             write one verb: pause | resume | cancel | complete | dismiss | speed=N
+
+A spec is key=value words or one JSON object. Sizes take K, M, G suffixes.
+
+Backup keys: device (required), target (required, a path), format (qcow2|raw; default qcow2),
+mode (new|existing), sync (full|top|none), speed, on-source-error and on-target-error
+(report|ignore|stop|enospc), id (default: the device name), view (on: publish MNT/DEVICE@ID,
+a read-only point-in-time view, while the job runs).
+
+Examples:
+    echo "device=disk0 target=/srv/backup.qcow2 sync=full" > MNT/.control/jobs/backup
+    cat MNT/.control/jobs/disk0/status
+    echo pause > MNT/.control/jobs/disk0/ctl
+    echo speed=50M > MNT/.control/jobs/disk0/ctl
+    echo dismiss > MNT/.control/jobs/disk0/ctl      # once concluded
+    tail -n 5 MNT/.control/events
+
+A bad spec fails the write (EINVAL, ENOENT, EBUSY, EEXIST, ...); read the same open file to
+get the reason, e.g.:  exec 3<>MNT/.control/jobs/backup; echo "device=x" >&3; cat <&3
+"""
+
+
+class _WritableFile(VFile):
+    writable = True
+
+    def __init__(self, name: str, act: Callable[[bytes], Awaitable[bytes | None]]) -> None:
+        super().__init__(name)
+        self._act = act
+
+    async def write(self, data: bytes) -> bytes | None:
+        return await self._act(data)
+
 
 class ControlTree:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self.events = EventLog()
+        self.jobs: dict[str, Job] = {}
+        self._job_dirs: dict[str, VDir] = {}
         tree = daemon.tree
         self.dir: VDir = tree.mkdirs(tree.root, CONTROL_DIR)
+        tree.add(self.dir, TextFile("README", lambda: README))
         tree.add(self.dir, TextFile("pid", lambda: f"{os.getpid()}\n"))
+        tree.add(self.dir, TextFile("events", self._render_events))
         self.images_dir = tree.mkdirs(self.dir, "images")
         for export in daemon.exports.values():
             self.add_image(export)
+        self.jobs_dir = tree.mkdirs(self.dir, "jobs")
+        tree.add(self.jobs_dir, _WritableFile("backup", self._start_backup))
 
     def add_image(self, export: Export) -> None:
         tree = self.daemon.tree
@@ -38,5 +107,113 @@ class ControlTree:
         tree.add(d, TextFile("info", lambda: export_info(export.name, export.root, export.read_only)))
         tree.add(d, TextFile("stats", lambda: {"device": export.name, **export.stats.as_dict()}))
 
+    def _render_events(self) -> str:
+        return "".join(json.dumps(e) + "\n" for e in self.events)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def _device(self, name: str) -> Export:
+        export = self.daemon.exports.get(name)
+        if export is None:
+            raise UsageError(f"no device {name!r}", errno=errno.ENOENT)
+        for job in self.jobs.values():
+            if job.device == name and job.state in _BUSY_STATES:
+                raise JobError(f"device {name!r} is busy with job {job.id!r}", errno=errno.EBUSY)
+        if export.read_only:
+            pass  # a backup only reads the device; guest writes are refused anyway
+        return export
+
+    def _check_new_id(self, job_id: str) -> None:
+        if job_id in self.jobs:
+            raise JobError(f"a job with id {job_id!r} exists already", errno=errno.EEXIST)
+
+    async def _start_backup(self, data: bytes) -> bytes:
+        from blockfs.jobs.backup import BackupJob, BackupSpec, open_backup_target
+
+        try:
+            spec = BackupSpec.parse(data)
+            export = self._device(spec.device)
+            self._check_new_id(spec.id)
+            target, zero_init = await open_backup_target(spec, export)
+            # Check again: another spec may have started a job while the target was made.
+            try:
+                self._device(spec.device)
+                self._check_new_id(spec.id)
+            except BlockfsError:
+                await close_chain(target)
+                if spec.mode == "new":
+                    os.unlink(os.path.abspath(spec.target))
+                raise
+            job = BackupJob(spec, self.daemon, export, target, self.events,
+                            target_zero_init=zero_init)
+            self._add_job(job)
+            try:
+                await job.start()
+            except BaseException:
+                self._remove_job(job)
+                with trio.CancelScope(shield=True):
+                    await close_chain(target)
+                if spec.mode == "new":
+                    os.unlink(os.path.abspath(spec.target))
+                raise
+        except BlockfsError as exc:
+            self.events.emit("JOB_START_FAILED", type="backup",
+                             spec=data.decode(errors="replace").strip()[:1000], error=str(exc))
+            raise
+        assert self.daemon.nursery is not None
+        self.daemon.nursery.start_soon(job.main)
+        return f"{job.id}\n".encode()
+
+    def _add_job(self, job: Job) -> None:
+        tree = self.daemon.tree
+        self.jobs[job.id] = job
+        d = VDir(job.id)
+        tree.add(self.jobs_dir, d)
+        tree.add(d, TextFile("status", job.status))
+        tree.add(d, _WritableFile("ctl", lambda data, job=job: self._job_verb(job, data)))
+        self._job_dirs[job.id] = d
+
+    def _remove_job(self, job: Job) -> None:
+        d = self._job_dirs.pop(job.id, None)
+        if d is not None:
+            self.daemon.tree.remove(d)
+        self.jobs.pop(job.id, None)
+
+    async def _job_verb(self, job: Job, data: bytes) -> bytes:
+        verb = data.decode(errors="replace").strip()
+        if verb.startswith("speed="):
+            job.set_speed(parse_size(verb[len("speed=") :], "speed"))
+        elif verb == "pause":
+            job.pause()
+        elif verb == "resume":
+            job.resume()
+        elif verb == "cancel":
+            job.cancel()
+        elif verb == "complete":
+            job.complete()
+        elif verb == "dismiss":
+            job.dismiss()
+            self._remove_job(job)
+        else:
+            raise UsageError(
+                f"unknown verb {verb[:40]!r} (pause, resume, cancel, complete, dismiss, speed=N)"
+            )
+        return b"ok\n"
+
     async def aclose(self) -> None:
-        """End whatever the control tree started (jobs); nothing yet."""
+        """Cancel every live job and wait for each to conclude (filters leave the graph)."""
+        for job in list(self.jobs.values()):
+            if job.state in _BUSY_STATES:
+                try:
+                    job.cancel()
+                except BlockfsError:
+                    pass
+        for job in list(self.jobs.values()):
+            if job.state is not JobState.NULL and job.state is not JobState.CONCLUDED:
+                await job.wait_concluded()
+
+
+_BUSY_STATES = {
+    JobState.CREATED, JobState.RUNNING, JobState.PAUSED, JobState.READY, JobState.STANDBY,
+    JobState.WAITING, JobState.PENDING, JobState.ABORTING,
+}

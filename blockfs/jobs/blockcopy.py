@@ -1,0 +1,193 @@
+"""The copy engine shared by jobs: which clusters are still to copy, and copying them once.
+
+:class:`BlockCopy` owns a :class:`DirtyBitmap` (1 = still to copy) and a table of copies in
+flight. Two kinds of caller use it at once:
+
+- a job's background loop, which claims runs of dirty clusters in order and copies them, at most
+  ``max_workers`` at a time, under a rate limit;
+- a copy-before-write hook, which must see every cluster a guest write touches copied before the
+  write proceeds: it copies the dirty ones itself (never throttled) and waits for those a worker
+  is copying.
+
+A cluster is claimed (put in flight) before any ``await``, so no cluster is ever copied twice,
+and when a copy fails its clusters go back to dirty and its waiters wake up to see that.
+
+Zero detection: a run that reads as zeroes becomes ``write_zeroes`` on the target, or nothing at
+all when the target is new and reads as zeroes already, so a sparse source gives a sparse target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from blockfs.errors import BlockfsError
+from blockfs.nodes.base import Node
+
+_ZERO_CACHE: dict[int, bytes] = {}
+
+
+def _zeroes(n: int) -> bytes:
+    z = _ZERO_CACHE.get(n)
+    if z is None:
+        z = _ZERO_CACHE[n] = bytes(n)
+    return z
+
+
+class DirtyBitmap:
+    """One byte per cluster, so that the next dirty cluster is found by ``bytearray.find`` in C
+    (1 TiB at 64 KiB clusters costs 16 MiB)."""
+
+    def __init__(self, clusters: int, *, dirty: bool) -> None:
+        self._bits = bytearray(b"\x01" * clusters if dirty else clusters)
+        self.count = clusters if dirty else 0
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def get(self, i: int) -> bool:
+        return self._bits[i] == 1
+
+    def set(self, i: int) -> None:
+        if not self._bits[i]:
+            self._bits[i] = 1
+            self.count += 1
+
+    def clear(self, i: int) -> None:
+        if self._bits[i]:
+            self._bits[i] = 0
+            self.count -= 1
+
+    def next_dirty(self, start: int) -> int:
+        """The first dirty cluster at or after ``start``, or -1."""
+        return self._bits.find(1, start)
+
+    def next_clean(self, start: int) -> int:
+        i = self._bits.find(0, start)
+        return len(self._bits) if i < 0 else i
+
+
+class SourceError(BlockfsError):
+    """Reading the source failed; ``cause`` is the error."""
+
+    def __init__(self, cause: BlockfsError) -> None:
+        super().__init__(f"source read failed: {cause}", errno=cause.errno)
+        self.cause = cause
+
+
+class TargetError(BlockfsError):
+    """Writing the target failed; ``data`` is what was read (None for a zero run)."""
+
+    def __init__(self, cause: BlockfsError, offset: int, data: bytes | None) -> None:
+        super().__init__(f"target write failed: {cause}", errno=cause.errno)
+        self.cause = cause
+        self.offset = offset
+        self.data = data
+
+
+class BlockCopy:
+    """Copies clusters of ``source`` to ``target`` (same offsets), each at most once."""
+
+    def __init__(
+        self,
+        source: Node,
+        target: Node,
+        cluster_size: int,
+        *,
+        target_zero_init: bool,
+        max_chunk: int = 1 << 20,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.cluster_size = cluster_size
+        self.size = source.size
+        self.clusters = (self.size + cluster_size - 1) // cluster_size
+        self.bitmap = DirtyBitmap(self.clusters, dirty=False)
+        self.target_zero_init = target_zero_init
+        self.max_run = max(1, max_chunk // cluster_size)
+        self._inflight: dict[int, trio.Event] = {}
+        #: called with the number of bytes each successful copy moved (progress)
+        self.on_progress: Callable[[int], None] = lambda n: None
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    def is_inflight(self, i: int) -> bool:
+        return i in self._inflight
+
+    def claim_run(self, first: int, limit: int) -> tuple[int, int]:
+        """Claim the run of dirty, not in-flight clusters starting at ``first`` (at most
+        ``limit`` long). Returns (first, count); count 0 when ``first`` is not claimable."""
+        n = 0
+        bitmap, inflight = self.bitmap, self._inflight
+        while n < limit and first + n < self.clusters:
+            i = first + n
+            if not bitmap.get(i) or i in inflight:
+                break
+            n += 1
+        if n:
+            done = trio.Event()
+            for i in range(first, first + n):
+                inflight[i] = done
+        return first, n
+
+    def _release(self, first: int, count: int, copied: bool) -> None:
+        event = self._inflight.get(first)
+        for i in range(first, first + count):
+            self._inflight.pop(i, None)
+            if copied:
+                self.bitmap.clear(i)
+        if event is not None:
+            event.set()
+
+    # -- copying --------------------------------------------------------------------------------
+
+    async def copy_claimed(self, first: int, count: int) -> int:
+        """Copy a claimed run; on return its clusters are clean. Returns the bytes moved.
+
+        :raise SourceError, TargetError: the run stays dirty and is released.
+        """
+        cs = self.cluster_size
+        offset = first * cs
+        length = min(count * cs, self.size - offset)
+        copied = False
+        try:
+            try:
+                data = await self.source.read(offset, length)
+            except BlockfsError as exc:
+                raise SourceError(exc) from None
+            try:
+                if data == _zeroes(length):
+                    if not self.target_zero_init:
+                        await self.target.write_zeroes(offset, length, may_unmap=True)
+                    data = None  # type: ignore[assignment]
+                else:
+                    await self.target.write(offset, data)
+            except BlockfsError as exc:
+                raise TargetError(exc, offset, data) from None
+            copied = True
+        finally:
+            self._release(first, count, copied)
+        self.on_progress(length)
+        return length
+
+    def mark_done(self, first: int, count: int) -> None:
+        """Count claimed clusters as copied without copying (their data went elsewhere)."""
+        self._release(first, count, True)
+
+    def release_claim(self, first: int, count: int) -> None:
+        self._release(first, count, False)
+
+    async def wait_inflight(self, first: int, last: int) -> bool:
+        """Wait for copies in flight over clusters [first, last]; True if there were any."""
+        waited = False
+        for i in range(first, last + 1):
+            event = self._inflight.get(i)
+            if event is not None:
+                await event.wait()
+                waited = True
+        return waited
+
+    def clusters_of(self, offset: int, length: int) -> tuple[int, int]:
+        cs = self.cluster_size
+        return offset // cs, (offset + length - 1) // cs

@@ -1,0 +1,304 @@
+"""The job model: QEMU's job states and verbs, an event log, and the base every job builds on.
+
+States (QEMU's names): created -> running <-> paused -> (ready) -> waiting -> pending ->
+concluded -> null, with aborting on the way from any live state to concluded when a job fails
+or is cancelled. Verbs are gated by state (:data:`VERBS`); a verb in the wrong state is refused
+with EBUSY and a one-line reason.
+
+A job's body (:meth:`Job.run`) calls :meth:`Job.checkpoint` between units of work: that is where
+pause takes effect. Cancel cancels the body's trio scope; :meth:`Job.finalize` then runs shielded
+(a filter is removed from the graph whatever happened). A concluded job stays (its status can be
+read) until ``dismiss``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+from blockfs.errors import BlockfsError, JobError
+
+log = logging.getLogger(__name__)
+
+
+class JobState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    STANDBY = "standby"
+    WAITING = "waiting"
+    PENDING = "pending"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+    NULL = "null"
+
+
+S = JobState
+LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING}
+#: the states in which each verb is accepted
+VERBS: dict[str, set[JobState]] = {
+    "pause": {S.CREATED, S.RUNNING, S.READY, S.PAUSED, S.STANDBY},
+    "resume": {S.CREATED, S.RUNNING, S.READY, S.PAUSED, S.STANDBY},
+    "cancel": {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING},
+    "complete": {S.READY, S.STANDBY},
+    "dismiss": {S.CONCLUDED},
+    "speed": {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY},
+}
+
+
+class IoStatus(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    NOSPACE = "nospace"
+
+
+class ErrorAction(enum.Enum):
+    """What a job does when an I/O error hits it (QEMU's BlockdevOnError)."""
+
+    REPORT = "report"  # fail the job
+    IGNORE = "ignore"  # carry on, retry the range later
+    STOP = "stop"  # pause the job; resume retries
+    ENOSPC = "enospc"  # stop on ENOSPC, report anything else
+
+    def decide(self, exc: BaseException) -> ErrorAction:
+        if self is ErrorAction.ENOSPC:
+            nospace = getattr(exc, "errno", None) == errno.ENOSPC
+            return ErrorAction.STOP if nospace else ErrorAction.REPORT
+        return self
+
+
+class EventLog:
+    """A bounded history of events, oldest first, as QMP would have sent them."""
+
+    def __init__(self, maxlen: int = 1000) -> None:
+        self._events: deque[dict[str, Any]] = deque(maxlen=maxlen)
+        self._changed = trio.Event()
+
+    def emit(self, event: str, **data: Any) -> None:
+        now = time.time()
+        self._events.append(
+            {
+                "event": event,
+                "data": data,
+                "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+            }
+        )
+        log.info("event %s %s", event, data)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._events))
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+
+class JobFailed(BlockfsError):
+    """The job's body gives up: the message becomes the job's error."""
+
+
+class Job:
+    """Base of every job. Subclasses set ``type`` and implement :meth:`run` (and, as needed,
+    :meth:`prepare`, :meth:`finalize`, :meth:`on_complete`)."""
+
+    type = "?"
+
+    def __init__(self, job_id: str, device: str, events: EventLog) -> None:
+        self.id = job_id
+        self.device = device
+        self.events = events
+        self.state = JobState.CREATED
+        self.offset = 0
+        self.len = 0
+        self.speed = 0
+        self.io_status = IoStatus.OK
+        self.error: str | None = None
+        self.cancelled = False
+        self._paused = False
+        self._resumed = trio.Event()
+        self._scope = trio.CancelScope()
+        self._concluded = trio.Event()
+        self._complete_requested = False
+        self._state_before_pause = JobState.RUNNING
+
+    # -- what subclasses provide ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The body: copy until done. Raise JobFailed to fail; return to succeed."""
+        raise NotImplementedError
+
+    async def finalize(self, ok: bool) -> None:
+        """Undo graph changes, close targets. Runs shielded, once, after the body ended."""
+
+    def ready_for_completion(self) -> None:
+        """For jobs that reach READY: enter it (the body then waits for ``complete``)."""
+        if self.state is JobState.RUNNING:
+            self._set_state(JobState.READY)
+            self.events.emit("BLOCK_JOB_READY", type=self.type, device=self.id, len=self.len,
+                             offset=self.offset, speed=self.speed)
+
+    # -- the life of a job ------------------------------------------------------------------
+
+    async def main(self) -> None:
+        """Run the job to its conclusion. Never raises (errors are the job's state)."""
+        ok = False
+        try:
+            with self._scope:
+                self._set_state(JobState.RUNNING)
+                await self.run()
+                ok = True
+        except JobFailed as exc:
+            self.error = str(exc)
+        except BlockfsError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # a bug: still conclude, with the reason
+            log.exception("job %s crashed", self.id)
+            self.error = f"internal error: {exc!r}"
+        if self._scope.cancelled_caught or (self.cancelled and not ok):
+            self.cancelled = True
+            ok = False
+        if ok:
+            self._set_state(JobState.WAITING)
+            self._set_state(JobState.PENDING)
+        else:
+            self._set_state(JobState.ABORTING)
+        with trio.CancelScope(shield=True):
+            try:
+                await self.finalize(ok)
+            except Exception as exc:
+                log.exception("job %s: finalize failed", self.id)
+                if ok:
+                    self.error = f"finalize failed: {exc}"
+                    ok = False
+        info = {"type": self.type, "device": self.id, "len": self.len, "offset": self.offset,
+                "speed": self.speed}
+        if self.cancelled and self.error is None:
+            self.events.emit("BLOCK_JOB_CANCELLED", **info)
+        else:
+            if self.error is not None:
+                info["error"] = self.error
+            self.events.emit("BLOCK_JOB_COMPLETED", **info)
+        self._set_state(JobState.CONCLUDED)
+        self._concluded.set()
+
+    def _set_state(self, state: JobState) -> None:
+        if state is not self.state:
+            self.state = state
+            self.events.emit("JOB_STATUS_CHANGE", id=self.id, status=state.value)
+
+    async def wait_concluded(self) -> None:
+        await self._concluded.wait()
+
+    async def checkpoint(self) -> None:
+        """Where the body yields: waits while paused; cancellation is delivered here too."""
+        await trio.lowlevel.checkpoint()
+        while self._paused:
+            await self._resumed.wait()
+
+    def pause_for_error(self, exc: BaseException) -> None:
+        """Stop the job after an I/O error under the ``stop`` policy (io-status says why)."""
+        nospace = getattr(exc, "errno", None) == errno.ENOSPC
+        self.io_status = IoStatus.NOSPACE if nospace else IoStatus.FAILED
+        self._pause()
+
+    def report_error(self, operation: str, action: ErrorAction) -> None:
+        self.events.emit("BLOCK_JOB_ERROR", device=self.id, operation=operation,
+                         action=action.value)
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    def _check_verb(self, verb: str) -> None:
+        if self.state not in VERBS[verb]:
+            raise JobError(
+                f"job {self.id!r} in state {self.state.value!r} cannot accept verb {verb!r}",
+                errno=errno.EBUSY,
+            )
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._resumed = trio.Event()
+            if self.state in (JobState.RUNNING, JobState.READY):
+                self._state_before_pause = self.state
+                self._set_state(JobState.PAUSED if self.state is JobState.RUNNING
+                                else JobState.STANDBY)
+
+    def pause(self) -> None:
+        self._check_verb("pause")
+        self._pause()
+
+    def resume(self) -> None:
+        self._check_verb("resume")
+        if self._paused:
+            self._paused = False
+            self.io_status = IoStatus.OK
+            if self.state in (JobState.PAUSED, JobState.STANDBY):
+                self._set_state(self._state_before_pause)
+            self._resumed.set()
+
+    def cancel(self) -> None:
+        self._check_verb("cancel")
+        self.cancelled = True
+        self._scope.cancel()
+
+    def complete(self) -> None:
+        self._check_verb("complete")
+        self._complete_requested = True
+        self._resumed.set()
+
+    def set_speed(self, speed: int) -> None:
+        self._check_verb("speed")
+        if speed < 0:
+            raise JobError("speed must not be negative")
+        self.speed = speed
+
+    def dismiss(self) -> None:
+        self._check_verb("dismiss")
+        self._set_state(JobState.NULL)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "device": self.device,
+            "state": self.state.value,
+            "offset": self.offset,
+            "len": self.len,
+            "speed": self.speed,
+            "ready": self.state is JobState.READY,
+            "paused": self._paused,
+            "io-status": self.io_status.value,
+            "error": self.error,
+        }
+
+
+class RateLimiter:
+    """Bytes per second for background copying (0 = unlimited); CBW traffic never waits here."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._start = trio.current_time()
+        self._bytes = 0
+
+    async def account(self, nbytes: int) -> None:
+        speed = self._job.speed
+        if not speed:
+            self._start = trio.current_time()
+            self._bytes = 0
+            return
+        self._bytes += nbytes
+        due = self._start + self._bytes / speed
+        delay = due - trio.current_time()
+        if delay > 0:
+            await trio.sleep(min(delay, 5.0))
+        if self._bytes > speed * 10:  # forget the far past, so a speed change acts soon
+            self._start = trio.current_time()
+            self._bytes = 0
