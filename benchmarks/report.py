@@ -1,0 +1,155 @@
+"""The results: one :class:`Line` per figure, shown as a table, saved as JSON, drawn as a chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Line:
+    """One figure on both sides. A side's samples are one per round; the median is reported.
+    A side without samples is "n/a" and ``notes`` say why."""
+
+    name: str
+    unit: str
+    better: str  # "higher" or "lower"
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"blockfs": [], "qemu": []})
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def value(self, side: str) -> float | None:
+        s = self.samples[side]
+        return statistics.median(s) if s else None
+
+    @property
+    def ratio(self) -> float | None:
+        b, q = self.value("blockfs"), self.value("qemu")
+        if b is None or q is None or q == 0:
+            return None
+        return b / q
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "name": self.name,
+            "unit": self.unit,
+            "blockfs": _round(self.value("blockfs")),
+            "qemu": _round(self.value("qemu")),
+            "ratio": _round(self.ratio, 3),
+            "better": self.better,
+        }
+        if self.notes:
+            d["notes"] = dict(self.notes)
+        return d
+
+
+def _round(v: float | None, digits: int = 4) -> float | None:
+    if v is None:
+        return None
+    return float(f"{v:.{digits}g}") if abs(v) < 10**digits else round(v, 1)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def table(lines: list[Line]) -> str:
+    """The terminal table, with one footnote per "n/a" reason."""
+    head = ("line", "unit", "blockfs", "qemu", "ratio", "better")
+    rows = [head]
+    for ln in lines:
+        r = ln.ratio
+        rows.append(
+            (
+                ln.name,
+                ln.unit,
+                _fmt(ln.value("blockfs")),
+                _fmt(ln.value("qemu")),
+                "n/a" if r is None else f"{r:.2f}",
+                ln.better,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    out = []
+    for i, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(r[2:5], widths[2:5])]
+        cells.append(r[5])
+        out.append("  ".join(cells))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    reasons = sorted({f"{side}: {why}" for ln in lines for side, why in ln.notes.items()})
+    if reasons:
+        out.append("")
+        out.extend(f"n/a: {r}" for r in reasons)
+    return "\n".join(out)
+
+
+def markdown_table(lines: list[Line]) -> str:
+    out = ["| line | unit | blockfs | qemu | ratio | better |", "|---|---|--:|--:|--:|---|"]
+    for ln in lines:
+        r = ln.ratio
+        out.append(
+            f"| {ln.name} | {ln.unit} | {_fmt(ln.value('blockfs'))} | "
+            f"{_fmt(ln.value('qemu'))} | {'n/a' if r is None else f'{r:.2f}'} | "
+            f"{ln.better} |"
+        )
+    return "\n".join(out)
+
+
+def write_json(
+    path: str, machine: dict[str, object], config: dict[str, object], lines: list[Line]
+) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"machine": machine, "config": config, "results": [ln.as_dict() for ln in lines]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_chart(path: str, lines: list[Line], title: str) -> None:
+    """A horizontal bar per line: the ratio blockfs/qemu on a log scale, green where blockfs is
+    at least as good as qemu, red where it is worse; "n/a" lines keep their row, without a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{ln.name} ({ln.unit})" for ln in lines]
+    ratios = [ln.ratio for ln in lines]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(lines) + 1.6))
+    ys = list(range(len(lines)))[::-1]
+    for y, ln, r in zip(ys, lines, ratios):
+        if r is None:
+            ax.text(1.0, y, "  n/a", va="center", fontsize=7, color="grey")
+            continue
+        good = r >= 1.0 if ln.better == "higher" else r <= 1.0
+        ax.barh(y, r, left=0, color="#3a9a4a" if good else "#c8453a", height=0.7)
+        ax.text(r, y, f" {r:.2f}", va="center", fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    present = [r for r in ratios if r]
+    lo = min([*present, 1.0]) / 1.6
+    hi = max([*present, 1.0]) * 1.8
+    ax.set_xlim(lo, hi)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel(
+        "ratio blockfs / qemu-storage-daemon (log scale; green = blockfs as good or "
+        "better, red = worse)",
+        fontsize=8,
+    )
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,355 @@
+"""``python -m benchmarks``: the command line and the order of the runs.
+
+For each format: prepare one image of random data; then, round after round, expose it through a
+fresh blockfs daemon (A) and a fresh qemu-storage-daemon (B), never both at once (they share the
+image file), and run every fio job, then the backups, on each. A B A B ...; medians over rounds.
+A fresh daemon per run makes its peak RSS (VmHWM) the peak of that run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from benchmarks import procstat
+from benchmarks.backup import (
+    BackupFailed,
+    BackupUnavailable,
+    BlockfsBackup,
+    QsdBackup,
+    latency_during_backup,
+    timed_backup,
+)
+from benchmarks.exposures import BlockfsMount, ExposureError, QsdExport
+from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, run_fio
+from benchmarks.machine import describe_machine
+from benchmarks.report import Line, markdown_table, table, write_chart, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FORMATS = ("raw", "qcow2")
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int
+    rounds: int
+    runtime: float
+    ramp: float
+    formats: tuple[str, ...]
+    jobs: bool
+    io_mode: str | None
+    backup_timeout: float
+
+
+def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, str, str]]:
+    """(name, unit, better) of every line of the report, in order."""
+    specs = []
+    for fmt in formats:
+        specs += [(f"{fmt} {j.name}", j.figure, j.better) for j in FIO_JOBS]
+        specs += [(f"{fmt} {j.name} daemon CPU", "s/GiB", "lower") for j in FIO_JOBS]
+        specs.append((f"{fmt} daemon peak RSS", "MiB", "lower"))
+        if jobs:
+            specs += [
+                (f"{fmt} backup full wall time", "s", "lower"),
+                (f"{fmt} backup full throughput", "MB/s", "higher"),
+                (f"{fmt} backup full daemon CPU", "s/GiB", "lower"),
+                (f"{fmt} {LATENCY_DURING_BACKUP.name}", "µs", "lower"),
+            ]
+    return specs
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="blockfs beside qemu-storage-daemon's FUSE export: same images, same fio "
+        "jobs, same run.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in under two minutes: 256M, 1 round, 1.5 s per fio job",
+    )
+    p.add_argument("--size", type=_size, help="image size (default 2G; --quick 256M)")
+    p.add_argument("--rounds", type=int, help="A B rounds, medians over them (default 3)")
+    p.add_argument("--runtime", type=float, help="seconds measured per fio job (default 8)")
+    p.add_argument("--ramp", type=float, help="seconds of fio ramp before that (default 2)")
+    p.add_argument(
+        "--formats",
+        default=",".join(FORMATS),
+        help=f"comma-separated image formats (default {','.join(FORMATS)})",
+    )
+    p.add_argument("--no-jobs", action="store_true", help="skip the backup lines")
+    p.add_argument(
+        "--io-mode",
+        choices=("hybrid", "inline", "threads"),
+        help="BLOCKFS_IO_MODE for the blockfs daemon (default: the daemon's own)",
+    )
+    p.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="where the scratch directory is made (removed afterwards)",
+    )
+    p.add_argument(
+        "--output",
+        default=os.path.join(HERE, "results", "latest.json"),
+        help="the JSON file of results (default benchmarks/results/latest.json)",
+    )
+    p.add_argument(
+        "--chart",
+        default=os.path.join(HERE, "ratios.png"),
+        help="the PNG chart of ratios (default benchmarks/ratios.png)",
+    )
+    p.add_argument(
+        "--markdown", action="store_true", help="also print the table as Markdown (for README.md)"
+    )
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise SystemExit(f"unknown format(s) {sorted(unknown)}; known: {', '.join(FORMATS)}")
+    quick = args.quick
+    s = Settings(
+        size=args.size or (256 << 20 if quick else 2 * GiB),
+        rounds=args.rounds or (1 if quick else 3),
+        runtime=args.runtime or (1.5 if quick else 8.0),
+        ramp=args.ramp if args.ramp is not None else (0.5 if quick else 2.0),
+        formats=formats,
+        jobs=not args.no_jobs,
+        io_mode=args.io_mode,
+        backup_timeout=60.0 if quick else 600.0,
+    )
+    if s.size < 16 << 20 or s.size % (1 << 20):
+        raise SystemExit("--size must be a whole number of MiB, at least 16M")
+    if s.rounds < 1 or s.runtime <= 0 or s.ramp < 0:
+        raise SystemExit("--rounds, --runtime and --ramp must be positive")
+    return s
+
+
+def _say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+def prepare_raw(path: str, size: int) -> None:
+    """``size`` bytes of pseudo-random data (no zero blocks for either side to shortcut)."""
+    import numpy as np
+
+    rng = np.random.default_rng(20241126)
+    chunk = 4 << 20
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(rng.bytes(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_images(workdir: str, s: Settings) -> dict[str, str]:
+    raw = os.path.join(workdir, "source.raw")
+    _say(f"writing {s.size >> 20} MiB of random data to {raw}")
+    prepare_raw(raw, s.size)
+    images = {}
+    for fmt in s.formats:
+        path = os.path.join(workdir, f"disk.{fmt}")
+        if fmt == "raw":
+            shutil.copyfile(raw, path)
+        else:
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", fmt, raw, path],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+        images[fmt] = path
+    os.unlink(raw)
+    return images
+
+
+# -- one run: one daemon, every job -------------------------------------------------------------
+
+
+class Runs:
+    """The lines of the report, filled in run after run."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.lines = {
+            name: Line(name, unit, better) for name, unit, better in line_specs(s.formats, s.jobs)
+        }
+
+    def add(self, name: str, side: str, value: float) -> None:
+        self.lines[name].samples[side].append(value)
+
+    def note(self, names: list[str], side: str, why: str) -> None:
+        for name in names:
+            self.lines[name].notes.setdefault(side, why)
+
+    def names(self, fmt: str) -> list[str]:
+        return [n for n in self.lines if n.startswith(f"{fmt} ")]
+
+
+def run_fio_jobs(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport) -> None:
+    s = runs.s
+    side = exposure.side
+    pid = exposure.pid
+    for job in FIO_JOBS:
+        name = f"{fmt} {job.name}"
+        cpu: list[float] = []
+        try:
+            result = run_fio(
+                job,
+                exposure.path,
+                s.runtime,
+                s.ramp,
+                after_ramp=lambda cpu=cpu: cpu.append(procstat.cpu_seconds(pid)),
+            )
+            cpu.append(procstat.cpu_seconds(pid))
+        except (FioError, OSError) as exc:
+            runs.note([name, f"{name} daemon CPU"], side, f"{name}: {exc}")
+            _say(f"  {side} {job.name}: FAILED {exc}")
+            continue
+        runs.add(name, side, result.figure(job))
+        if result.io_bytes:
+            runs.add(f"{name} daemon CPU", side, (cpu[1] - cpu[0]) / (result.io_bytes / GiB))
+        _say(f"  {side:7} {job.name:28} {result.figure(job):10.1f} {job.figure}")
+    runs.add(f"{fmt} daemon peak RSS", side, exposure.peak_rss_mib())
+
+
+def run_backups(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport, workdir: str) -> None:
+    s = runs.s
+    side = exposure.side
+    target = os.path.join(workdir, f"backup-{side}.qcow2")
+    job_lines = [
+        f"{fmt} backup full wall time",
+        f"{fmt} backup full throughput",
+        f"{fmt} backup full daemon CPU",
+        f"{fmt} {LATENCY_DURING_BACKUP.name}",
+    ]
+
+    def backup() -> QsdBackup | BlockfsBackup:
+        if isinstance(exposure, QsdExport):
+            return QsdBackup(exposure, target, s.size)
+        return BlockfsBackup(exposure, target, s.size)
+
+    try:
+        t = timed_backup(backup(), exposure.pid, s.backup_timeout)
+        runs.add(job_lines[0], side, t.wall_s)
+        runs.add(job_lines[1], side, s.size / t.wall_s / 1e6)
+        runs.add(job_lines[2], side, t.cpu_s / (s.size / GiB))
+        _say(f"  {side:7} backup full: {t.wall_s:.2f} s, {s.size / t.wall_s / 1e6:.0f} MB/s")
+        lat = latency_during_backup(backup(), exposure.path, s.backup_timeout, workdir)
+        runs.add(job_lines[3], side, lat)
+        _say(f"  {side:7} write latency during backup: {lat:.1f} µs")
+    except BackupUnavailable as exc:
+        runs.note(job_lines, side, str(exc))
+        _say(f"  {side:7} backup: n/a ({exc})")
+    except (BackupFailed, FioError, OSError, subprocess.SubprocessError) as exc:
+        runs.note(job_lines, side, f"backup failed: {exc}")
+        _say(f"  {side:7} backup: FAILED {exc}")
+    except QMPError as exc:
+        runs.note(job_lines, side, f"backup failed: {type(exc).__name__}: {exc}")
+        _say(f"  {side:7} backup: FAILED {type(exc).__name__}: {exc}")
+
+
+def run_side(runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExport) -> None:
+    """One fresh daemon: every fio job, then the backups; a side that cannot be exposed is n/a."""
+    side = exposure.side
+    try:
+        with exposure:
+            _say(f"{fmt} on {side} (pid {exposure.pid})")
+            run_fio_jobs(runs, fmt, exposure)
+            if runs.s.jobs:
+                run_backups(runs, fmt, exposure, workdir)
+    except ExposureError as exc:
+        runs.note(runs.names(fmt), side, f"{fmt}: {exc}")
+        _say(f"{fmt} on {side}: n/a ({exc})")
+
+
+def run_all(s: Settings, workdir: str) -> Runs:
+    runs = Runs(s)
+    images = prepare_images(workdir, s)
+    for fmt in s.formats:
+        image = images[fmt]
+        for rnd in range(s.rounds):
+            _say(f"{fmt}: round {rnd + 1} of {s.rounds}")
+            run_side(runs, fmt, workdir, BlockfsMount(image, fmt, workdir, s.io_mode))
+            run_side(runs, fmt, workdir, QsdExport(image, fmt, workdir))
+        os.unlink(image)
+    return runs
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwind through every finally: unmount, stop daemons, clean up
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    s = settings_from(args)
+    for tool in ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3"):
+        if shutil.which(tool) is None:
+            print(f"benchmarks: {tool} is not installed (make setup installs it)", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    started = datetime.now(UTC)
+    os.makedirs(args.workdir, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="blockfs-bench-", dir=args.workdir)
+    t0 = time.monotonic()
+    try:
+        runs = run_all(s, workdir)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    lines = list(runs.lines.values())
+    machine = describe_machine()
+    config = {
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "size": s.size,
+        "rounds": s.rounds,
+        "runtime_s": s.runtime,
+        "ramp_s": s.ramp,
+        "formats": list(s.formats),
+        "io_mode": s.io_mode or os.environ.get("BLOCKFS_IO_MODE") or "default",
+        "quick": bool(args.quick),
+    }
+    print(table(lines))
+    if args.markdown:
+        print()
+        print(markdown_table(lines))
+    write_json(args.output, machine, config, lines)
+    title = (
+        f"blockfs / qemu-storage-daemon {machine['qemu']}, {s.size >> 20} MiB images, "
+        f"{s.rounds} round(s), {config['date']}\n{machine['cpu']}, {machine['cores']} cores"
+    )
+    write_chart(args.chart, lines, title)
+    _say(f"wrote {args.output} and {args.chart} in {config['duration_s']} s")
+    return 0

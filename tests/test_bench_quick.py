@@ -1,0 +1,76 @@
+"""`python -m benchmarks --quick` runs and reports every line. A smoke check: it never asserts a
+speed, only that the suite ran, wrote its JSON and chart, and gave a figure (or a reason) for each
+line of the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="FUSE (/dev/fuse) is absent"),
+    pytest.mark.skipif(
+        any(shutil.which(t) is None for t in TOOLS),
+        reason=f"needs {', '.join(TOOLS)} (make setup installs them)",
+    ),
+]
+
+
+@pytest.mark.timeout(240)
+def test_quick_run_reports_every_line(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("qemu.qmp")
+    from benchmarks.runner import FORMATS, line_specs
+
+    out, chart = tmp_path / "bench.json", tmp_path / "ratios.png"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--workdir",
+            str(tmp_path),
+            "--output",
+            str(out),
+            "--chart",
+            str(chart),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-3000:]}"
+    assert chart.stat().st_size > 0
+    doc = json.loads(out.read_text())
+    for key in ("cpu", "cores", "memory_gib", "kernel", "python", "qemu", "fio", "blockfs"):
+        assert doc["machine"][key], key
+    results = {r["name"]: r for r in doc["results"]}
+    expected = line_specs(FORMATS)
+    assert list(results) == [name for name, _, _ in expected]
+    for name, unit, better in expected:
+        r = results[name]
+        assert (r["unit"], r["better"]) == (unit, better), name
+        # The C reference side is always implemented; so is blockfs on raw images. Other blockfs
+        # lines (qcow2, jobs) may be n/a while those features land, but then they say why.
+        assert r["qemu"] is not None, (name, r.get("notes"))
+        if name.startswith("raw ") and "backup" not in name:
+            assert r["blockfs"] is not None, (name, r.get("notes"))
+        if r["blockfs"] is None:
+            assert r.get("notes", {}).get("blockfs"), name
+        else:
+            assert r["ratio"] is not None, name
+    # the scratch directory was cleaned up
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("blockfs-bench-")]
