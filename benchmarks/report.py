@@ -116,6 +116,30 @@ def write_json(
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> tuple[dict[str, object], dict[str, object], list[Line]]:
+    """A results file written by :func:`write_json`, back as lines (the medians as samples)."""
+    with open(path) as f:
+        doc = json.load(f)
+    lines = []
+    for r in doc["results"]:
+        ln = Line(r["name"], r["unit"], r["better"], notes=dict(r.get("notes", {})))
+        for side in ("blockfs", "qemu"):
+            if r[side] is not None:
+                ln.samples[side].append(r[side])
+        lines.append(ln)
+    return doc["machine"], doc.get("config", {}), lines
+
+
+def chart_title(machine: dict[str, object], config: dict[str, object]) -> str:
+    qemu_version = str(machine.get("qemu", "?")).split()[0]
+    size = int(config.get("size", 0)) >> 20  # type: ignore[call-overload]
+    return (
+        f"blockfs / qemu-storage-daemon {qemu_version}, {size} MiB images, "
+        f"{config.get('rounds')} round(s), {config.get('date')}\n"
+        f"{machine.get('cpu')}, {machine.get('cores')} cores, kernel {machine.get('kernel')}"
+    )
+
+
 def write_chart(path: str, lines: list[Line], title: str) -> None:
     """A horizontal bar per line: the ratio blockfs/qemu on a log scale, green where blockfs is
     at least as good as qemu, red where it is worse; "n/a" lines keep their row, without a bar."""
@@ -126,14 +150,17 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
 
     names = [f"{ln.name} ({ln.unit})" for ln in lines]
     ratios = [ln.ratio for ln in lines]
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(lines) + 1.6))
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(lines) + 1.8))
     ys = list(range(len(lines)))[::-1]
     for y, ln, r in zip(ys, lines, ratios):
         if r is None:
             ax.text(1.0, y, "  n/a", va="center", fontsize=7, color="grey")
             continue
         good = r >= 1.0 if ln.better == "higher" else r <= 1.0
-        ax.barh(y, r, left=0, color="#3a9a4a" if good else "#c8453a", height=0.7)
+        # bars grow from 1.0 (parity), left for "blockfs has less", right for "more"
+        ax.barh(y, r - 1.0, left=1.0, color="#3a9a4a" if good else "#c8453a", height=0.7)
         ax.text(r, y, f" {r:.2f}", va="center", fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
@@ -141,6 +168,10 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
     lo = min([*present, 1.0]) / 1.6
     hi = max([*present, 1.0]) * 1.8
     ax.set_xlim(lo, hi)
+    ticks = [t for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16) if lo <= t <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=8)
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xlabel(
@@ -151,5 +182,5 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -34,7 +34,15 @@ from benchmarks.backup import (
 from benchmarks.exposures import BlockfsMount, ExposureError, QsdExport
 from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, run_fio
 from benchmarks.machine import describe_machine
-from benchmarks.report import Line, markdown_table, table, write_chart, write_json
+from benchmarks.report import (
+    Line,
+    chart_title,
+    markdown_table,
+    read_json,
+    table,
+    write_chart,
+    write_json,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORMATS = ("raw", "qcow2")
@@ -91,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--size", type=_size, help="image size (default 2G; --quick 256M)")
     p.add_argument("--rounds", type=int, help="A B rounds, medians over them (default 3)")
-    p.add_argument("--runtime", type=float, help="seconds measured per fio job (default 8)")
+    p.add_argument("--runtime", type=float, help="seconds measured per fio job (default 6)")
     p.add_argument("--ramp", type=float, help="seconds of fio ramp before that (default 2)")
     p.add_argument(
         "--formats",
@@ -120,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the PNG chart of ratios (default benchmarks/ratios.png)",
     )
     p.add_argument(
+        "--replot",
+        metavar="JSON",
+        help="run nothing: print the table of a results file and redraw its chart",
+    )
+    p.add_argument(
         "--markdown", action="store_true", help="also print the table as Markdown (for README.md)"
     )
     return p
@@ -134,7 +147,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(
         size=args.size or (256 << 20 if quick else 2 * GiB),
         rounds=args.rounds or (1 if quick else 3),
-        runtime=args.runtime or (1.5 if quick else 8.0),
+        runtime=args.runtime or (1.5 if quick else 6.0),
         ramp=args.ramp if args.ramp is not None else (0.5 if quick else 2.0),
         formats=formats,
         jobs=not args.no_jobs,
@@ -311,6 +324,14 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        machine, config, lines = read_json(args.replot)
+        print(table(lines))
+        if args.markdown:
+            print()
+            print(markdown_table(lines))
+        write_chart(args.chart, lines, chart_title(machine, config))
+        return 0
     s = settings_from(args)
     for tool in ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3"):
         if shutil.which(tool) is None:
@@ -346,10 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(markdown_table(lines))
     write_json(args.output, machine, config, lines)
-    title = (
-        f"blockfs / qemu-storage-daemon {machine['qemu']}, {s.size >> 20} MiB images, "
-        f"{s.rounds} round(s), {config['date']}\n{machine['cpu']}, {machine['cores']} cores"
-    )
-    write_chart(args.chart, lines, title)
+    write_chart(args.chart, lines, chart_title(machine, config))
     _say(f"wrote {args.output} and {args.chart} in {config['duration_s']} s")
     return 0
