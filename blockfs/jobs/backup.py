@@ -357,14 +357,14 @@ class BackupJob(Job):
 
     async def run(self) -> None:
         if self.spec.sync == "none":
+            # Nothing to copy in the background: serve copy-before-write until told to stop.
             while not self._complete_requested:
+                kick = self.kick
                 await self.checkpoint()
                 if self.stash:
                     await self._drain_stash()
-                await self._resumed.wait() if not self._paused else None
-                if not self._paused and not self._complete_requested:
-                    self._resumed = trio.Event()
-                    await self._resumed.wait()
+                if not self._complete_requested and not self._paused:
+                    await kick.wait()
             await self._drain_stash()
             await self.target.flush()
             return
@@ -373,9 +373,19 @@ class BackupJob(Job):
         failures = [0]
         for _ in range(100):  # passes; a pass only repeats for ranges that failed
             cursor[0] = 0
-            async with trio.open_nursery() as nursery:
-                for _w in range(WORKERS):
-                    nursery.start_soon(self._worker, cursor, limiter, failures)
+            try:
+                self.body_tasks = WORKERS
+                async with trio.open_nursery() as nursery:
+                    for _w in range(WORKERS):
+                        nursery.start_soon(self._worker, cursor, limiter, failures)
+            except BaseExceptionGroup as group:
+                # Several workers may fail at once on the same cause: report the first.
+                first = _first_blockfs_error(group)
+                if first is None:
+                    raise
+                raise first from None
+            finally:
+                self.body_tasks = 1
             while self.copy.bitmap.count == 0 and self._any_inflight():
                 await trio.sleep(0.005)
             await self.checkpoint()
@@ -396,65 +406,74 @@ class BackupJob(Job):
         return bool(self.copy._inflight)
 
     async def _worker(self, cursor: list[int], limiter: RateLimiter, failures: list[int]) -> None:
-        copy = self.copy
-        cs = copy.cluster_size
+        chunk = self.copy.max_run * self.copy.cluster_size
         while True:
             await self.checkpoint()
             if self.stash:
                 await self._drain_stash()
-            i = copy.bitmap.next_dirty(cursor[0])
-            while i >= 0 and copy.is_inflight(i):
-                i = copy.bitmap.next_dirty(i + 1)
-            if i < 0:
+            await limiter.reserve(chunk)
+            moved = await self._copy_next(cursor, failures)
+            if moved < 0:
+                self.body_tasks -= 1  # this worker is done: the others may all be parked
+                self.update_paused_state()
                 return
-            first, n = copy.claim_run(i, copy.max_run)
-            cursor[0] = first + n
-            if not n:
-                continue
-            # Skip what reads as zeroes without reading it.
-            try:
-                ext = await chain_block_status(self.source, first * cs, min(n * cs, copy.size - first * cs))
-            except BlockfsError:
-                ext = None
-            if ext is not None and ext.status & Status.ZERO:
-                k = min(n, ext.length // cs) if (first + n) * cs <= copy.size or ext.length < (copy.size - first * cs) else n
-                if ext.offset + ext.length >= copy.size:
-                    k = n
-                if k > 0:
-                    try:
-                        if not copy.target_zero_init:
-                            await self.target.write_zeroes(first * cs, min(k * cs, copy.size - first * cs), may_unmap=True)
-                    except BlockfsError as exc:
-                        copy.release_claim(first, n)
-                        failures[0] += 1
-                        await self._target_failed(exc)
-                        continue
-                    copy.mark_done(first, k)
-                    self._progress(min(k * cs, copy.size - first * cs))
-                    if k < n:
-                        copy.release_claim(first + k, n - k)
-                        cursor[0] = first + k
-                    continue
-            try:
-                moved = await copy.copy_claimed(first, n)
-            except TargetError as exc:
-                failures[0] += 1
-                await self._target_failed(exc.cause)
-                cursor[0] = first
-                continue
-            except SourceError as exc:
-                failures[0] += 1
-                action = self.spec.on_source_error.decide(exc.cause)
-                self.report_error("read", action)
-                if action is ErrorAction.REPORT:
-                    raise JobFailed(str(exc), errno=exc.errno) from None
-                if action is ErrorAction.STOP:
-                    self.pause_for_error(exc.cause)
-                    cursor[0] = first
-                else:
-                    await trio.sleep(0.05)
-                continue
-            await limiter.account(moved)
+            limiter.refund(chunk - moved)
+
+    async def _copy_next(self, cursor: list[int], failures: list[int]) -> int:
+        """Copy (or skip) the next run of dirty clusters. Returns the bytes read and written,
+        or -1 when no dirty cluster is left for this pass."""
+        copy = self.copy
+        cs = copy.cluster_size
+        i = copy.bitmap.next_dirty(cursor[0])
+        while i >= 0 and copy.is_inflight(i):
+            i = copy.bitmap.next_dirty(i + 1)
+        if i < 0:
+            return -1
+        first, n = copy.claim_run(i, copy.max_run)
+        cursor[0] = first + n
+        offset = first * cs
+        length = min(n * cs, copy.size - offset)
+        # What reads as zeroes is not read: written as zeroes, or not at all on a new target.
+        try:
+            ext = await chain_block_status(self.source, offset, length)
+        except BlockfsError:
+            ext = None
+        if ext is not None and ext.status & Status.ZERO:
+            k = n if ext.length >= length else ext.length // cs
+            if k > 0:
+                zero_len = min(k * cs, copy.size - offset)
+                try:
+                    if not copy.target_zero_init:
+                        await self.target.write_zeroes(offset, zero_len, may_unmap=True)
+                except BlockfsError as exc:
+                    copy.release_claim(first, n)
+                    failures[0] += 1
+                    await self._target_failed(exc)
+                    return 0
+                copy.mark_done(first, k)
+                self._progress(zero_len)
+                if k < n:
+                    copy.release_claim(first + k, n - k)
+                    cursor[0] = first + k
+                return 0
+        try:
+            return await copy.copy_claimed(first, n)
+        except TargetError as exc:
+            failures[0] += 1
+            cursor[0] = min(cursor[0], first)
+            await self._target_failed(exc.cause)
+        except SourceError as exc:
+            failures[0] += 1
+            action = self.spec.on_source_error.decide(exc.cause)
+            self.report_error("read", action)
+            if action is ErrorAction.REPORT:
+                raise JobFailed(str(exc), errno=exc.errno) from None
+            if action is ErrorAction.STOP:
+                self.pause_for_error(exc.cause)
+                cursor[0] = min(cursor[0], first)
+            else:
+                await trio.sleep(0.05)
+        return 0
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -462,7 +481,7 @@ class BackupJob(Job):
         # sync=none runs until told to stop; complete ends it successfully.
         if self.spec.sync == "none" and self.state.value in ("running", "paused"):
             self._complete_requested = True
-            self._resumed.set()
+            self._kick()
             return
         super().complete()
 
@@ -542,6 +561,17 @@ async def open_backup_target(spec: BackupSpec, device: Export) -> tuple[Node, bo
     # (Not so with a backing file: there, unwritten clusters read from the backing.)
     zero_init = spec.mode == "new" and node.backing is None
     return node, zero_init
+
+
+def _first_blockfs_error(group: BaseExceptionGroup) -> BlockfsError | None:  # type: ignore[type-arg]
+    for exc in group.exceptions:
+        if isinstance(exc, BlockfsError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_blockfs_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 def _target_backing(spec: BackupSpec, device: Export) -> tuple[str | None, str | None]:

@@ -128,6 +128,12 @@ class Job:
         self._concluded = trio.Event()
         self._complete_requested = False
         self._state_before_pause = JobState.RUNNING
+        #: tasks running the body, and how many of them sit in a paused checkpoint: the job
+        #: is PAUSED only once all of them do (as in QEMU, where a job pauses at a pause point)
+        self.body_tasks = 1
+        self._parked = 0
+        #: set by verbs and events a waiting body wants to notice (pause, complete, ...)
+        self.kick = trio.Event()
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -200,8 +206,27 @@ class Job:
     async def checkpoint(self) -> None:
         """Where the body yields: waits while paused; cancellation is delivered here too."""
         await trio.lowlevel.checkpoint()
-        while self._paused:
-            await self._resumed.wait()
+        if not self._paused:
+            return
+        self._parked += 1
+        try:
+            self.update_paused_state()
+            while self._paused:
+                await self._resumed.wait()
+        finally:
+            self._parked -= 1
+
+    def update_paused_state(self) -> None:
+        """Enter PAUSED/STANDBY once every body task is parked (call when body_tasks drops)."""
+        if self._paused and self._parked >= self.body_tasks:
+            if self.state in (JobState.RUNNING, JobState.READY):
+                self._state_before_pause = self.state
+                self._set_state(JobState.PAUSED if self.state is JobState.RUNNING
+                                else JobState.STANDBY)
+
+    def _kick(self) -> None:
+        self.kick.set()
+        self.kick = trio.Event()
 
     def pause_for_error(self, exc: BaseException) -> None:
         """Stop the job after an I/O error under the ``stop`` policy (io-status says why)."""
@@ -226,10 +251,7 @@ class Job:
         if not self._paused:
             self._paused = True
             self._resumed = trio.Event()
-            if self.state in (JobState.RUNNING, JobState.READY):
-                self._state_before_pause = self.state
-                self._set_state(JobState.PAUSED if self.state is JobState.RUNNING
-                                else JobState.STANDBY)
+            self._kick()
 
     def pause(self) -> None:
         self._check_verb("pause")
@@ -252,7 +274,7 @@ class Job:
     def complete(self) -> None:
         self._check_verb("complete")
         self._complete_requested = True
-        self._resumed.set()
+        self._kick()
 
     def set_speed(self, speed: int) -> None:
         self._check_verb("speed")
@@ -281,24 +303,31 @@ class Job:
 
 
 class RateLimiter:
-    """Bytes per second for background copying (0 = unlimited); CBW traffic never waits here."""
+    """Bytes per second for background copying (0 = unlimited); CBW traffic never waits here.
+
+    A worker reserves its next chunk before it claims clusters (so it never sleeps holding a
+    claim a guest write might wait for) and gives back what it did not move."""
 
     def __init__(self, job: Job) -> None:
         self._job = job
         self._start = trio.current_time()
         self._bytes = 0
 
-    async def account(self, nbytes: int) -> None:
+    async def reserve(self, nbytes: int) -> None:
         speed = self._job.speed
         if not speed:
             self._start = trio.current_time()
             self._bytes = 0
             return
+        now = trio.current_time()
+        if self._bytes > speed * 10 or self._start + self._bytes / speed < now - 1.0:
+            # forget the far past (or an idle spell), so a speed change acts soon
+            self._start = now
+            self._bytes = 0
         self._bytes += nbytes
-        due = self._start + self._bytes / speed
-        delay = due - trio.current_time()
+        delay = self._start + (self._bytes - nbytes) / speed - now
         if delay > 0:
             await trio.sleep(min(delay, 5.0))
-        if self._bytes > speed * 10:  # forget the far past, so a speed change acts soon
-            self._start = trio.current_time()
-            self._bytes = 0
+
+    def refund(self, nbytes: int) -> None:
+        self._bytes = max(0, self._bytes - nbytes)

@@ -1,0 +1,165 @@
+"""``blockfs job ...``: a thin client of ``MNT/.control/jobs`` for people and scripts.
+
+Everything here reads and writes the same files a shell would; nothing talks to the daemon any
+other way, so what the CLI can do, ``echo`` and ``cat`` can do too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from blockfs.errors import BlockfsError, UsageError
+
+JOB_KINDS = ("backup",)
+FINAL = ("concluded", "null")
+
+
+def _jobs_dir(mnt: str) -> str:
+    d = os.path.join(mnt, ".control", "jobs")
+    if not os.path.isdir(d):
+        raise UsageError(f"{mnt}: not a blockfs mount", errno=errno.ENOENT)
+    return d
+
+
+def _status(mnt: str, job_id: str) -> dict[str, Any]:
+    path = os.path.join(_jobs_dir(mnt), job_id, "status")
+    try:
+        with open(path) as f:
+            return json.load(f)  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise UsageError(f"no job {job_id!r} on {mnt}", errno=errno.ENOENT) from None
+
+
+def _job_ids(mnt: str) -> list[str]:
+    d = _jobs_dir(mnt)
+    return sorted(n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)))
+
+
+def write_control(path: str, text: str) -> str:
+    """Write ``text`` to a control file and return its answer; a refusal raises with the
+    reason the file gives. :raise BlockfsError:"""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.write(fd, text.encode())
+            failed: OSError | None = None
+        except OSError as exc:
+            failed = exc
+        answer = os.read(fd, 65536).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if failed is not None:
+        raise BlockfsError(answer or failed.strerror or "refused", errno=failed.errno)
+    return answer
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    path = os.path.join(_jobs_dir(args.mountpoint), args.kind)
+    spec = " ".join(args.spec)
+    print(write_control(path, spec))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    rows = [_status(args.mountpoint, i) for i in _job_ids(args.mountpoint)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':<16} {'TYPE':<8} {'DEVICE':<12} {'STATE':<10} {'PROGRESS':>8}  ERROR")
+    for s in rows:
+        pct = 100.0 * s["offset"] / s["len"] if s["len"] else 0.0
+        print(f"{s['id']:<16} {s['type']:<8} {s['device']:<12} {s['state']:<10} {pct:7.1f}%  "
+              f"{s['error'] or ''}")
+    return 0
+
+
+def _verb(verb: str):  # type: ignore[no-untyped-def]
+    def run(args: argparse.Namespace) -> int:
+        path = os.path.join(_jobs_dir(args.mountpoint), args.id, "ctl")
+        if not os.path.exists(path):
+            raise UsageError(f"no job {args.id!r} on {args.mountpoint}", errno=errno.ENOENT)
+        text = verb if verb != "speed" else f"speed={args.value}"
+        write_control(path, text)
+        return 0
+
+    return run
+
+
+def _bar(s: dict[str, Any], width: int = 30) -> str:
+    frac = s["offset"] / s["len"] if s["len"] else 0.0
+    fill = int(frac * width)
+    state = s["state"] + (f" ({s['io-status']})" if s["io-status"] != "ok" else "")
+    return f"{s['id']:<14} [{'#' * fill}{'.' * (width - fill)}] {100 * frac:5.1f}% {state}"
+
+
+def _wait(args: argparse.Namespace, *, show: bool) -> int:
+    """Wait until the named jobs (or all) conclude; exit 0 only if all succeeded."""
+    ids = [args.id] if args.id else _job_ids(args.mountpoint)
+    if not ids:
+        return 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    tty = show and sys.stdout.isatty()
+    last: dict[str, dict[str, Any]] = {}
+    while True:
+        for i in ids:
+            last[i] = _status(args.mountpoint, i)
+        if show:
+            lines = [_bar(s) for s in last.values()]
+            if tty:
+                sys.stdout.write("\r\033[K" + "\n\033[K".join(lines))
+                sys.stdout.write(f"\033[{len(lines) - 1}A" if len(lines) > 1 else "")
+            else:
+                print("\n".join(lines))
+            sys.stdout.flush()
+        if all(s["state"] in FINAL for s in last.values()):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise BlockfsError("timed out waiting for the jobs", errno=errno.ETIMEDOUT)
+        time.sleep(args.interval)
+    if tty:
+        sys.stdout.write("\n" * len(last))
+    failed = [s for s in last.values() if s["error"]]
+    for s in failed:
+        print(f"blockfs: job {s['id']} failed: {s['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    job = sub.add_parser("job", help="start, watch and steer block jobs on a mount")
+    jsub = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+
+    p = jsub.add_parser("start", help="start a job: job start backup MNT device=... target=...")
+    p.add_argument("kind", choices=JOB_KINDS)
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("spec", nargs="+", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_start)
+
+    p = jsub.add_parser("list", help="list the jobs of a mount")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_list)
+
+    for name, show in (("watch", True), ("wait", False)):
+        p = jsub.add_parser(name, help=f"{name} until the jobs end; exit 1 if any failed")
+        p.add_argument("mountpoint", metavar="MNT")
+        p.add_argument("id", nargs="?", metavar="ID")
+        p.add_argument("--interval", type=float, default=0.5 if show else 0.1)
+        p.add_argument("--timeout", type=float, default=0.0, help="give up after this many s")
+        p.set_defaults(func=lambda a, show=show: _wait(a, show=show))
+
+    for verb in ("pause", "resume", "cancel", "complete", "dismiss"):
+        p = jsub.add_parser(verb, help=f"{verb} a job")
+        p.add_argument("mountpoint", metavar="MNT")
+        p.add_argument("id", metavar="ID")
+        p.set_defaults(func=_verb(verb))
+    p = jsub.add_parser("speed", help="set a job's background copy rate (bytes/s, K/M/G)")
+    p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("value")
+    p.set_defaults(func=_verb("speed"))
