@@ -43,4 +43,37 @@ step "Unmount (flushes every image), and check the image file itself"
 qemu-io -f raw -c 'read -P 0xab 1M 64k' "$WORK/disk0.img" | head -1
 cmp -n $((1024*1024)) "$WORK/disk0.img" "$WORK/payload" && echo "first MiB of disk0.img is the payload"
 
-step "Shown: images mounted as files, written by dd and qemu-io, proven by qemu-img compare."
+step "qcow2: a 64 MiB base with data, and an overlay on it (blockfs create)"
+"${BLOCKFS[@]}" create -f qcow2 "$WORK/base.qcow2" 64M
+qemu-io -c 'write -P 0x5a 0 32M' "$WORK/base.qcow2" | head -1
+"${BLOCKFS[@]}" create -f qcow2 -b "$WORK/base.qcow2" -F qcow2 "$WORK/top.qcow2"
+"${BLOCKFS[@]}" mount --log "$WORK/blockfs.log" "$MNT" "vm=$WORK/top.qcow2"
+echo "the mounted file is the guest view of the whole chain:"
+"${BLOCKFS[@]}" info --backing-chain "$WORK/top.qcow2" | sed 's/^/   /'
+dd if="$WORK/payload" of="$MNT/vm" bs=1M count=8 seek=16 conv=notrunc,fsync status=none
+cp "$MNT/vm" "$WORK/vm-before-backup.raw"
+
+step "Live backup: start it, write over the disk while it runs, prove it with qemu-img compare"
+"${BLOCKFS[@]}" job start backup "$MNT" device=vm "target=$WORK/backup.qcow2" sync=full speed=24M
+(for i in $(seq 1 40); do
+   dd if=/dev/urandom of="$MNT/vm" bs=64k count=4 seek=$((RANDOM % 1000)) conv=notrunc status=none
+ done) &
+WRITER=$!
+cat "$MNT/.control/jobs/vm/status"
+"${BLOCKFS[@]}" job watch "$MNT" vm
+wait $WRITER
+grep -c BLOCK_JOB_COMPLETED "$MNT/.control/events" >/dev/null && tail -n 3 "$MNT/.control/events"
+"${BLOCKFS[@]}" job dismiss "$MNT" vm
+"${BLOCKFS[@]}" umount "$MNT"
+echo "the backup is the disk as it was when the job started, although writes went on:"
+qemu-img compare -F raw "$WORK/backup.qcow2" "$WORK/vm-before-backup.raw"
+qemu-img check "$WORK/backup.qcow2"
+qemu-img check "$WORK/top.qcow2"
+if qemu-img compare -q "$WORK/top.qcow2" "$WORK/vm-before-backup.raw"; then
+  echo "unexpected: the live disk did not change"; exit 1
+else
+  echo "and the live disk did change: the writes during the job went to it, not to the backup."
+fi
+
+step "Shown: raw and qcow2 images mounted as files, written by dd and qemu-io, a live backup,
+   all proven by qemu-img compare and check."

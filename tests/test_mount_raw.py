@@ -225,6 +225,7 @@ def test_fio_verify_eight_jobs(mount, tmp_path: Path) -> None:
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--group_reporting",
         ],
         check=False,
