@@ -9,8 +9,10 @@ What lives here:
 * The initramfs is built per boot, in Python (cpio "newc", gzip), from ``busybox-static`` plus the
   modules; its ``/init`` loads the modules, runs the script, prints ``GUEST-EXIT: <rc>`` on the serial
   console and powers off.
-* `PatternWorkload` and `Ext2Workload` are the guest workloads the VM tests and ``examples/vm.sh``
-  share: each builds the guest script and checks the disk image afterwards from the host.
+* `PatternWorkload`, `Ext2Workload` and `PointInTimeWorkload` are the guest workloads the VM tests
+  and ``examples/vm.sh`` share: each builds the guest script and checks the disk image afterwards
+  from the host. `PointInTimeWorkload` pauses twice for the host (see `RunningGuest`), so a job
+  can start between its BEFORE and AFTER markers.
 
 What must not live here: anything about blockfs itself (mounting, images). This module drives a
 guest on whatever files it is given, so a failure it reports is about the disk it was handed.
@@ -24,7 +26,12 @@ Host packages: ``qemu-system-x86`` (with its ``seabios`` dependency), ``busybox-
 Command line (for examples)::
 
     python -m tests.guestvm prepare
-    python -m tests.guestvm run --workload ext2 --disk IMG[:cache=none] [--verify]
+    python -m tests.guestvm run --workload ext2 --disk IMG[:cache=none] [--verify IMG]
+    python -m tests.guestvm run --workload markers --disk IMG --handshake   # phases on stdin/out
+
+`GuestKit.run` boots and waits; `GuestKit.start` returns a `RunningGuest` at once, so the host can
+act while the guest runs: the guest script calls ``host_phase NAME`` (`HOST_PHASE_SH`), the host
+sees it with `RunningGuest.expect` and lets it go on with `RunningGuest.send`.
 """
 
 from __future__ import annotations
@@ -45,9 +52,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,27 @@ EXIT_MARKER = "GUEST-EXIT: "
 #: Lines a script prints as ``GUEST-RESULT: key=value`` end up in `GuestResult.results`.
 RESULT_MARKER = "GUEST-RESULT: "
 BEGIN_MARKER = "GUEST-BEGIN"
+
+#: Shell functions a guest script includes to pause for the host: ``host_phase NAME`` syncs,
+#: prints ``GUEST-RESULT: phase=NAME`` and waits (bounded) for the host to send the line ``go``
+#: on the serial console (`RunningGuest.send`). So the host acts at a known point of the guest's
+#: run without sleeping to guess when it got there.
+HOST_PHASE_SH = """\
+stty -echo 2>/dev/null || true
+host_phase() {
+    sync
+    echo "GUEST-RESULT: phase=$1"
+    answer=
+    if ! read -t "${2:-120}" answer; then
+        echo "GUEST-FAIL: no answer from the host after phase $1"
+        return 1
+    fi
+    if [ "$answer" != go ]; then
+        echo "GUEST-FAIL: the host answered '$answer' after phase $1"
+        return 1
+    fi
+}
+"""
 
 _COMPLETE = ".complete"
 
@@ -549,6 +579,34 @@ class GuestKit:
             cmd += ["-drive", disk.drive_arg()]
         return cmd
 
+    def start(
+        self,
+        script: str,
+        disks: Sequence[Disk | tuple[str | os.PathLike[str], Mapping[str, object]]] = (),
+    ) -> RunningGuest:
+        """Boot a guest that runs ``script`` (``sh -e``) and return at once, while it runs.
+
+        The host follows the console with `RunningGuest.expect` and answers the script's
+        ``host_phase`` calls with `RunningGuest.send`; `RunningGuest.wait` ends it. Use the result
+        as a context manager: leaving it kills a QEMU that is still running (by its pid).
+
+        :raise GuestError: QEMU could not be started.
+        """
+        drives = [d if isinstance(d, Disk) else Disk(Path(d[0]), **d[1]) for d in disks]  # type: ignore[arg-type]
+        scratch = tempfile.TemporaryDirectory(prefix="guestvm-")
+        try:
+            initrd = Path(scratch.name) / "initrd.gz"
+            initrd.write_bytes(build_initramfs(self.kernel, script, len(drives)))
+            cmd = self.command(self.kernel.vmlinuz, initrd, drives)
+            log.debug("booting: %s", " ".join(cmd))
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        except OSError as e:
+            scratch.cleanup()
+            raise GuestError(f"cannot start {self.qemu}: {e}") from e
+        return RunningGuest(proc, scratch)
+
     def run(
         self,
         script: str,
@@ -562,42 +620,136 @@ class GuestKit:
 
         :raise GuestError: QEMU could not be started.
         """
-        drives = [d if isinstance(d, Disk) else Disk(Path(d[0]), **d[1]) for d in disks]  # type: ignore[arg-type]
-        with tempfile.TemporaryDirectory(prefix="guestvm-") as scratch:
-            initrd = Path(scratch) / "initrd.gz"
-            initrd.write_bytes(build_initramfs(self.kernel, script, len(drives)))
-            cmd = self.command(self.kernel.vmlinuz, initrd, drives)
-            log.debug("booting: %s", " ".join(cmd))
-            started = time.monotonic()
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-                )
-            except OSError as e:
-                raise GuestError(f"cannot start {self.qemu}: {e}") from e
-            timed_out = False
-            try:
-                out, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.kill(proc.pid, 9)
-                out, _ = proc.communicate()
-            finally:
-                if proc.poll() is None:  # interrupted (KeyboardInterrupt): leave nothing behind
-                    os.kill(proc.pid, 9)
-                    proc.wait()
-            seconds = time.monotonic() - started
-        console = out.decode(errors="replace").replace("\r", "")
+        with self.start(script, disks) as guest:
+            return guest.wait(timeout)
+
+
+class RunningGuest:
+    """One booted guest: its console as it arrives, a line to send it, and its end.
+
+    A reader thread collects the serial console; `expect` blocks until the script prints a given
+    ``GUEST-RESULT:`` line (the guest says when it got somewhere, so the host never sleeps to
+    guess). `send` writes a line to the guest's serial input, which the script reads in
+    ``host_phase``. Every wait is bounded; on leaving the ``with`` block a QEMU still running is
+    killed by its pid, and the scratch directory (initramfs) is removed.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], scratch: tempfile.TemporaryDirectory[str]):
+        self._proc = proc
+        self._scratch = scratch
+        self._started = time.monotonic()
+        self._chunks: list[str] = []
+        self._eof = False
+        self._timed_out = False
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read_console, name="guest-console")
+        self._reader.daemon = True
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def _read_console(self) -> None:
+        out = self._proc.stdout
+        assert out is not None
+        for raw in iter(out.readline, b""):
+            with self._cond:
+                self._chunks.append(raw.decode(errors="replace"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def console(self) -> str:
+        """The console so far, ``\r`` removed."""
+        with self._cond:
+            return "".join(self._chunks).replace("\r", "")
+
+    def explain(self, tail: int = 40) -> str:
+        lines = self.console().splitlines()[-tail:]
+        return f"guest pid {self.pid} console tail:\n" + "\n".join(lines)
+
+    def expect(self, key: str, value: str, timeout: float = 60) -> float:
+        """Wait until the guest prints ``GUEST-RESULT: key=value``; the seconds since boot.
+
+        :raise GuestError: the guest ended (or ``timeout`` passed) without printing it; the
+            message holds the console tail.
+        """
+        want = f"{RESULT_MARKER}{key}={value}"
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                lines = "".join(self._chunks).replace("\r", "").splitlines()
+                if any(line.strip() == want for line in lines):
+                    return time.monotonic() - self._started
+                if self._eof:
+                    why = "the guest ended"
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = f"{timeout:.0f}s passed"
+                    break
+                self._cond.wait(left)
+        raise GuestError(f"{why} before {want!r}; {self.explain()}")
+
+    def send(self, line: str) -> None:
+        """Write one line to the guest's serial input (what ``host_phase`` reads).
+
+        :raise GuestError: QEMU is gone.
+        """
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(line.encode() + b"\n")
+            stdin.flush()
+        except (BrokenPipeError, ValueError) as e:
+            raise GuestError(f"cannot write to the guest: {e}; {self.explain()}") from e
+
+    def wait(self, timeout: float = 120) -> GuestResult:
+        """Wait at most ``timeout`` for the guest to power off (kill it after that); the result.
+
+        Never raises for what happens inside the guest: look at the result.
+        """
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._timed_out = True
+        finally:
+            self.kill()
+        seconds = time.monotonic() - self._started
+        console = self.console()
         stdout, status, results = parse_console(console)
         return GuestResult(
             console=console,
             stdout=stdout,
             exit_status=status,
             results=results,
-            timed_out=timed_out,
-            qemu_returncode=proc.returncode,
+            timed_out=self._timed_out,
+            qemu_returncode=self._proc.returncode,
             seconds=seconds,
         )
+
+    def kill(self) -> None:
+        """Kill QEMU if it still runs (by its pid), reap it, drop the scratch directory."""
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, 9)
+            self._proc.wait()
+        # Once QEMU is gone its stdout reaches EOF, so the reader ends promptly.
+        self._reader.join(timeout=10)
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        if self._proc.stdout is not None and not self._reader.is_alive():
+            self._proc.stdout.close()
+        self._scratch.cleanup()
 
 
 # --------------------------------------------------------------------------------------------
@@ -771,10 +923,131 @@ class Ext2Workload:
         return problems
 
 
-WORKLOADS = {"pattern": PatternWorkload, "ext2": Ext2Workload}
+def find_tag(image: Path, tag: bytes, limit: int = 5) -> list[int]:
+    """Byte offsets where ``tag`` occurs in the file (at most ``limit`` of them)."""
+    found: list[int] = []
+    overlap = len(tag) - 1
+    with open(image, "rb") as f:
+        base = 0
+        tail = b""
+        while len(found) < limit:
+            block = f.read(4 << 20)
+            if not block:
+                break
+            data = tail + block
+            start = 0
+            while len(found) < limit:
+                i = data.find(tag, start)
+                if i < 0:
+                    break
+                found.append(base - len(tail) + i)
+                start = i + 1
+            tail = data[-overlap:] if overlap else b""
+            base += len(block)
+    return found
 
 
-def make_workload(name: str, disk_bytes: int) -> PatternWorkload | Ext2Workload:
+def _compare_sectors(image: Path, sectors: Mapping[int, bytes]) -> list[str]:
+    problems = []
+    with open(image, "rb") as f:
+        for sector, want in sorted(sectors.items()):
+            f.seek(sector * SECTOR)
+            got = f.read(SECTOR)
+            if got != want:
+                problems.append(f"sector {sector}: got {got[:48]!r}")
+                if len(problems) >= 10:
+                    break
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class PointInTimeWorkload:
+    """Markers written before and after a pause the host fills: for jobs started mid-run.
+
+    Phase one writes ``BEFORE`` extents across the disk and stops at ``host_phase
+    before-written``; the host starts its job there. Phase two writes ``AFTER-load`` MiB blocks
+    with dd, then ``AFTER`` extents over every ``BEFORE`` extent and many other places, and stops
+    at ``host_phase after-written``, so the host can look while the job still runs. A point-in-time
+    copy taken at the pause holds every ``BEFORE`` and no ``AFTER``; the live disk holds every
+    ``AFTER`` and no ``BEFORE``. Every write is O_DIRECT in the guest and the phases end in sync.
+    """
+
+    disk_bytes: int
+    load_mib: int = 8
+    PHASES = ("before-written", "after-written")
+
+    def before_extents(self) -> list[tuple[int, int]]:
+        total = self.disk_bytes // SECTOR
+        return [(k * total // 16 + 7, 8) for k in range(16)]
+
+    def after_extents(self) -> list[tuple[int, int]]:
+        total = self.disk_bytes // SECTOR
+        return [*self.before_extents(), *((k * total // 48 + 3 * k + 1, 5) for k in range(48))]
+
+    def load_mibs(self) -> list[int]:
+        """Where the load goes, in MiB; the AFTER extents are written after it."""
+        mibs = self.disk_bytes >> 20
+        return sorted({k * mibs // self.load_mib for k in range(self.load_mib)})
+
+    def script(self, device: str = "/dev/vda") -> str:
+        gen = (
+            "awk -v s=$1 -v n=$2 -v t=$3 'BEGIN { for (i = s; i < s + n; i++) "
+            'for (w = 0; w < 8; w++) printf "%-63s\\n", sprintf("%s sector=%010d word=%d", '
+            "t, i, w) }'"
+        )
+        put = "dd if=p.bin of=$dev bs=512 seek=$1 conv=notrunc oflag=direct 2>/dev/null"
+        lines = [
+            "set -e",
+            f"dev={device}",
+            f"gen() {{ {gen}; }}",
+            f"put() {{ gen $1 $2 $3 > p.bin; {put}; }}",
+            HOST_PHASE_SH,
+        ]
+        lines += [f"put {first} {count} BEFORE" for first, count in self.before_extents()]
+        lines.append("host_phase before-written")
+        lines += [
+            "gen 0 256 AFTER-load > c.bin",
+            "cat c.bin c.bin c.bin c.bin c.bin c.bin c.bin c.bin > mib.bin",
+            f"for m in {' '.join(map(str, self.load_mibs()))}; do",
+            "    dd if=mib.bin of=$dev bs=1M seek=$m conv=notrunc oflag=direct 2>/dev/null",
+            "done",
+        ]
+        lines += [f"put {first} {count} AFTER" for first, count in self.after_extents()]
+        lines.append("host_phase after-written")
+        lines.append('echo "GUEST-RESULT: markers=written"')
+        return "\n".join(lines) + "\n"
+
+    def verify_snapshot(self, image: Path) -> list[str]:
+        """A raw image taken at the pause: every BEFORE extent there, no AFTER anywhere."""
+        want = {
+            s: pattern_sector(s, "BEFORE")
+            for first, count in self.before_extents()
+            for s in range(first, first + count)
+        }
+        problems = _compare_sectors(image, want)
+        problems += [f"AFTER at byte {off}" for off in find_tag(image, b"AFTER")]
+        return problems
+
+    def verify_host(self, image: Path) -> list[str]:
+        """The raw live image after the run: every AFTER extent there, no BEFORE anywhere."""
+        want = {
+            s: pattern_sector(s, "AFTER")
+            for first, count in self.after_extents()
+            for s in range(first, first + count)
+        }
+        problems = _compare_sectors(image, want)
+        problems += [f"BEFORE at byte {off}" for off in find_tag(image, b"BEFORE")]
+        return problems
+
+
+WORKLOADS = {"pattern": PatternWorkload, "ext2": Ext2Workload, "markers": PointInTimeWorkload}
+
+
+def make_workload(
+    name: str, disk_bytes: int
+) -> PatternWorkload | Ext2Workload | PointInTimeWorkload:
+    if name == "markers":
+        return PointInTimeWorkload(disk_bytes)
     if name == "pattern":
         return PatternWorkload(disk_bytes)
     if name == "ext2":
@@ -817,6 +1090,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="after the boot, check the workload's result in this raw image",
     )
     run.add_argument("--timeout", type=float, default=120)
+    run.add_argument(
+        "--handshake",
+        action="store_true",
+        help="at each phase of a phased workload (markers) print 'guestvm: phase=NAME' and let "
+        "the guest go on only when a line ('go') arrives on stdin; without it the guest goes on",
+    )
     run.add_argument("--console", action="store_true", help="print the whole console")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -840,7 +1119,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         script = workload.script()
     else:
         script = args.script.read_text()
-    result = kit.run(script, args.disk, timeout=args.timeout)
+    phases = workload.PHASES if isinstance(workload, PointInTimeWorkload) else ()
+    deadline = time.monotonic() + args.timeout
+    with kit.start(script, args.disk) as guest:
+        for phase in phases:
+            try:
+                guest.expect("phase", phase, timeout=max(1.0, deadline - time.monotonic()))
+            except GuestError as e:
+                print(f"guestvm: {e}", file=sys.stderr)
+                break
+            answer = "go"
+            if args.handshake:
+                # Tell the caller where the guest stands; its next stdin line is the answer.
+                print(f"guestvm: phase={phase}", flush=True)
+                answer = sys.stdin.readline().strip()
+                if not answer:
+                    print("guestvm: stdin closed: stopping the guest", file=sys.stderr)
+                    break
+            guest.send(answer)
+        result = guest.wait(max(1.0, deadline - time.monotonic()))
     print(result.console if args.console else result.stdout)
     print(f"guestvm: exit_status={result.exit_status} in {result.seconds:.1f}s")
     if not result.ok:
