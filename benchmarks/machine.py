@@ -50,8 +50,9 @@ def describe_machine() -> dict[str, object]:
         "qemu": qemu.replace("qemu-storage-daemon version ", ""),
         "fio": _first_line(["fio", "--version"]),
         "blockfs": blockfs_version,
+        # the tree the daemons ran from ("-dirty": with uncommitted changes)
         "blockfs_commit": _first_line(
-            ["git", "-C", os.path.dirname(__file__), "rev-parse", "--short", "HEAD"]
+            ["git", "-C", os.path.dirname(__file__), "describe", "--always", "--dirty"]
         ),
     }
 

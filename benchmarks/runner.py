@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     signal.signal(signal.SIGTERM, _terminate)
     started = datetime.now(UTC)
+    machine = describe_machine()  # before the run: the blockfs tree the daemons start from
     os.makedirs(args.workdir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="blockfs-bench-", dir=args.workdir)
     t0 = time.monotonic()
@@ -350,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     lines = list(runs.lines.values())
-    machine = describe_machine()
     config = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "duration_s": round(time.monotonic() - t0, 1),
