@@ -676,6 +676,11 @@ class RunningGuest:
         lines = self.console().splitlines()[-tail:]
         return f"guest pid {self.pid} console tail:\n" + "\n".join(lines)
 
+    def seen(self, key: str, value: str) -> bool:
+        """Whether the guest has printed ``GUEST-RESULT: key=value`` yet (does not wait)."""
+        want = f"{RESULT_MARKER}{key}={value}"
+        return any(line.strip() == want for line in self.console().splitlines())
+
     def expect(self, key: str, value: str, timeout: float = 60) -> float:
         """Wait until the guest prints ``GUEST-RESULT: key=value``; the seconds since boot.
 

@@ -15,6 +15,7 @@ and the qcow2 cases skip while ``blockfs mount`` rejects qcow2.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -226,3 +227,177 @@ def test_guest_script_failure_and_timeout_are_reported(guest_kit: guestvm.GuestK
 
     hung = guest_kit.run("sleep 600\n", timeout=3)
     assert hung.timed_out and hung.exit_status is None and not hung.ok
+
+
+# --------------------------------------------------------------------------------------------
+# A backup started while the guest runs: between its BEFORE and its AFTER markers.
+
+BACKUP_DISK_BYTES = 32 << 20
+#: Slow enough that the guest's whole AFTER phase lands while the job still copies (32 MiB at
+#: 512 KiB/s is a minute); lifted to unlimited once the guest has written everything.
+BACKUP_START_SPEED = "512K"
+
+
+def _filled_image(tmp_path: Path, fmt: str) -> Path:
+    """An image whose every sector holds data (``FILL sector=N``): the job has real work, where
+    zeros would be skipped at once."""
+    raw = tmp_path / "fill.raw"
+    with open(raw, "wb") as f:
+        for mib in range(BACKUP_DISK_BYTES >> 20):
+            first = mib * 2048
+            f.write(
+                b"".join(
+                    f"FILL sector={s:010d}".ljust(guestvm.SECTOR - 1).encode() + b"\n"
+                    for s in range(first, first + 2048)
+                )
+            )
+    if fmt == "raw":
+        return raw
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(image)], check=True
+    )
+    raw.unlink()
+    return image
+
+
+def _control(mnt: Path, path: str, text: str) -> str:
+    from blockfs.jobcmds import write_control
+
+    return write_control(str(mnt / ".control" / path), text)
+
+
+def _job_status(mnt: Path, job_id: str) -> dict[str, object]:
+    return json.loads((mnt / ".control" / "jobs" / job_id / "status").read_text())  # type: ignore[no-any-return]
+
+
+def _wait_concluded(mnt: Path, job_id: str, timeout: float = 90) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _job_status(mnt, job_id)
+        if status["state"] == "concluded":
+            return status
+        assert time.monotonic() < deadline, f"job {job_id} did not conclude: {status}"
+        time.sleep(0.05)
+
+
+def _as_raw(image: Path, fmt: str, out: Path) -> Path:
+    """The image as raw bytes, read by qemu-img (and checked by it when it is qcow2)."""
+    if fmt == "raw":
+        return image
+    check = subprocess.run(
+        ["qemu-img", "check", str(image)], check=False, capture_output=True, text=True
+    )
+    assert check.returncode == 0, f"qemu-img check {image}: {check.stdout}{check.stderr}"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(out)], check=True
+    )
+    return out
+
+
+def _before_extents_in(view: Path, workload: guestvm.PointInTimeWorkload) -> list[str]:
+    """Read the BEFORE extents of a file: what they do not hold."""
+    problems = []
+    with open(view, "rb") as f:
+        for first, count in workload.before_extents():
+            f.seek(first * guestvm.SECTOR)
+            got = f.read(count * guestvm.SECTOR)
+            want = b"".join(
+                guestvm.pattern_sector(s, "BEFORE") for s in range(first, first + count)
+            )
+            if got != want:
+                problems.append(f"sectors {first}+{count}: got {got[:48]!r}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "source_fmt,target_fmt,view",
+    [("raw", "qcow2", False), ("qcow2", "qcow2", False), ("raw", "raw", True)],
+    ids=["raw-to-qcow2", "qcow2-to-qcow2", "raw-to-raw-view"],
+)
+def test_backup_started_mid_run_holds_the_disk_as_it_was_at_the_start(
+    guest_kit: guestvm.GuestKit, tmp_path: Path, source_fmt: str, target_fmt: str, view: bool
+) -> None:
+    """The guest writes BEFORE markers and pauses; the host copies the disk for reference and
+    starts a rate-limited backup; the guest writes AFTER markers and an AFTER-load over the disk
+    while the job runs, and pauses again; the job is set free and concludes. The backup equals
+    the reference exactly (every BEFORE, no AFTER), the live disk holds every AFTER and no
+    BEFORE. With ``view=on`` the host reads MNT/vm@vm during the AFTER writes and after them: it
+    shows the disk as it was at the start throughout."""
+    if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    workload = guestvm.PointInTimeWorkload(BACKUP_DISK_BYTES)
+    image = _filled_image(tmp_path, source_fmt)
+    mount = BlockfsMount(tmp_path / "mnt", tmp_path / "blockfs.log")
+    target = tmp_path / f"backup.{target_fmt}"
+    reference = tmp_path / "reference.raw"
+    view_file = mount.mnt / "vm@vm"
+    try:
+        mount.open(image, source_fmt)
+        disk = guestvm.Disk(mount.disk, format="raw", cache="none")
+        with guest_kit.start(workload.script(), [disk]) as guest:
+            guest.expect("phase", "before-written", timeout=120)
+            # The guest is parked and synced: this is the disk the backup must hold.
+            shutil.copyfile(mount.disk, reference)
+            spec = f"device=vm target={target} format={target_fmt} sync=full"
+            spec += f" speed={BACKUP_START_SPEED}" + (" view=on" if view else "")
+            assert _control(mount.mnt, "jobs/backup", spec) == "vm"
+            assert _job_status(mount.mnt, "vm")["state"] in ("created", "running")
+            guest.send("go")
+
+            view_reads = 0
+            if view:
+                # Read the view while the guest writes AFTER (at least once, however fast it is).
+                for _ in range(10_000):
+                    problems = _before_extents_in(view_file, workload)
+                    assert not problems, f"view during the AFTER writes: {problems}"
+                    view_reads += 1
+                    if guest.seen("phase", "after-written"):
+                        break
+            guest.expect("phase", "after-written", timeout=120)
+
+            status = _job_status(mount.mnt, "vm")
+            # Otherwise the guest's AFTER writes did not race the job and this proves little.
+            assert status["state"] == "running", status
+            assert status["offset"] < status["len"], status  # type: ignore[operator]
+            if view:
+                view_copy = tmp_path / "view.raw"
+                shutil.copyfile(view_file, view_copy)
+                cmp = subprocess.run(["cmp", str(reference), str(view_copy)], check=False)
+                assert cmp.returncode == 0, "the view differs from the disk at the start"
+                assert not workload.verify_snapshot(view_copy)
+
+            _control(mount.mnt, "jobs/vm/ctl", "speed=0")
+            status = _wait_concluded(mount.mnt, "vm")
+            assert status["error"] is None, status
+            assert status["offset"] == status["len"] == BACKUP_DISK_BYTES, status
+            assert not view_file.exists()
+
+            guest.send("go")
+            result = guest.wait(timeout=60)
+        assert result.ok, result.explain()
+        assert result.results.get("markers") == "written", result.explain()
+        _control(mount.mnt, "jobs/vm/ctl", "dismiss")
+        assert not (mount.mnt / ".control" / "jobs" / "vm").exists()
+
+        live_problems = workload.verify_host(mount.disk)
+        assert not live_problems, f"live disk through the mount: {live_problems}"
+        mount.umount()
+    finally:
+        mount.close()
+    text = mount.log_text()
+    assert "Traceback" not in text, f"blockfs daemon log holds a traceback:\n{text}"
+
+    backup = _as_raw(target, target_fmt, tmp_path / "backup-converted.raw")
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(backup), str(reference)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert compare.returncode == 0, f"backup != disk at the start: {compare.stdout}"
+    assert not workload.verify_snapshot(backup)
+    live = _as_raw(image, source_fmt, tmp_path / "live-converted.raw")
+    assert not workload.verify_host(live), "live image after unmount"
+    if view:
+        print(f"view read {view_reads} times during the AFTER writes")
