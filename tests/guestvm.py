@@ -47,6 +47,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -1104,6 +1105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--console", action="store_true", help="print the whole console")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # A caller stopping us (kill PID) must not leave QEMU running: unwind through `with`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     try:
         kit = GuestKit.prepare(args.cache_dir)
@@ -1139,8 +1142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"guestvm: phase={phase}", flush=True)
                 answer = sys.stdin.readline().strip()
                 if not answer:
-                    print("guestvm: stdin closed: stopping the guest", file=sys.stderr)
-                    break
+                    print("guestvm: stdin closed: killing the guest", file=sys.stderr)
+                    guest.kill()
+                    return 1
             guest.send(answer)
         result = guest.wait(max(1.0, deadline - time.monotonic()))
     print(result.console if args.console else result.stdout)
