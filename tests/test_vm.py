@@ -11,6 +11,12 @@ The disk is a plain file (so a failure here is about the guest kit, not blockfs)
 mount of a raw or qcow2 image; QEMU opens it with ``cache=none`` (O_DIRECT through FUSE) and with
 ``cache=writeback``. Everything skips with its reason when QEMU, busybox or a kernel is missing,
 and the qcow2 cases skip while ``blockfs mount`` rejects qcow2.
+
+Jobs while the guest writes: the guest (`guestvm.PointInTimeWorkload`) writes BEFORE markers,
+pauses at a serial-console handshake while the host starts a backup, then writes AFTER markers and
+a load while the (rate-limited) job still runs. The backup must equal the disk at the pause
+(``qemu-img compare`` against a copy the host took then), with ``qemu-img check`` clean on a qcow2
+target; the live disk holds the AFTER markers. Mirror and commit join here when they exist.
 """
 
 from __future__ import annotations
@@ -227,6 +233,20 @@ def test_guest_script_failure_and_timeout_are_reported(guest_kit: guestvm.GuestK
 
     hung = guest_kit.run("sleep 600\n", timeout=3)
     assert hung.timed_out and hung.exit_status is None and not hung.ok
+
+
+def test_guest_waits_at_host_phase_until_the_host_answers(guest_kit: guestvm.GuestKit) -> None:
+    script = guestvm.HOST_PHASE_SH + "host_phase one\necho went on\nhost_phase two 2\n"
+    with guest_kit.start(script) as guest:
+        guest.expect("phase", "one", timeout=60)
+        assert "went on" not in guest.console()
+        guest.send("go")
+        guest.expect("phase", "two", timeout=30)
+        # No answer this time: the guest gives up after its own bound, 2 s, and fails the script.
+        result = guest.wait(timeout=30)
+    assert "went on" in result.stdout
+    assert result.exit_status == 1 and not result.timed_out, result.explain()
+    assert "GUEST-FAIL: no answer from the host after phase two" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------
