@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount images as files under MNT")
     m.add_argument("mountpoint", metavar="MNT")
-    m.add_argument("images", nargs="*", metavar="IMAGE", help="NAME=PATH[,format=F,read-only=on] or PATH")
+    m.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="NAME=PATH[,format=F,read-only=on] or PATH"
+    )
     m.add_argument("--read-only", action="store_true", help="open every image read-only")
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     m.add_argument("-f", "--foreground", action="store_true", help="serve in this process")

@@ -45,7 +45,7 @@ class MountConfig:
 
 
 def mount_state(path: str) -> str:
-    """"missing", "notdir", "stale" (a dead FUSE mount), "mounted", or "free"."""
+    """ "missing", "notdir", "stale" (a dead FUSE mount), "mounted", or "free"."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -79,9 +79,13 @@ def check_mountpoint(path: str) -> None:
     if state == "notdir":
         raise UsageError(f"mountpoint {path}: not a directory", errno=errno.ENOTDIR)
     if state == "mounted":
-        raise UsageError(f"mountpoint {path}: something is mounted there already", errno=errno.EBUSY)
+        raise UsageError(
+            f"mountpoint {path}: something is mounted there already", errno=errno.EBUSY
+        )
     if state == "stale":
-        raise UsageError(f"mountpoint {path}: a dead mount is still there; run blockfs umount {path}")
+        raise UsageError(
+            f"mountpoint {path}: a dead mount is still there; run blockfs umount {path}"
+        )
 
 
 class Daemon:

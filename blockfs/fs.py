@@ -56,7 +56,9 @@ class _ControlHandle:
         self.reply_pos = 0
 
 
-def _fuse_errors(fn: Callable[..., Coroutine[Any, Any, _T]]) -> Callable[..., Coroutine[Any, Any, _T]]:
+def _fuse_errors(
+    fn: Callable[..., Coroutine[Any, Any, _T]],
+) -> Callable[..., Coroutine[Any, Any, _T]]:
     """Translate every exception of a (non hot-path) handler into a FUSEError."""
 
     @functools.wraps(fn)
@@ -140,7 +142,9 @@ class BlockfsOperations(pyfuse3.Operations):
         return await self._attrs(self._node(inode))
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if not isinstance(parent, VDir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)

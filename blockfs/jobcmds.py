@@ -74,8 +74,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(f"{'ID':<16} {'TYPE':<8} {'DEVICE':<12} {'STATE':<10} {'PROGRESS':>8}  ERROR")
     for s in rows:
         pct = 100.0 * s["offset"] / s["len"] if s["len"] else 0.0
-        print(f"{s['id']:<16} {s['type']:<8} {s['device']:<12} {s['state']:<10} {pct:7.1f}%  "
-              f"{s['error'] or ''}")
+        print(
+            f"{s['id']:<16} {s['type']:<8} {s['device']:<12} {s['state']:<10} {pct:7.1f}%  "
+            f"{s['error'] or ''}"
+        )
     return 0
 
 

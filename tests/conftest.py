@@ -38,14 +38,20 @@ def need_tool(name: str) -> str:
     return path
 
 
-def run(cmd: list[str], *, check: bool = True, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], *, check: bool = True, timeout: float = 300, **kw: object
+) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
     if check and res.returncode != 0:
-        raise AssertionError(f"{cmd} exited {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
+        raise AssertionError(
+            f"{cmd} exited {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+        )
     return res
 
 
-def blockfs(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def blockfs(
+    *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     return run([*BLOCKFS, *args], check=check, timeout=timeout)
 
 

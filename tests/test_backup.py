@@ -49,10 +49,21 @@ def fio_writer(path: Path, runtime: int, size: int, jobs: int = 4) -> subprocess
     need_tool("fio")
     return subprocess.Popen(
         [
-            "fio", "--name=guest", f"--filename={path}", "--rw=randwrite", "--bs=4k",
-            f"--numjobs={jobs}", f"--size={size}", "--ioengine=libaio", "--iodepth=4",
-            "--direct=1", "--time_based", f"--runtime={runtime}", "--randrepeat=0",
-            "--group_reporting", "--output-format=json",
+            "fio",
+            "--name=guest",
+            f"--filename={path}",
+            "--rw=randwrite",
+            "--bs=4k",
+            f"--numjobs={jobs}",
+            f"--size={size}",
+            "--ioengine=libaio",
+            "--iodepth=4",
+            "--direct=1",
+            "--time_based",
+            f"--runtime={runtime}",
+            "--randrepeat=0",
+            "--group_reporting",
+            "--output-format=json",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -154,7 +165,18 @@ def test_sync_none_fleecing(mount, tmp_path: Path) -> None:
     m = mount(f"d={src}")
     target = tmp_path / "fleece.qcow2"
     start(m, f"device=d target={target} sync=none")
-    run(["qemu-io", "-f", "raw", "-c", "write -P 0x62 1M 3M", "-c", "write -P 0x63 20M 64k", str(m / "d")])
+    run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x62 1M 3M",
+            "-c",
+            "write -P 0x63 20M 64k",
+            str(m / "d"),
+        ]
+    )
     # The target, read through its backing file (the live source), is the disk at job start.
     qemu_img("compare", "-U", "-F", "raw", str(target), str(ref))
     mapping = json.loads(qemu_img("map", "-U", "--output=json", str(target)).stdout)
@@ -198,7 +220,9 @@ def test_full_target_stops_then_resumes_exact(mount, tmp_path: Path, small_fs: P
     qemu_img("compare", "-f", "raw", "-F", "raw", str(target), str(ref))
 
 
-def test_full_target_with_report_fails_the_job_not_the_guest(mount, tmp_path: Path, small_fs: Path) -> None:
+def test_full_target_with_report_fails_the_job_not_the_guest(
+    mount, tmp_path: Path, small_fs: Path
+) -> None:
     size = 48 * MiB
     src = random_file(tmp_path / "src.raw", size, seed=4)
     m = mount(f"d={src}")
@@ -294,7 +318,9 @@ def test_bad_specs(mount, tmp_path: Path, spec: str, err: int, reason: str) -> N
     src = random_file(tmp_path / "src.raw", MiB, seed=8)
     existing = random_file(tmp_path / "existing.qcow2", 4096)
     m = mount(f"d={src}")
-    spec = spec.replace("EXISTING", str(existing)).replace("target=T", f"target={tmp_path / 'new.qcow2'}")
+    spec = spec.replace("EXISTING", str(existing)).replace(
+        "target=T", f"target={tmp_path / 'new.qcow2'}"
+    )
     fd = os.open(m.path / ".control" / "jobs" / "backup", os.O_RDWR)
     try:
         with pytest.raises(OSError) as exc:
@@ -314,8 +340,15 @@ def test_busy_device_and_shell_usage(mount, tmp_path: Path) -> None:
     t1 = tmp_path / "t1.qcow2"
     # Plain shell, as the README shows.
     run(["bash", "-c", f"echo 'device=d target={t1} speed=2M' > {m.path}/.control/jobs/backup"])
-    res = run(["bash", "-c", f"echo 'device=d target={tmp_path / 't2.qcow2'} id=other' > "
-               f"{m.path}/.control/jobs/backup"], check=False)
+    res = run(
+        [
+            "bash",
+            "-c",
+            f"echo 'device=d target={tmp_path / 't2.qcow2'} id=other' > "
+            f"{m.path}/.control/jobs/backup",
+        ],
+        check=False,
+    )
     assert res.returncode != 0 and "busy" in res.stderr.lower()
     out = blockfs("job", "list", str(m.path)).stdout
     assert "d " in out and "backup" in out

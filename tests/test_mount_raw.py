@@ -96,7 +96,10 @@ def test_dd_and_qemu_io_through_the_mount(mount, tmp_path: Path) -> None:
     assert stats["rd_operations"] > 0
     m.umount()
     # The image file holds what was written, judged by qemu-io on the file itself.
-    assert "read 65536/65536" in run(["qemu-io", "-f", "raw", "-c", "read -P 0xab 8M 64k", str(img)]).stdout
+    assert (
+        "read 65536/65536"
+        in run(["qemu-io", "-f", "raw", "-c", "read -P 0xab 8M 64k", str(img)]).stdout
+    )
     head = img.read_bytes()[: len(src.read_bytes())]
     assert head == src.read_bytes()
 

@@ -104,7 +104,9 @@ class ControlTree:
     def add_image(self, export: Export) -> None:
         tree = self.daemon.tree
         d = tree.mkdirs(self.images_dir, export.name)
-        tree.add(d, TextFile("info", lambda: export_info(export.name, export.root, export.read_only)))
+        tree.add(
+            d, TextFile("info", lambda: export_info(export.name, export.root, export.read_only))
+        )
         tree.add(d, TextFile("stats", lambda: {"device": export.name, **export.stats.as_dict()}))
 
     def _render_events(self) -> str:
@@ -144,8 +146,9 @@ class ControlTree:
                 if spec.mode == "new":
                     os.unlink(os.path.abspath(spec.target))
                 raise
-            job = BackupJob(spec, self.daemon, export, target, self.events,
-                            target_zero_init=zero_init)
+            job = BackupJob(
+                spec, self.daemon, export, target, self.events, target_zero_init=zero_init
+            )
             self._add_job(job)
             try:
                 await job.start()
@@ -157,8 +160,12 @@ class ControlTree:
                     os.unlink(os.path.abspath(spec.target))
                 raise
         except BlockfsError as exc:
-            self.events.emit("JOB_START_FAILED", type="backup",
-                             spec=data.decode(errors="replace").strip()[:1000], error=str(exc))
+            self.events.emit(
+                "JOB_START_FAILED",
+                type="backup",
+                spec=data.decode(errors="replace").strip()[:1000],
+                error=str(exc),
+            )
             raise
         assert self.daemon.nursery is not None
         self.daemon.nursery.start_soon(job.main)
@@ -214,6 +221,12 @@ class ControlTree:
 
 
 _BUSY_STATES = {
-    JobState.CREATED, JobState.RUNNING, JobState.PAUSED, JobState.READY, JobState.STANDBY,
-    JobState.WAITING, JobState.PENDING, JobState.ABORTING,
+    JobState.CREATED,
+    JobState.RUNNING,
+    JobState.PAUSED,
+    JobState.READY,
+    JobState.STANDBY,
+    JobState.WAITING,
+    JobState.PENDING,
+    JobState.ABORTING,
 }

@@ -39,8 +39,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKUP_KEYS = (
-    "device", "target", "format", "mode", "sync", "speed", "on-source-error",
-    "on-target-error", "id", "compress", "view",
+    "device",
+    "target",
+    "format",
+    "mode",
+    "sync",
+    "speed",
+    "on-source-error",
+    "on-target-error",
+    "id",
+    "compress",
+    "view",
 )
 #: the most old data kept in memory while the target cannot take it
 MAX_STASH_BYTES = 256 * 1024 * 1024
@@ -73,7 +82,9 @@ class BackupSpec:
         return cls(
             device=w["device"],
             target=w["target"],
-            format=choice(w, "format", ["qcow2", "raw", "vhdx"], "qcow2") if "format" in w else None,
+            format=choice(w, "format", ["qcow2", "raw", "vhdx"], "qcow2")
+            if "format" in w
+            else None,
             mode=choice(w, "mode", ["new", "existing"], "new"),
             sync=choice(w, "sync", ["full", "top", "none"], "full"),
             speed=size_value(w, "speed"),
@@ -386,12 +397,12 @@ class BackupJob(Job):
                 raise first from None
             finally:
                 self.body_tasks = 1
-            while self.copy.bitmap.count == 0 and self._any_inflight():
-                await trio.sleep(0.005)
+            if self.copy.bitmap.count == 0:
+                await self.copy.wait_idle()  # copy-before-write copies still under way
             await self.checkpoint()
             if self.stash:
                 await self._drain_stash()
-            if self.copy.bitmap.count == 0 and not self.stash and not self._any_inflight():
+            if self.copy.bitmap.count == 0 and not self.stash and not self.copy.busy:
                 break
             if failures[0] > 10 * self.copy.clusters + 100:
                 raise JobFailed("the same ranges keep failing")
@@ -401,9 +412,6 @@ class BackupJob(Job):
             await self.target.flush()
         except BlockfsError as exc:
             raise JobFailed(f"flushing the target failed: {exc}", errno=exc.errno) from None
-
-    def _any_inflight(self) -> bool:
-        return bool(self.copy._inflight)
 
     async def _worker(self, cursor: list[int], limiter: RateLimiter, failures: list[int]) -> None:
         chunk = self.copy.max_run * self.copy.cluster_size
@@ -497,8 +505,9 @@ class BackupJob(Job):
             self.daemon.ops.remove_image(self.view_file)
             self.view_file = None
         if self.stash and ok:
-            log.error("job %s: %d bytes of old data never reached the target", self.id,
-                      self.stash_bytes)
+            log.error(
+                "job %s: %d bytes of old data never reached the target", self.id, self.stash_bytes
+            )
         try:
             await self.target.flush()
         except BlockfsError as exc:
@@ -520,7 +529,9 @@ async def open_backup_target(spec: BackupSpec, device: Export) -> tuple[Node, bo
     if spec.mode == "new":
         fmt = fmt or "qcow2"
         if os.path.lexists(path):
-            raise UsageError(f"target {path} exists already (use mode=existing)", errno=errno.EEXIST)
+            raise UsageError(
+                f"target {path} exists already (use mode=existing)", errno=errno.EEXIST
+            )
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             raise UsageError(f"target folder {parent} does not exist", errno=errno.ENOENT)
@@ -537,7 +548,9 @@ async def open_backup_target(spec: BackupSpec, device: Export) -> tuple[Node, bo
         else:
             backing, backing_fmt = _target_backing(spec, device)
             cs = 65536
-            await create_qcow2(path, size, cluster_size=cs, backing=backing, backing_fmt=backing_fmt)
+            await create_qcow2(
+                path, size, cluster_size=cs, backing=backing, backing_fmt=backing_fmt
+            )
     else:
         if not os.path.exists(path):
             raise UsageError(f"target {path} does not exist (mode=existing)", errno=errno.ENOENT)

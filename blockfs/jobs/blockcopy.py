@@ -107,6 +107,7 @@ class BlockCopy:
         self.target_zero_init = target_zero_init
         self.max_run = max(1, max_chunk // cluster_size)
         self._inflight: dict[int, trio.Event] = {}
+        self._idle = trio.Event()
         #: called with the number of bytes each successful copy moved (progress)
         self.on_progress: Callable[[int], None] = lambda n: None
 
@@ -139,6 +140,19 @@ class BlockCopy:
                 self.bitmap.clear(i)
         if event is not None:
             event.set()
+        if not self._inflight:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no copy is in flight (copy-before-write ones included)."""
+        while self._inflight:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inflight)
 
     # -- copying --------------------------------------------------------------------------------
 

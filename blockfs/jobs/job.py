@@ -148,8 +148,14 @@ class Job:
         """For jobs that reach READY: enter it (the body then waits for ``complete``)."""
         if self.state is JobState.RUNNING:
             self._set_state(JobState.READY)
-            self.events.emit("BLOCK_JOB_READY", type=self.type, device=self.id, len=self.len,
-                             offset=self.offset, speed=self.speed)
+            self.events.emit(
+                "BLOCK_JOB_READY",
+                type=self.type,
+                device=self.id,
+                len=self.len,
+                offset=self.offset,
+                speed=self.speed,
+            )
 
     # -- the life of a job ------------------------------------------------------------------
 
@@ -184,8 +190,13 @@ class Job:
                 if ok:
                     self.error = f"finalize failed: {exc}"
                     ok = False
-        info = {"type": self.type, "device": self.id, "len": self.len, "offset": self.offset,
-                "speed": self.speed}
+        info = {
+            "type": self.type,
+            "device": self.id,
+            "len": self.len,
+            "offset": self.offset,
+            "speed": self.speed,
+        }
         if self.cancelled and self.error is None:
             self.events.emit("BLOCK_JOB_CANCELLED", **info)
         else:
@@ -221,8 +232,9 @@ class Job:
         if self._paused and self._parked >= self.body_tasks:
             if self.state in (JobState.RUNNING, JobState.READY):
                 self._state_before_pause = self.state
-                self._set_state(JobState.PAUSED if self.state is JobState.RUNNING
-                                else JobState.STANDBY)
+                self._set_state(
+                    JobState.PAUSED if self.state is JobState.RUNNING else JobState.STANDBY
+                )
 
     def _kick(self) -> None:
         self.kick.set()
@@ -235,8 +247,9 @@ class Job:
         self._pause()
 
     def report_error(self, operation: str, action: ErrorAction) -> None:
-        self.events.emit("BLOCK_JOB_ERROR", device=self.id, operation=operation,
-                         action=action.value)
+        self.events.emit(
+            "BLOCK_JOB_ERROR", device=self.id, operation=operation, action=action.value
+        )
 
     # -- verbs ------------------------------------------------------------------------------
 

@@ -94,7 +94,7 @@ class Node(abc.ABC):
             await self.write(offset, zeroes if n == chunk else zeroes[:n])
             offset += n
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def discard(self, offset: int, length: int) -> None:  # noqa: B027 (optional)
         """Hint that the range is no longer needed; it may read back as anything afterwards
         (the nodes here make it read as zeroes where they free it). The default does nothing."""
 
