@@ -8,7 +8,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 	openssh-server openssh-client glusterfs-server libvhdi-utils \
 	e2fsprogs util-linux iproute2 busybox-static cpio kmod xz-utils zstd bzip2
 
-.PHONY: setup apt venv demo test bench lint clean
+.PHONY: setup apt venv demo demo-vm test bench lint clean
 
 setup: apt venv
 
@@ -31,6 +31,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	bash examples/demo.sh
+
+demo-vm: setup
+	bash examples/vm.sh qcow2
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
