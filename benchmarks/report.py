@@ -39,6 +39,8 @@ class Line:
             "ratio": _round(self.ratio, 3),
             "better": self.better,
         }
+        if any(len(v) > 1 for v in self.samples.values()):
+            d["samples"] = {side: [_round(x) for x in v] for side, v in self.samples.items()}
         if self.notes:
             d["notes"] = dict(self.notes)
         return d
@@ -80,7 +82,7 @@ def table(lines: list[Line]) -> str:
     out = []
     for i, r in enumerate(rows):
         cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(r[2:5], widths[2:5])]
+        cells += [c.rjust(w) for c, w in zip(r[2:5], widths[2:5], strict=True)]
         cells.append(r[5])
         out.append("  ".join(cells))
         if i == 0:
@@ -154,7 +156,7 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(11, 0.28 * len(lines) + 1.8))
     ys = list(range(len(lines)))[::-1]
-    for y, ln, r in zip(ys, lines, ratios):
+    for y, ln, r in zip(ys, lines, ratios, strict=True):
         if r is None:
             ax.text(1.0, y, "  n/a", va="center", fontsize=7, color="grey")
             continue
