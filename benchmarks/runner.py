@@ -303,6 +303,11 @@ def run_side(runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExp
     except ExposureError as exc:
         runs.note(runs.names(fmt), side, f"{fmt}: {exc}")
         _say(f"{fmt} on {side}: n/a ({exc})")
+    except (OSError, QMPError, subprocess.SubprocessError) as exc:
+        # A daemon that died or a monitor that failed mid-run: what was measured stays, the
+        # rest of this run is n/a with the reason, and the next run starts a fresh daemon.
+        runs.note(runs.names(fmt), side, f"{fmt}: {type(exc).__name__}: {exc}")
+        _say(f"{fmt} on {side}: FAILED {type(exc).__name__}: {exc}")
 
 
 def run_all(s: Settings, workdir: str) -> Runs:
