@@ -171,6 +171,9 @@ class Qcow2Node(Node):
         self._io_active = 0
         self._pending_decref: list[int] = []
         self._free_hint = 1
+        self._resv = (0, 0)  # reserved clusters [start, end): refcount 1, not yet used
+        self._resv_chunk = 1
+        self._resv_max = max(1, (4 * 1024 * 1024) >> cb)
         self._hwm = (child.size + cs - 1) >> cb  # clusters at or above are not in the file yet
         self._data_clusters: int | None = None
         self._closed = False
@@ -715,8 +718,31 @@ class Qcow2Node(Node):
         return freed
 
     async def _alloc_clusters(self, n: int) -> int:
-        """Allocate ``n`` contiguous free host clusters (refcount 0 -> 1, written) and return
-        the host offset of the first. Caller holds ``_meta_lock``."""
+        """Allocate ``n`` contiguous free host clusters and return the host offset of the
+        first. Caller holds ``_meta_lock``.
+
+        Clusters come from a reservation: a run whose refcounts were already written as 1, so
+        that most allocations cost no I/O under the lock. A kill leaves the unused rest of the
+        reservation as leaked clusters (never as referenced free ones); ``aclose`` returns it.
+        """
+        r0, r1 = self._resv
+        if r1 - r0 >= n:
+            self._resv = (r0 + n, r1)
+            return r0 << self._cb
+        await self._release_reservation()
+        want = max(n, self._resv_chunk)
+        self._resv_chunk = min(self._resv_chunk * 2, self._resv_max)
+        start = await self._alloc_now(want) >> self._cb
+        self._resv = (start + n, start + want)
+        return start << self._cb
+
+    async def _release_reservation(self) -> None:
+        r0, r1 = self._resv
+        self._resv = (0, 0)
+        if r1 > r0:
+            await self._change_refcounts({c: -1 for c in range(r0, r1)})
+
+    async def _alloc_now(self, n: int) -> int:
         await self._apply_pending()
         while True:
             start = await self._find_free(n)
@@ -748,27 +774,42 @@ class Qcow2Node(Node):
         return start
 
     async def _ensure_refblocks(self, start: int, n: int) -> bool:
-        """Make sure refcount blocks cover clusters [start, start+n). Returns False when it had
-        to allocate metadata (a block or a bigger table), so the caller searches again."""
+        """Make sure refcount blocks cover clusters [start, start+n), placing missing blocks
+        outside that run. Returns False when the refcount table had to grow (then the caller
+        searches again, as the new table may sit where the run was)."""
         rbb = self._rb_bits
         for rti in range(start >> rbb, ((start + n - 1) >> rbb) + 1):
             if rti >= len(self._rt):
                 await self._grow_refcount_table(rti + 1)
                 return False
-            if not self._rt[rti] & REFT_OFFSET_MASK:
-                # Every cluster this block would cover is free (refcount 0), so the block can
-                # live in the first of them and count itself.
-                c = max(start, rti << rbb)
-                blk = bytearray(self._cs)
-                self._rc_set(blk, c & self._rb_mask, 1)
-                await self.child.write(c << self._cb, bytes(blk))
-                entry = c << self._cb
-                await self.child.write(self._rt_off + rti * 8, _BE_U64.pack(entry))
-                self._rt[rti] = entry
-                self._rb[entry] = blk
-                self._hwm = max(self._hwm, c + 1)
-                return False
+            c = start + n
+            while not self._rt[rti] & REFT_OFFSET_MASK:
+                while await self._refcount(c):
+                    c += 1
+                r = c >> rbb
+                if r >= len(self._rt):
+                    await self._grow_refcount_table(r + 1)
+                    return False
+                if not self._rt[r] & REFT_OFFSET_MASK:
+                    # every cluster of range r is free: its block lives in it and counts itself
+                    await self._new_refblock(r, c, self_counted=True)
+                else:
+                    await self._new_refblock(rti, c, self_counted=False)
+                c += 1
         return True
+
+    async def _new_refblock(self, rti: int, c: int, self_counted: bool) -> None:
+        blk = bytearray(self._cs)
+        if self_counted:
+            self._rc_set(blk, c & self._rb_mask, 1)
+        else:
+            await self._change_refcounts({c: 1})  # counted by the existing block covering c
+        entry = c << self._cb
+        await self.child.write(entry, bytes(blk))
+        await self.child.write(self._rt_off + rti * 8, _BE_U64.pack(entry))
+        self._rt[rti] = entry
+        self._rb[entry] = blk
+        self._hwm = max(self._hwm, c + 1)
 
     async def _grow_refcount_table(self, min_entries: int) -> None:
         """Move the refcount table to a bigger one at the end of the file, with the refcount
@@ -956,9 +997,10 @@ class Qcow2Node(Node):
             return
         self._closed = True
         try:
-            if not self.read_only and self._pending_decref:
+            if not self.read_only:
                 async with self._meta_lock:
                     await self._apply_pending(force=True)
+                    await self._release_reservation()
         finally:
             await self.child.aclose()
 
