@@ -21,7 +21,8 @@ from blockfs.spec import parse_size
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c = subparsers.add_parser(
-        "create", help="create a qcow2 or raw image",
+        "create",
+        help="create a qcow2 or raw image",
         description="Create an image. Options (-o, comma separated): cluster_size, compat "
         "(0.10 or 1.1), preallocation (off, metadata), backing_file, backing_fmt.",
     )
@@ -143,8 +144,9 @@ def format_snapshots(snapshots: list[dict[str, Any]]) -> str:
         ms = clock % 1000
         secs = clock // 1000
         vmclock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
-        lines.append(f"{s['id']:<10}{s['name']:<18}{_human(s['vm-state-size']):>8}"
-                     f"{date:>21}{vmclock:>15}")
+        lines.append(
+            f"{s['id']:<10}{s['name']:<18}{_human(s['vm-state-size']):>8}{date:>21}{vmclock:>15}"
+        )
     return "Snapshot list:\n" + "\n".join(lines) + "\n"
 
 

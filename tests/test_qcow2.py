@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import qemu_img, run
 
 from blockfs.errors import ImageError, UnsupportedFeature, UsageError
 from blockfs.nodes.base import Status, chain_block_status
 from blockfs.nodes.opener import close_chain, open_image
 from blockfs.nodes.qcow2 import Qcow2Node, create_qcow2
+from conftest import qemu_img, run
 
 MiB = 1024 * 1024
 
@@ -81,8 +81,16 @@ async def test_reads_equal_qemu_img_convert(tmp_path: Path, cluster_size: int, c
     rnd = random.Random(cluster_size)
     size = 10 * MiB + 1536  # not a multiple of any cluster size above 512
     img = tmp_path / "a.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size},compat={compat}",
-             str(img), str(size))
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"cluster_size={cluster_size},compat={compat}",
+        str(img),
+        str(size),
+    )
     qemu_io(img, *random_patterns(rnd, size, 30, zero=True), f"write -P 0x77 {size - 512} 512")
     expect = to_raw(img, tmp_path)
     node = await open_image(str(img), read_only=True)
@@ -96,7 +104,7 @@ async def test_reads_equal_qemu_img_convert(tmp_path: Path, cluster_size: int, c
             ext = await node.block_status(pos, size - pos)
             assert ext.length > 0
             if not ext.status & Status.ALLOCATED or ext.status & Status.ZERO:
-                assert expect[pos:pos + ext.length] == bytes(ext.length)
+                assert expect[pos : pos + ext.length] == bytes(ext.length)
             pos += ext.length
         assert await node.allocated_bytes() > 0
     finally:
@@ -119,7 +127,7 @@ async def test_compressed_clusters_read_and_rewrite(tmp_path: Path, ctype: str) 
     info = json.loads(qemu_img("info", "--output=json", str(img)).stdout)
     assert info["format-specific"]["data"]["compression-type"] == ctype
     expect = to_raw(img, tmp_path)
-    assert expect[2 * MiB:2 * MiB + len(text)] == text
+    assert expect[2 * MiB : 2 * MiB + len(text)] == text
     node = await open_image(str(img))
     try:
         assert node.describe()["compression-type"] == ctype
@@ -129,7 +137,7 @@ async def test_compressed_clusters_read_and_rewrite(tmp_path: Path, ctype: str) 
         for off, ln in [(100, 3000), (65536 * 3 + 5, 70000), (2 * MiB + 999, 12345)]:
             data = random.Random(off).randbytes(ln)
             await node.write(off, data)
-            ref[off:off + ln] = data
+            ref[off : off + ln] = data
         assert await node.read(0, node.size) == bytes(ref)
     finally:
         await close_chain(node)
@@ -144,8 +152,20 @@ async def test_three_deep_chain_with_relative_paths_and_short_base(tmp_path: Pat
     base, mid, top = d / "base.raw", d / "mid.qcow2", d / "top.qcow2"
     base.write_bytes(random.Random(3).randbytes(3 * MiB + 4096))  # shorter than the overlays
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(mid), "6M")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2",
-             "-F", "qcow2", str(top), "8M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        str(top),
+        "8M",
+    )
     qemu_io(mid, "write -P 0x44 1M 200k", "write -z 2M 64k", "write -P 0x45 5M 100k")
     qemu_io(top, "write -P 0x55 1100k 8k", "write -P 0x56 3M 1M", "write -z 3200k 4k")
     expect = to_raw(top, tmp_path)
@@ -154,7 +174,7 @@ async def test_three_deep_chain_with_relative_paths_and_short_base(tmp_path: Pat
         assert node.backing is not None and node.backing.backing is not None
         assert node.backing.backing.format_name == "raw"
         assert await read_all(node, node.size, random.Random(2)) == expect
-        assert expect[7 * MiB:] == bytes(MiB)  # past every backing file: zeroes
+        assert expect[7 * MiB :] == bytes(MiB)  # past every backing file: zeroes
         ext = await chain_block_status(node, 2 * MiB, 64 * 1024)
         assert ext.depth == 1 and ext.status & Status.ZERO  # mid's zero cluster
         ext = await chain_block_status(node, 0, 4096)
@@ -175,7 +195,7 @@ async def test_backing_format_probed_when_header_has_none(tmp_path: Path) -> Non
     await create_qcow2(str(top), None, backing="base.qcow2")  # format probed, then recorded
     raw = bytearray(top.read_bytes())
     at = raw.index(bytes.fromhex("e2792aca"))  # turn the backing format extension into an
-    raw[at:at + 4] = bytes.fromhex("12345678")  # unknown one, which readers must ignore
+    raw[at : at + 4] = bytes.fromhex("12345678")  # unknown one, which readers must ignore
     top.write_bytes(raw)
     assert "backing-filename-format" not in qemu_img("info", "--output=json", str(top)).stdout
     node = await open_image(str(top), read_only=True)
@@ -208,12 +228,31 @@ async def test_writes_zeroes_discards_match_raw_reference(
         base = tmp_path / "base.qcow2"
         qemu_img("create", "-q", "-f", "qcow2", str(base), str(size - 512 * 7))
         qemu_io(base, *random_patterns(rnd, size - 512 * 7, 10, zero=False))
-        qemu_img("create", "-q", "-f", "qcow2", "-o",
-                 f"cluster_size={cluster_size},compat={compat}", "-b", str(base), "-F", "qcow2",
-                 str(img), str(size))
+        qemu_img(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"cluster_size={cluster_size},compat={compat}",
+            "-b",
+            str(base),
+            "-F",
+            "qcow2",
+            str(img),
+            str(size),
+        )
     else:
-        qemu_img("create", "-q", "-f", "qcow2", "-o",
-                 f"cluster_size={cluster_size},compat={compat}", str(img), str(size))
+        qemu_img(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"cluster_size={cluster_size},compat={compat}",
+            str(img),
+            str(size),
+        )
     qemu_io(img, *random_patterns(rnd, size, 8, zero=compat == "1.1"))
     ref = bytearray(to_raw(img, tmp_path))
     node = await open_image(str(img))
@@ -226,10 +265,10 @@ async def test_writes_zeroes_discards_match_raw_reference(
             if op < 0.75:
                 data = rnd.randbytes(ln)
                 await node.write(off, data)
-                ref[off:off + ln] = data
+                ref[off : off + ln] = data
             elif op < 0.88:
                 await node.write_zeroes(off, ln, may_unmap=rnd.random() < 0.5)
-                ref[off:off + ln] = bytes(ln)
+                ref[off : off + ln] = bytes(ln)
             else:
                 await node.discard(off, ln)
                 # whole clusters read as zeroes afterwards (v2 with a backing file keeps them)
@@ -286,7 +325,7 @@ async def test_discard_with_backing_v3_does_not_resurface_old_data(tmp_path: Pat
     check_clean(top)
     data = to_raw(top, tmp_path)
     assert data[: 640 * 1024] == bytes(640 * 1024)
-    assert data[640 * 1024:] == b"\xbb" * (384 * 1024)
+    assert data[640 * 1024 :] == b"\xbb" * (384 * 1024)
     # the overlay holds no data any more, only zero flags over the backing file's data
     m = json.loads(qemu_img("map", "--output=json", str(top)).stdout)
     assert not [e for e in m if e["depth"] == 0 and e["data"]]
@@ -315,8 +354,19 @@ async def test_concurrent_writes_to_same_and_different_clusters(tmp_path: Path) 
     qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
     qemu_io(base, "write -P 0x5a 0 4M")
     img = tmp_path / "c.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.qcow2",
-             "-F", "qcow2", str(img))
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        str(img),
+    )
     ref = bytearray(b"\x5a" * 4 * MiB)
     writes = []
     # 64 writers share cluster 0 (disjoint 1000-byte pieces); 32 more fill their own clusters
@@ -325,7 +375,7 @@ async def test_concurrent_writes_to_same_and_different_clusters(tmp_path: Path) 
     for k in range(32):
         writes.append(((k + 8) * 65536 + 3, bytes([200 + k % 50]) * 60000))
     for off, data in writes:
-        ref[off:off + len(data)] = data
+        ref[off : off + len(data)] = data
     node = await open_image(str(img))
     try:
         async with trio.open_nursery() as nursery:
@@ -355,7 +405,7 @@ async def test_refcount_table_grows(tmp_path: Path) -> None:
             off = rnd.randrange(0, 31 * MiB)
             data = rnd.randbytes(rnd.randrange(1, 400_000))
             await node.write(off, data)
-            ref[off:off + len(data)] = data
+            ref[off : off + len(data)] = data
     finally:
         await close_chain(node)
     out = check_clean(img)
@@ -388,8 +438,7 @@ async def test_write_through_survives_without_close(tmp_path: Path) -> None:
         ({}, {"compat": "1.1", "cluster-size": 65536}),
         ({"compat": "0.10", "cluster_size": 512}, {"compat": "0.10", "cluster-size": 512}),
         ({"cluster_size": 2 * MiB, "preallocation": "metadata"}, {"cluster-size": 2 * MiB}),
-        ({"cluster_size": 4096, "preallocation": "metadata", "compat": "0.10"},
-         {"compat": "0.10"}),
+        ({"cluster_size": 4096, "preallocation": "metadata", "compat": "0.10"}, {"compat": "0.10"}),
     ],
 )
 async def test_create_is_accepted_by_qemu_img(tmp_path: Path, kwargs: dict, expect: dict) -> None:  # type: ignore[type-arg]
@@ -442,7 +491,10 @@ async def test_create_overlay_takes_size_from_backing(tmp_path: Path) -> None:
     ],
 )
 async def test_create_refuses_bad_requests(
-    tmp_path: Path, size: int | None, kwargs: dict, message: str  # type: ignore[type-arg]
+    tmp_path: Path,
+    size: int | None,
+    kwargs: dict,  # type: ignore[type-arg]
+    message: str,
 ) -> None:
     with pytest.raises(UsageError, match=message):
         await create_qcow2(str(tmp_path / "x.qcow2"), size, **kwargs)
@@ -471,8 +523,9 @@ async def test_extended_l2_is_refused_by_name(tmp_path: Path) -> None:
 
 async def test_external_data_file_is_refused_by_name(tmp_path: Path) -> None:
     img = tmp_path / "x.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'x.data'}",
-             str(img), "1M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'x.data'}", str(img), "1M"
+    )
     with pytest.raises(UnsupportedFeature, match="external data file"):
         await open_image(str(img), read_only=True)
 

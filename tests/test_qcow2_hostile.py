@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import blockfs, qemu_img
 
 from blockfs.errors import ImageError
 from blockfs.nodes.opener import close_chain, open_image
+from conftest import blockfs, qemu_img
 
 MiB = 1024 * 1024
 
@@ -31,8 +31,20 @@ def make_image(tmp_path: Path, name: str = "h.qcow2", *opts: str) -> Path:
 
 def header(img: Path) -> dict[str, int]:
     raw = img.read_bytes()[:104]
-    names = ["version", "bf_off", "bf_size", "cluster_bits", "size", "crypt", "l1_size", "l1_off",
-             "rt_off", "rt_clusters", "nb_snap", "snap_off"]
+    names = [
+        "version",
+        "bf_off",
+        "bf_size",
+        "cluster_bits",
+        "size",
+        "crypt",
+        "l1_size",
+        "l1_off",
+        "rt_off",
+        "rt_clusters",
+        "nb_snap",
+        "snap_off",
+    ]
     return dict(zip(names, struct.unpack(">IQIIQIIQQIIQ", raw[4:72]), strict=True))
 
 
@@ -57,7 +69,11 @@ def _file_size(img: Path) -> int:
 # (id, edit(img), expected words in the message)
 CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("l1-past-eof", lambda p: patch(p, 40, ">Q", 1 << 40), "L1 table"),
-    ("l1-unaligned", lambda p: patch(p, 40, ">Q", header(p)["l1_off"] + 512), "not cluster aligned"),
+    (
+        "l1-unaligned",
+        lambda p: patch(p, 40, ">Q", header(p)["l1_off"] + 512),
+        "not cluster aligned",
+    ),
     ("l1-huge", lambda p: patch(p, 36, ">I", 0x7FFFFFFF), "L1 table"),
     ("l1-too-small", lambda p: patch(p, 36, ">I", 0), "L1 table too small"),
     ("rt-past-eof", lambda p: patch(p, 48, ">Q", 1 << 44), "refcount table"),
@@ -73,18 +89,32 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("backing-name-outside", lambda p: patch(p, 8, ">QI", (1 << 16) - 4, 100), "backing file"),
     ("refcount-order", lambda p: patch(p, 96, ">I", 9), "refcount_order"),
     ("header-length", lambda p: patch(p, 100, ">I", 0x7FFFFFF8), "header_length"),
-    ("extension-absurd-length", lambda p: patch(p, 112, ">II", 0x12345678, 0xFFFFFFF0),
-     "header extension"),
-    ("l2-past-eof", lambda p: patch(p, _l1_entry_offset(p), ">Q", (1 << 63) | (1 << 45)),
-     "L1 table entry"),
-    ("refblock-past-eof", lambda p: patch(p, _rt_entry_offset(p), ">Q", 1 << 45),
-     "refcount table entry"),
-    ("snapshot-id-absurd", lambda p: patch(p, header(p)["snap_off"] + 12, ">H", 0xFFFF),
-     "snapshot table"),
-    ("snapshot-l1-past-eof", lambda p: patch(p, header(p)["snap_off"], ">Q", 1 << 44),
-     "L1 table"),
-    ("snapshot-l1-huge", lambda p: patch(p, header(p)["snap_off"] + 8, ">I", 0x7FFFFFFF),
-     "too large"),
+    (
+        "extension-absurd-length",
+        lambda p: patch(p, 112, ">II", 0x12345678, 0xFFFFFFF0),
+        "header extension",
+    ),
+    (
+        "l2-past-eof",
+        lambda p: patch(p, _l1_entry_offset(p), ">Q", (1 << 63) | (1 << 45)),
+        "L1 table entry",
+    ),
+    (
+        "refblock-past-eof",
+        lambda p: patch(p, _rt_entry_offset(p), ">Q", 1 << 45),
+        "refcount table entry",
+    ),
+    (
+        "snapshot-id-absurd",
+        lambda p: patch(p, header(p)["snap_off"] + 12, ">H", 0xFFFF),
+        "snapshot table",
+    ),
+    ("snapshot-l1-past-eof", lambda p: patch(p, header(p)["snap_off"], ">Q", 1 << 44), "L1 table"),
+    (
+        "snapshot-l1-huge",
+        lambda p: patch(p, header(p)["snap_off"] + 8, ">I", 0x7FFFFFFF),
+        "too large",
+    ),
     ("truncated", lambda p: p.write_bytes(p.read_bytes()[:80]), "truncated"),
     ("version-9", lambda p: patch(p, 4, ">I", 9), "version 9"),
     ("encrypted", lambda p: patch(p, 32, ">I", 1), "encrypted"),
@@ -109,8 +139,9 @@ async def _open_refused(img: Path, words: str) -> ImageError:
 
 
 @pytest.mark.parametrize(("edit", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-async def test_hostile_image_refused_at_open(tmp_path: Path, edit: Callable[[Path], None],
-                                             words: str) -> None:
+async def test_hostile_image_refused_at_open(
+    tmp_path: Path, edit: Callable[[Path], None], words: str
+) -> None:
     img = make_image(tmp_path)
     edit(img)
     await _open_refused(img, words)
@@ -132,7 +163,7 @@ async def test_backing_chain_loop(tmp_path: Path) -> None:
 
 async def test_corrupt_l2_entry_fails_the_read_not_the_process(tmp_path: Path) -> None:
     img = make_image(tmp_path)
-    l1e = struct.unpack(">Q", img.read_bytes()[header(img)["l1_off"]:][:8])[0]
+    l1e = struct.unpack(">Q", img.read_bytes()[header(img)["l1_off"] :][:8])[0]
     l2_off = l1e & 0x00FFFFFFFFFFFE00
     patch(img, l2_off, ">Q", (1 << 63) | 0x10200)  # not cluster aligned
     node = await open_image(str(img), read_only=True)
@@ -147,9 +178,9 @@ async def test_corrupt_compressed_cluster_fails_the_read(tmp_path: Path) -> None
     src = make_image(tmp_path, "src.qcow2")
     img = tmp_path / "c.qcow2"
     qemu_img("convert", "-c", "-O", "qcow2", str(src), str(img))
-    l1e = struct.unpack(">Q", img.read_bytes()[header(img)["l1_off"]:][:8])[0]
+    l1e = struct.unpack(">Q", img.read_bytes()[header(img)["l1_off"] :][:8])[0]
     l2_off = l1e & 0x00FFFFFFFFFFFE00
-    entry = struct.unpack(">Q", img.read_bytes()[l2_off:l2_off + 8])[0]
+    entry = struct.unpack(">Q", img.read_bytes()[l2_off : l2_off + 8])[0]
     coff = entry & ((1 << 54) - 1)
     patch(img, coff, ">Q", 0xFFFFFFFFFFFFFFFF)  # garbage where the deflate stream starts
     node = await open_image(str(img), read_only=True)

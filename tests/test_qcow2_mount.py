@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import blockfs, is_mounted, need_tool, qemu_img, run
 
 MiB = 1024 * 1024
@@ -52,10 +53,23 @@ def test_fio_verify_on_overlay_then_qemu_img_agrees(mount, tmp_path: Path) -> No
     top = overlay_on_base(tmp_path)
     m = mount(f"vm={top}")
     res = run(
-        ["fio", "--name=verify", f"--filename={m / 'vm'}", "--rw=randwrite", "--bsrange=4k-128k",
-         "--numjobs=4", "--size=32M", "--offset_increment=32M", "--ioengine=libaio",
-         "--iodepth=16", "--direct=1", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-         "--group_reporting"],
+        [
+            "fio",
+            "--name=verify",
+            f"--filename={m / 'vm'}",
+            "--rw=randwrite",
+            "--bsrange=4k-128k",
+            "--numjobs=4",
+            "--size=32M",
+            "--offset_increment=32M",
+            "--ioengine=libaio",
+            "--iodepth=16",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--group_reporting",
+        ],
         check=False,
     )
     assert res.returncode == 0 and "err= 0" in res.stdout, res.stdout + res.stderr
@@ -69,9 +83,19 @@ def test_fio_verify_on_overlay_then_qemu_img_agrees(mount, tmp_path: Path) -> No
 
 
 def _fio_crash_args(filename: Path, seed: int) -> list[str]:
-    return ["fio", "--name=crash", f"--filename={filename}", "--rw=randwrite",
-            "--bsrange=4k-64k", "--size=128M", "--ioengine=libaio", "--iodepth=16", "--direct=1",
-            "--verify=crc32c", f"--randseed={seed}"]
+    return [
+        "fio",
+        "--name=crash",
+        f"--filename={filename}",
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--size=128M",
+        "--ioengine=libaio",
+        "--iodepth=16",
+        "--direct=1",
+        "--verify=crc32c",
+        f"--randseed={seed}",
+    ]
 
 
 def test_kill_daemon_during_fio_loses_no_acknowledged_write(mount, tmp_path: Path) -> None:
@@ -85,7 +109,10 @@ def test_kill_daemon_during_fio_loses_no_acknowledged_write(mount, tmp_path: Pat
         pid = m.pid
         fio = subprocess.Popen(
             [*_fio_crash_args(m / "vm", 100 + i), "--do_verify=0", "--verify_state_save=1"],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         time.sleep(rnd.uniform(0.3, 1.5))
         os.kill(pid, signal.SIGKILL)
@@ -97,8 +124,11 @@ def test_kill_daemon_during_fio_loses_no_acknowledged_write(mount, tmp_path: Pat
         check_no_corruption(top)
         m = mount(f"vm={top}")
         state = ["--verify_state_load=1"] if killed else []
-        res = run([*_fio_crash_args(m / "vm", 100 + i), "--verify_only", *state,
-                   "--verify_fatal=0"], check=False, cwd=tmp_path)
+        res = run(
+            [*_fio_crash_args(m / "vm", 100 + i), "--verify_only", *state, "--verify_fatal=0"],
+            check=False,
+            cwd=tmp_path,
+        )
         m.umount()
         # fio counts the writes that failed when the daemon died as completed; there are at
         # most iodepth of those. Every other completed write must verify.
@@ -145,8 +175,18 @@ def test_kill_daemon_every_acknowledged_write_reads_back(mount, tmp_path: Path) 
         journal.write_text("")
         m = mount(f"vm={top}")
         pid = m.pid
-        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(m / "vm"), str(journal),
-                                   str(1000 + i), str(slots), str(slot)])
+        writer = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRITER,
+                str(m / "vm"),
+                str(journal),
+                str(1000 + i),
+                str(slots),
+                str(slot),
+            ]
+        )
         time.sleep(rnd.uniform(0.3, 1.5))
         os.kill(pid, signal.SIGKILL)
         writer.wait(timeout=60)
@@ -162,7 +202,7 @@ def test_kill_daemon_every_acknowledged_write_reads_back(mount, tmp_path: Path) 
         assert done, "the writer acknowledged nothing before the kill"
         for idx in done:
             want = (b"%08d:%08d;" % (expect[idx], idx)) * (slot // 18) + b"#" * (slot % 18)
-            got = data[idx * slot:(idx + 1) * slot]
+            got = data[idx * slot : (idx + 1) * slot]
             assert got == want, f"round {i}: acknowledged write of slot {idx} lost"
     res = qemu_img("check", str(top), check=False)
     assert res.returncode == 0, res.stdout

@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import blockfs, qemu_img, run
 
 from blockfs.errors import UsageError
 from blockfs.nodes import qcow2_snapshot as snaps
 from blockfs.nodes.opener import close_chain, open_image
 from blockfs.nodes.qcow2 import Qcow2Node
+from conftest import blockfs, qemu_img, run
 
 MiB = 1024 * 1024
 
@@ -47,8 +47,9 @@ async def open_qcow2(img: Path) -> Qcow2Node:
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])
 async def test_qemu_snapshot_applied_by_blockfs(tmp_path: Path, compat: str) -> None:
     img = tmp_path / "s.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat},cluster_size=4096",
-             str(img), "4M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"compat={compat},cluster_size=4096", str(img), "4M"
+    )
     qemu_io(img, "write -P 0x11 0 1M", "write -P 0x12 3M 8k")
     qemu_img("snapshot", "-c", "q1", str(img))
     qemu_io(img, "write -P 0x22 512k 1M", "write -z 3M 4k")
@@ -140,8 +141,15 @@ def test_cli_create_snapshot_info(tmp_path: Path) -> None:
     top = tmp_path / "top.qcow2"
     blockfs("create", "-f", "qcow2", str(base), "10G")
     blockfs("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
-    blockfs("create", "-f", "qcow2", "-o", "cluster_size=65536,compat=0.10,preallocation=metadata",
-            str(tmp_path / "pre.qcow2"), "64M")
+    blockfs(
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536,compat=0.10,preallocation=metadata",
+        str(tmp_path / "pre.qcow2"),
+        "64M",
+    )
     blockfs("create", "-f", "raw", str(tmp_path / "r.raw"), "1M")
     assert (tmp_path / "r.raw").stat().st_size == MiB
     for img in (base, top, tmp_path / "pre.qcow2"):
@@ -163,8 +171,7 @@ def test_cli_create_snapshot_info(tmp_path: Path) -> None:
     assert doc["backing-filename"] == "base.qcow2" and doc["backing-format"] == "qcow2"
     assert [s["name"] for s in doc["snapshots"]] == ["before-upgrade"]
     chain = json.loads(blockfs("info", "--backing-chain", "--output", "json", str(top)).stdout)
-    assert [layer["filename"].rsplit("/", 1)[-1] for layer in chain] == ["top.qcow2",
-                                                                         "base.qcow2"]
+    assert [layer["filename"].rsplit("/", 1)[-1] for layer in chain] == ["top.qcow2", "base.qcow2"]
     human = blockfs("info", "--backing-chain", str(top)).stdout
     assert "backing file: base.qcow2" in human and "cluster_size: 65536" in human
 
@@ -184,8 +191,10 @@ def test_cli_create_snapshot_info(tmp_path: Path) -> None:
 def test_cli_mistakes_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     img = tmp_path / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
-    args = [str(img) if a == "IMG" else (str(tmp_path / a) if "." in a and "=" not in a else a)
-            for a in args]
+    args = [
+        str(img) if a == "IMG" else (str(tmp_path / a) if "." in a and "=" not in a else a)
+        for a in args
+    ]
     res = blockfs(*args, check=False)
     assert res.returncode == 1, res.stdout + res.stderr
     assert res.stderr.startswith("blockfs: ") and message in res.stderr, res.stderr

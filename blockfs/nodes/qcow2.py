@@ -44,6 +44,7 @@ import trio
 
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError
 from blockfs.nodes.base import Extent, Limits, Node, Status
+from blockfs.nodes.qcow2_create import create_qcow2  # re-exported for block jobs
 from blockfs.nodes.qcow2_format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -207,8 +208,9 @@ class Qcow2Node(Node):
             )
         backing_name = None
         if header.backing_file_offset:
-            raw = first[header.backing_file_offset:header.backing_file_offset
-                        + header.backing_file_size]
+            raw = first[
+                header.backing_file_offset : header.backing_file_offset + header.backing_file_size
+            ]
             try:
                 backing_name = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -216,9 +218,11 @@ class Qcow2Node(Node):
             if not backing_name or "\0" in backing_name:
                 raise ImageError(f"{where}: backing file name is invalid")
         # L1 table (bounded by parse_header: <= 32 MiB, inside the file)
-        l1 = _u64_table(await child.read(header.l1_table_offset, header.l1_size * 8)) if (
-            header.l1_size
-        ) else array("Q")
+        l1 = (
+            _u64_table(await child.read(header.l1_table_offset, header.l1_size * 8))
+            if (header.l1_size)
+            else array("Q")
+        )
         _check_entries(l1, L1E_OFFSET_MASK, cs, fsize, where, "L1 table")
         rt = _u64_table(
             await child.read(header.refcount_table_offset, header.refcount_table_clusters * cs)
@@ -236,8 +240,9 @@ class Qcow2Node(Node):
             open_backing = getattr(ctx, "open_backing", None)
             if open_backing is None:
                 raise ImageError(f"{where}: has a backing file, but no way to open it")
-            node.backing = await open_backing(backing_name, ext.backing_format,
-                                              relative_to=child.filename)
+            node.backing = await open_backing(
+                backing_name, ext.backing_format, relative_to=child.filename
+            )
         return node
 
     async def _check_for_writing(self) -> None:
@@ -251,8 +256,7 @@ class Qcow2Node(Node):
             for c in range(off >> self._cb, (off >> self._cb) + n):
                 if await self._refcount(c) == 0:
                     raise ImageError(
-                        f"{where}: metadata cluster {c} has refcount 0; "
-                        "run 'qemu-img check -r all'"
+                        f"{where}: metadata cluster {c} has refcount 0; run 'qemu-img check -r all'"
                     )
         if self.header.autoclear:
             # We do not maintain bitmaps: an implementation that writes must clear the bits.
@@ -271,7 +275,7 @@ class Qcow2Node(Node):
         l2i = gc & self._l2_mask
         inc = offset & self._cmask
         avail = ((self._l2_n - l2i) << cb) - inc
-        if avail > length:  # noqa: PLR1730 (hot path: no call)
+        if avail > length:
             avail = length
         l2off = self._l1[gc >> self._l2_bits] & L1E_OFFSET_MASK
         if not l2off:
@@ -284,7 +288,7 @@ class Qcow2Node(Node):
         cs = self._cs
         n = cs - inc
         if e & OFLAG_COMPRESSED:
-            return K_COMP, e, n if n < avail else avail  # noqa: FURB136
+            return K_COMP, e, n if n < avail else avail
         if e & self._zero_flag:
             kind = K_ZERO
             host = 0
@@ -303,9 +307,11 @@ class Qcow2Node(Node):
             while n < avail:
                 l2i += 1
                 e = table[l2i]
-                if (e & L2E_OFFSET_MASK) != nxt or e & (OFLAG_COMPRESSED | zf) or (
-                    e & OFLAG_COPIED
-                ) != want:
+                if (
+                    (e & L2E_OFFSET_MASK) != nxt
+                    or e & (OFLAG_COMPRESSED | zf)
+                    or (e & OFLAG_COPIED) != want
+                ):
                     break
                 n += cs
                 nxt += cs
@@ -324,7 +330,7 @@ class Qcow2Node(Node):
                 if e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED | zf):
                     break
                 n += cs
-        return kind, host, n if n < avail else avail  # noqa: FURB136
+        return kind, host, n if n < avail else avail
 
     async def _map(self, offset: int, length: int) -> tuple[int, int, int]:
         """:meth:`_lookup`, loading the L2 table first when needed."""
@@ -400,16 +406,16 @@ class Qcow2Node(Node):
             off = offset + pos
             kind, host, n = await self._map(off, length - pos)
             if kind == K_DATA or kind == K_COW:
-                out[pos:pos + n] = await self.child.read(host, n)
+                out[pos : pos + n] = await self.child.read(host, n)
             elif kind == K_UNALLOC:
                 b = self.backing
                 if b is not None and off < b.size:
                     r = min(n, b.size - off)
-                    out[pos:pos + r] = await b.read(off, r)
+                    out[pos : pos + r] = await b.read(off, r)
             elif kind == K_COMP:
                 data = await self._decompress(host)
                 inc = off & self._cmask
-                out[pos:pos + n] = data[inc:inc + n]
+                out[pos : pos + n] = data[inc : inc + n]
             pos += n
         return bytes(out)
 
@@ -434,7 +440,7 @@ class Qcow2Node(Node):
                 out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
             else:
                 out = zlib.decompressobj(-12).decompress(raw, cs)
-        except Exception as exc:  # noqa: BLE001 (zlib.error, zstandard.ZstdError)
+        except Exception as exc:
             raise ImageError(
                 f"{self.filename}: compressed cluster at {coff:#x} is corrupt: {exc}"
             ) from None
@@ -471,7 +477,7 @@ class Qcow2Node(Node):
             if kind == K_DATA:
                 self._io_active += 1
                 try:
-                    await self.child.write(host, data[pos:pos + n])
+                    await self.child.write(host, data[pos : pos + n])
                 finally:
                     self._io_active -= 1
                 pos += n
@@ -479,14 +485,16 @@ class Qcow2Node(Node):
             # Gather the following runs that need allocation too (same L2 table): one
             # allocation, one data write.
             gc = off >> cb
-            limit = min(length - pos, ((self._l2_n - (gc & self._l2_mask)) << cb) - (off & self._cmask))
+            limit = min(
+                length - pos, ((self._l2_n - (gc & self._l2_mask)) << cb) - (off & self._cmask)
+            )
             span = n
             while span < limit:
                 m = self._lookup(off + span, limit - span)
                 if m is None or m[0] == K_DATA:
                     break
                 span += m[2]
-            await self._write_alloc(off, data[pos:pos + span])
+            await self._write_alloc(off, data[pos : pos + span])
             pos += span
 
     async def _claim(self, g0: int, g1: int) -> trio.Event:
@@ -526,10 +534,13 @@ class Qcow2Node(Node):
             async with self._meta_lock:
                 table, l2off = await self._writable_l2(l1i)
             try:
-                olds = table[l2i:l2i + n]
+                olds = table[l2i : l2i + n]
                 for e in olds:
-                    if (e & OFLAG_COPIED and e & L2E_OFFSET_MASK
-                            and not e & (OFLAG_COMPRESSED | self._zero_flag)):
+                    if (
+                        e & OFLAG_COPIED
+                        and e & L2E_OFFSET_MASK
+                        and not e & (OFLAG_COMPRESSED | self._zero_flag)
+                    ):
                         retry = True  # someone allocated it while we waited for the claim
                         break
                 if not retry:
@@ -551,7 +562,7 @@ class Qcow2Node(Node):
                     new = array("Q", [(host + (i << cb)) | OFLAG_COPIED for i in range(n)])
                     # disk first, then the table other tasks read without a lock
                     await self.child.write(l2off + l2i * 8, _be_bytes(new))
-                    table[l2i:l2i + n] = new
+                    table[l2i : l2i + n] = new
                     self._forget(olds)
                     if self._data_clusters is not None:
                         self._data_clusters += n - sum(1 for e in olds if self._has_storage(e))
@@ -645,7 +656,7 @@ class Qcow2Node(Node):
         w = self._rc_bits
         if w >= 8:
             nb = w >> 3
-            return int.from_bytes(blk[j * nb:(j + 1) * nb], "big")
+            return int.from_bytes(blk[j * nb : (j + 1) * nb], "big")
         bit = j * w
         return (blk[bit >> 3] >> (bit & 7)) & self._rc_max
 
@@ -654,7 +665,7 @@ class Qcow2Node(Node):
         w = self._rc_bits
         if w >= 8:
             nb = w >> 3
-            blk[j * nb:(j + 1) * nb] = v.to_bytes(nb, "big")
+            blk[j * nb : (j + 1) * nb] = v.to_bytes(nb, "big")
             return j * nb, (j + 1) * nb
         bit = j * w
         i = bit >> 3
@@ -697,16 +708,20 @@ class Qcow2Node(Node):
         for rti, items in sorted(by_block.items()):
             off = self._rt[rti] & REFT_OFFSET_MASK if rti < len(self._rt) else 0
             if not off:
-                raise ImageError(f"{self.filename}: refcount block for cluster "
-                                 f"{items[0][0]} is missing; run 'qemu-img check -r all'")
+                raise ImageError(
+                    f"{self.filename}: refcount block for cluster "
+                    f"{items[0][0]} is missing; run 'qemu-img check -r all'"
+                )
             blk = await self._refblock(off)
             lo, hi = self._cs, 0
             for c, d in items:
                 j = c & self._rb_mask
                 v = self._rc_get(blk, j) + d
                 if v < 0 or v > self._rc_max:
-                    raise ImageError(f"{self.filename}: refcount of cluster {c} would become "
-                                     f"{v}; run 'qemu-img check -r all'")
+                    raise ImageError(
+                        f"{self.filename}: refcount of cluster {c} would become "
+                        f"{v}; run 'qemu-img check -r all'"
+                    )
                 a, b = self._rc_set(blk, j, v)
                 lo = min(lo, a)
                 hi = max(hi, b)
@@ -826,8 +841,11 @@ class Qcow2Node(Node):
             nb = 0
             while True:
                 last = end + tc + nb - 1
-                missing = [r for r in range((end >> rbb), (last >> rbb) + 1)
-                           if r >= old_len or not old[r] & REFT_OFFSET_MASK]
+                missing = [
+                    r
+                    for r in range((end >> rbb), (last >> rbb) + 1)
+                    if r >= old_len or not old[r] & REFT_OFFSET_MASK
+                ]
                 if len(missing) == nb:
                     break
                 nb = len(missing)
@@ -863,8 +881,9 @@ class Qcow2Node(Node):
         for r, blk in blocks.items():
             self._rb[new_rt[r]] = blk
         self._hwm = max(self._hwm, end + tc + nb)
-        await self._change_refcounts({c: -1 for c in range(old_off >> cb,
-                                                          (old_off >> cb) + old_clusters)})
+        await self._change_refcounts(
+            {c: -1 for c in range(old_off >> cb, (old_off >> cb) + old_clusters)}
+        )
 
     # -- zeroes and discard --------------------------------------------------------------------
 
@@ -928,23 +947,31 @@ class Qcow2Node(Node):
             async with self._meta_lock:
                 table, l2off = await self._writable_l2(l1i)
             try:
-                olds = table[l2i:l2i + n]
+                olds = table[l2i : l2i + n]
                 new = array("Q", olds)
                 zf = self._zero_flag
                 for i, e in enumerate(olds):
                     if not has_backing and (discard or unmap or not zf):
                         new[i] = 0
-                    elif (not unmap and zf and e & OFLAG_COPIED and e & L2E_OFFSET_MASK
-                          and not e & OFLAG_COMPRESSED):
+                    elif (
+                        not unmap
+                        and zf
+                        and e & OFLAG_COPIED
+                        and e & L2E_OFFSET_MASK
+                        and not e & OFLAG_COMPRESSED
+                    ):
                         new[i] = (e & (L2E_OFFSET_MASK | OFLAG_COPIED)) | zf  # keep the space
                     else:
                         new[i] = zf
                 if new == olds:
                     return
                 await self.child.write(l2off + l2i * 8, _be_bytes(new))
-                table[l2i:l2i + n] = new
-                dropped = [o for o, e in zip(olds, new, strict=True)
-                           if self._has_storage(o) and not (e & L2E_OFFSET_MASK)]
+                table[l2i : l2i + n] = new
+                dropped = [
+                    o
+                    for o, e in zip(olds, new, strict=True)
+                    if self._has_storage(o) and not (e & L2E_OFFSET_MASK)
+                ]
                 self._forget(dropped)
                 if self._data_clusters is not None:
                     self._data_clusters -= len(dropped)
@@ -1014,32 +1041,35 @@ class Qcow2Node(Node):
     def describe(self) -> dict[str, object]:
         d = super().describe()
         h = self.header
-        d.update({
-            "cluster-size": self._cs,
-            "compat": "0.10" if h.version == 2 else "1.1",
-            "backing-filename": self.backing_name,
-            "backing-format": self.ext.backing_format,
-            "dirty-flag": bool(h.incompatible & Incompatible.DIRTY),
-            "corrupt": bool(h.incompatible & Incompatible.CORRUPT),
-            "lazy-refcounts": bool(h.compatible & Compatible.LAZY_REFCOUNTS),
-            "refcount-bits": self._rc_bits,
-            "compression-type": "zstd" if h.compression_type == CompressionType.ZSTD
-            else "zlib",
-            "extended-l2": False,
-            "bitmaps": bool(self.ext.has_bitmaps and h.autoclear & Autoclear.BITMAPS),
-            "snapshots": [
-                {
-                    "id": s.id,
-                    "name": s.name,
-                    "vm-state-size": s.vm_state_size,
-                    "date-sec": s.date_sec,
-                    "date-nsec": s.date_nsec,
-                    "vm-clock-nsec": s.vm_clock_nsec,
-                    "disk-size": s.disk_size,
-                }
-                for s in self.snapshots
-            ],
-        })
+        d.update(
+            {
+                "cluster-size": self._cs,
+                "compat": "0.10" if h.version == 2 else "1.1",
+                "backing-filename": self.backing_name,
+                "backing-format": self.ext.backing_format,
+                "dirty-flag": bool(h.incompatible & Incompatible.DIRTY),
+                "corrupt": bool(h.incompatible & Incompatible.CORRUPT),
+                "lazy-refcounts": bool(h.compatible & Compatible.LAZY_REFCOUNTS),
+                "refcount-bits": self._rc_bits,
+                "compression-type": "zstd"
+                if h.compression_type == CompressionType.ZSTD
+                else "zlib",
+                "extended-l2": False,
+                "bitmaps": bool(self.ext.has_bitmaps and h.autoclear & Autoclear.BITMAPS),
+                "snapshots": [
+                    {
+                        "id": s.id,
+                        "name": s.name,
+                        "vm-state-size": s.vm_state_size,
+                        "date-sec": s.date_sec,
+                        "date-nsec": s.date_nsec,
+                        "vm-clock-nsec": s.vm_clock_nsec,
+                        "disk-size": s.disk_size,
+                    }
+                    for s in self.snapshots
+                ],
+            }
+        )
         return d
 
 
@@ -1055,7 +1085,5 @@ def _check_entries(
             if off == 0 and e & ~(1 << 63):
                 raise ImageError(f"{where}: {what} entry {e:#x} points to the header")
 
-
-from blockfs.nodes.qcow2_create import create_qcow2
 
 __all__ = ["FORMAT_NAME", "Qcow2Node", "create_qcow2", "open_node", "probe"]

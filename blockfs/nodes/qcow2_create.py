@@ -57,8 +57,10 @@ async def create_qcow2(
     :raise UsageError: bad options, an existing file (unless ``overwrite``), a backing file
         that cannot be opened.
     """
-    if cluster_size <= 0 or cluster_size & (cluster_size - 1) or not (
-        1 << MIN_CLUSTER_BITS <= cluster_size <= 1 << MAX_CLUSTER_BITS
+    if (
+        cluster_size <= 0
+        or cluster_size & (cluster_size - 1)
+        or not (1 << MIN_CLUSTER_BITS <= cluster_size <= 1 << MAX_CLUSTER_BITS)
     ):
         raise UsageError(f"cluster size {cluster_size} must be a power of two, 512 B to 2 MiB")
     if compat not in COMPAT_VERSIONS:
@@ -106,7 +108,11 @@ class _Image:
 
 
 def _layout(
-    size: int, cb: int, version: int, backing: str | None, backing_fmt: str | None,
+    size: int,
+    cb: int,
+    version: int,
+    backing: str | None,
+    backing_fmt: str | None,
     prealloc: str,
 ) -> _Image:
     cs = 1 << cb
@@ -161,15 +167,18 @@ def _layout(
     )
     img.chunks.append((0, header.pack() + exts + name))
     # refcount table and blocks: every cluster of the layout has refcount 1
-    img.chunks.append((rt_at << cb, b"".join(struct.pack(">Q", (rb_at + i) << cb)
-                                             for i in range(rbc))))
+    img.chunks.append(
+        (rt_at << cb, b"".join(struct.pack(">Q", (rb_at + i) << cb) for i in range(rbc)))
+    )
     img.chunks.append((rb_at << cb, b"\x00\x01" * total))
     if prealloc == "metadata":
-        l1 = b"".join(struct.pack(">Q", ((l2_at + i) << cb) | OFLAG_COPIED)
-                      for i in range(l1_entries))
+        l1 = b"".join(
+            struct.pack(">Q", ((l2_at + i) << cb) | OFLAG_COPIED) for i in range(l1_entries)
+        )
         img.chunks.append((l1_at << cb, l1))
-        l2 = b"".join(struct.pack(">Q", ((data_at + i) << cb) | OFLAG_COPIED)
-                      for i in range(n_data))
+        l2 = b"".join(
+            struct.pack(">Q", ((data_at + i) << cb) | OFLAG_COPIED) for i in range(n_data)
+        )
         img.chunks.append((l2_at << cb, l2))
     return img
 
@@ -179,8 +188,9 @@ def _write_file(path: str, img: _Image, overwrite: bool) -> None:
     try:
         fd = os.open(path, flags, 0o644)
     except FileExistsError:
-        raise UsageError(f"{path}: file exists (use --force to overwrite)",
-                         errno=errno.EEXIST) from None
+        raise UsageError(
+            f"{path}: file exists (use --force to overwrite)", errno=errno.EEXIST
+        ) from None
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
     try:

@@ -206,8 +206,21 @@ def parse_header(buf: bytes, file_size: int, where: str) -> Header:
     if len(buf) < HEADER_V2_LEN or buf[:4] != MAGIC:
         raise ImageError(f"{where}: not a qcow2 image (bad magic or truncated header)")
     f = HEADER_V2.unpack_from(buf, 0)
-    (_, version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-     nb_snap, snap_off) = f
+    (
+        _,
+        version,
+        bf_off,
+        bf_size,
+        cbits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+    ) = f
     if version not in (2, 3):
         raise UnsupportedFeature(f"{where}: qcow2 version {version} is not supported (2 or 3)")
     if not MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
@@ -261,8 +274,9 @@ def parse_header(buf: bytes, file_size: int, where: str) -> Header:
     if nb_snap > MAX_SNAPSHOTS:
         raise ImageError(f"{where}: {nb_snap} snapshots is more than {MAX_SNAPSHOTS}")
     if nb_snap:
-        _check_table(where, "snapshot table", snap_off, nb_snap * SNAPSHOT_ENTRY.size, cs,
-                     file_size)
+        _check_table(
+            where, "snapshot table", snap_off, nb_snap * SNAPSHOT_ENTRY.size, cs, file_size
+        )
     if bf_off:
         if bf_size > MAX_BACKING_NAME or bf_size == 0:
             raise ImageError(f"{where}: backing file name length {bf_size} is invalid")
@@ -274,20 +288,38 @@ def parse_header(buf: bytes, file_size: int, where: str) -> Header:
     if unknown:
         raise UnsupportedFeature(f"{where}: unknown incompatible features {unknown:#x}")
     if incompatible & Incompatible.EXTL2:
-        raise UnsupportedFeature(
-            f"{where}: extended L2 entries (subclusters) are not supported"
-        )
+        raise UnsupportedFeature(f"{where}: extended L2 entries (subclusters) are not supported")
     if incompatible & Incompatible.DATA_FILE:
         raise UnsupportedFeature(f"{where}: external data files are not supported")
     return Header(
-        version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-        nb_snap, snap_off, incompatible, compatible, autoclear, refcount_order, header_length,
+        version,
+        bf_off,
+        bf_size,
+        cbits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snap,
+        snap_off,
+        incompatible,
+        compatible,
+        autoclear,
+        refcount_order,
+        header_length,
         compression,
     )
 
 
 def _check_table(
-    where: str, what: str, offset: int, length: int, cs: int, file_size: int,
+    where: str,
+    what: str,
+    offset: int,
+    length: int,
+    cs: int,
+    file_size: int,
     allow_empty: bool = False,
 ) -> None:
     if allow_empty and length == 0:
@@ -324,7 +356,7 @@ def parse_extensions(buf: bytes, header: Header, where: str) -> Extensions:
             return ext
         if elen > limit - pos:
             raise ImageError(f"{where}: header extension {etype:#x} of {elen} bytes is too long")
-        data = bytes(buf[pos:pos + elen])
+        data = bytes(buf[pos : pos + elen])
         pos += (elen + 7) & ~7
         if etype in seen and etype != ExtensionType.FEATURE_TABLE:
             raise ImageError(f"{where}: header extension {etype:#x} appears twice")
@@ -397,8 +429,15 @@ class Snapshot:
         ident = self.id.encode()
         name = self.name.encode()
         head = SNAPSHOT_ENTRY.pack(
-            self.l1_table_offset, self.l1_size, len(ident), len(name), self.date_sec,
-            self.date_nsec, self.vm_clock_nsec, min(self.vm_state_size, 0xFFFFFFFF), len(extra),
+            self.l1_table_offset,
+            self.l1_size,
+            len(ident),
+            len(name),
+            self.date_sec,
+            self.date_nsec,
+            self.vm_clock_nsec,
+            min(self.vm_state_size, 0xFFFFFFFF),
+            len(extra),
         )
         entry = head + bytes(extra) + ident + name
         return entry + bytes((-len(entry)) % 8)
@@ -428,11 +467,11 @@ def parse_snapshots(
         end = pos + extra_len + id_len + name_len
         if end > len(buf):
             raise ImageError(f"{where}: snapshot table is truncated")
-        extra = bytes(buf[pos:pos + extra_len])
+        extra = bytes(buf[pos : pos + extra_len])
         pos += extra_len
-        ident = buf[pos:pos + id_len].decode("utf-8", "replace")
+        ident = buf[pos : pos + id_len].decode("utf-8", "replace")
         pos += id_len
-        name = buf[pos:pos + name_len].decode("utf-8", "replace")
+        name = buf[pos : pos + name_len].decode("utf-8", "replace")
         pos += name_len
         pos += (-pos) % 8
         disk_size: int | None = None
@@ -442,14 +481,24 @@ def parse_snapshots(
             disk_size = struct.unpack_from(">Q", extra, 8)[0]
         if l1_size * 8 > MAX_L1_BYTES:
             raise ImageError(f"{where}: snapshot {ident!r} has an L1 table that is too large")
-        _check_table(where, f"snapshot {ident!r} L1 table", l1_off, l1_size * 8, cs, file_size,
-                     allow_empty=True)
-        out.append(Snapshot(l1_off, l1_size, ident, name, sec, nsec, clock, vmstate, disk_size,
-                            extra))
+        _check_table(
+            where,
+            f"snapshot {ident!r} L1 table",
+            l1_off,
+            l1_size * 8,
+            cs,
+            file_size,
+            allow_empty=True,
+        )
+        out.append(
+            Snapshot(l1_off, l1_size, ident, name, sec, nsec, clock, vmstate, disk_size, extra)
+        )
     return out
 
 
 def snapshot_table_bound(count: int) -> int:
     """The most bytes a table of ``count`` entries may take (bounds the read)."""
-    return min(MAX_SNAPSHOT_TABLE_BYTES,
-               count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + MAX_SNAPSHOT_ID + 65535 + 8))
+    return min(
+        MAX_SNAPSHOT_TABLE_BYTES,
+        count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + MAX_SNAPSHOT_ID + 65535 + 8),
+    )

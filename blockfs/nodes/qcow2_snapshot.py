@@ -119,8 +119,9 @@ async def _write_table(node: Qcow2Node, snaps: list[Snapshot]) -> None:
     old_off = node.header.snapshots_offset if node.header.nb_snapshots else 0
     old_len = len(b"".join(s.pack(version) for s in node.snapshots))
     await node.child.write(OFF_SNAPSHOTS, struct.pack(">IQ", len(snaps), new_off))
-    node.header = dataclasses.replace(node.header, nb_snapshots=len(snaps),
-                                      snapshots_offset=new_off)
+    node.header = dataclasses.replace(
+        node.header, nb_snapshots=len(snaps), snapshots_offset=new_off
+    )
     node.snapshots = list(snaps)
     if old_off and old_len:
         n = (old_len + node._cs - 1) >> cb
