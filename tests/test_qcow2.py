@@ -596,3 +596,26 @@ async def test_small_l2_cache_evicts_and_stays_exact(tmp_path: Path, monkeypatch
     check_clean(img)
     (tmp_path / "ref.raw").write_bytes(ref)
     compare(img, tmp_path / "ref.raw")
+
+
+async def test_mapped_read_is_one_child_read(tmp_path: Path) -> None:
+    img = tmp_path / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+    qemu_io(img, "write -P 0x71 0 4M")  # sequential: host clusters are contiguous
+    node = await open_image(str(img), read_only=True)
+    assert isinstance(node, Qcow2Node)
+    try:
+        await node.read(0, 512)  # loads the L2 table
+        calls: list[tuple[int, int]] = []
+        real_read = node.child.read
+
+        async def counting_read(offset: int, length: int) -> bytes:
+            calls.append((offset, length))
+            return await real_read(offset, length)
+
+        node.child.read = counting_read  # type: ignore[method-assign]
+        assert await node.read(12345, 3 * MiB) == b"\x71" * 3 * MiB
+        assert await node.read(100, 4000) == b"\x71" * 4000
+        assert len(calls) == 2 and calls[0][1] == 3 * MiB
+    finally:
+        await close_chain(node)
