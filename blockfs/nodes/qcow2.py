@@ -769,23 +769,41 @@ class Qcow2Node(Node):
         return start << self._cb
 
     async def _find_free(self, n: int) -> int:
+        """The first cluster of a run of ``n`` free clusters at or after the free hint. Scans
+        whole refcount blocks without an await per entry (first allocation in a big image)."""
         i = max(1, self._free_hint)
         start = i
         run = 0
         rbb = self._rb_bits
+        typecode = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(self._rc_order)
         while run < n:
             rti = i >> rbb
             if rti >= len(self._rt):
+                return start if run else i  # everything past the table is free
+            off = self._rt[rti] & REFT_OFFSET_MASK
+            end = (rti + 1) << rbb
+            if not off:  # no block: the whole range is free
                 if run == 0:
                     start = i
-                return start  # everything past the table is free
-            if await self._refcount(i) == 0:
-                if run == 0:
-                    start = i
-                run += 1
-            else:
-                run = 0
-            i += 1
+                take = min(n - run, end - i)
+                run += take
+                i += take
+                continue
+            blk = await self._refblock(off)
+            j = i & self._rb_mask
+            # a zero entry is zero in any byte order, so a native-endian view finds free ones
+            view = memoryview(blk).cast(typecode) if typecode else None
+            while i < end and run < n:
+                if (view[j] if view is not None else self._rc_get(blk, j)) == 0:
+                    if run == 0:
+                        start = i
+                    run += 1
+                else:
+                    run = 0
+                i += 1
+                j += 1
+            if view is not None:
+                view.release()
         return start
 
     async def _ensure_refblocks(self, start: int, n: int) -> bool:
