@@ -39,6 +39,7 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Literal
 
 import trio
 
@@ -80,6 +81,7 @@ K_COW = 3  # a standard cluster without COPIED (shared with a snapshot): copy be
 K_COMP = 4  # a compressed cluster (one cluster per run; ``host`` is the raw L2 entry)
 
 _LITTLE = sys.byteorder == "little"
+_RC_TYPECODES: dict[int, Literal["B", "H", "I", "Q"]] = {3: "B", 4: "H", 5: "I", 6: "Q"}
 _BE_U64 = struct.Struct(">Q")
 
 #: budget of the L2 and refcount-block caches, in bytes of tables (at least a few tables each)
@@ -775,7 +777,7 @@ class Qcow2Node(Node):
         start = i
         run = 0
         rbb = self._rb_bits
-        typecode = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(self._rc_order)
+        typecode: Literal["B", "H", "I", "Q"] | None = _RC_TYPECODES.get(self._rc_order)
         while run < n:
             rti = i >> rbb
             if rti >= len(self._rt):
