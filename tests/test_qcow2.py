@@ -619,3 +619,25 @@ async def test_mapped_read_is_one_child_read(tmp_path: Path) -> None:
         assert len(calls) == 2 and calls[0][1] == 3 * MiB
     finally:
         await close_chain(node)
+
+
+async def test_preallocated_zero_cluster_reads_zero_and_is_rewritten_exactly(
+    tmp_path: Path,
+) -> None:
+    img = tmp_path / "pz.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    # cluster 0: zero flag with its host cluster kept; cluster 1: zero flag, unmapped
+    qemu_io(img, "write -P 0x11 0 256k", "write -z 0 64k", "write -z -u 64k 64k")
+    m = json.loads(qemu_img("map", "--output=json", str(img)).stdout)
+    assert m[0]["zero"] and "offset" in m[0]  # the case under test exists
+    node = await open_image(str(img))
+    try:
+        assert await node.read(0, 128 * 1024) == bytes(128 * 1024)
+        ext = await node.block_status(0, MiB)
+        assert ext.status == Status.ZERO | Status.ALLOCATED and ext.length == 128 * 1024
+        await node.write(1000, b"\x22" * 100)  # the rest of the cluster must stay zero
+        assert await node.read(0, 65536) == bytes(1000) + b"\x22" * 100 + bytes(64436)
+    finally:
+        await close_chain(node)
+    check_clean(img)
+    qemu_io(img, "read -P 0 0 1000", "read -P 0x22 1000 100", "read -P 0 1100 129972")
