@@ -71,6 +71,7 @@ def test_fio_verify_on_overlay_then_qemu_img_agrees(mount, tmp_path: Path) -> No
             "--group_reporting",
         ],
         check=False,
+        cwd=tmp_path,  # fio leaves its verify state files in its working directory
     )
     assert res.returncode == 0 and "err= 0" in res.stdout, res.stdout + res.stderr
     seen = (m / "vm").read_bytes()
