@@ -13,7 +13,7 @@ import trio
 
 from blockfs.errors import ImageError
 from blockfs.nodes.opener import close_chain, open_image
-from conftest import blockfs, qemu_img
+from conftest import blockfs, qemu_img, run
 
 MiB = 1024 * 1024
 
@@ -198,3 +198,22 @@ def test_cli_reports_hostile_image_in_one_line(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.startswith("blockfs: ") and res.stderr.count("\n") == 1, res.stderr
     assert "Traceback" not in res.stderr
+
+
+async def test_metadata_counted_free_is_never_overwritten(tmp_path: Path) -> None:
+    img = tmp_path / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x66 0 64k", str(img)])
+    h = header(img)
+    raw = img.read_bytes()
+    l2_off = struct.unpack(">Q", raw[h["l1_off"] : h["l1_off"] + 8])[0] & 0x00FFFFFFFFFFFE00
+    rb_off = struct.unpack(">Q", raw[h["rt_off"] : h["rt_off"] + 8])[0]
+    cluster = l2_off >> h["cluster_bits"]
+    patch(img, rb_off + 2 * cluster, ">H", 0)  # the L2 table now looks free
+    node = await open_image(str(img))
+    try:
+        with pytest.raises(ImageError, match="refcounts are corrupt"):
+            await node.write(2 * MiB, b"\x01" * 4096)
+    finally:
+        await close_chain(node)
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x66 0 64k", str(img)])  # L2 table intact

@@ -83,6 +83,7 @@ K_COMP = 4  # a compressed cluster (one cluster per run; ``host`` is the raw L2 
 _LITTLE = sys.byteorder == "little"
 _RC_TYPECODES: dict[int, Literal["B", "H", "I", "Q"]] = {3: "B", 4: "H", 5: "I", 6: "Q"}
 _BE_U64 = struct.Struct(">Q")
+SNAPSHOT_ENTRY_MIN = 40  # fixed part of a snapshot table entry
 
 #: budget of the L2 and refcount-block caches, in bytes of tables (at least a few tables each)
 L2_CACHE_BYTES = 8 * 1024 * 1024
@@ -765,10 +766,43 @@ class Qcow2Node(Node):
             start = await self._find_free(n)
             if await self._ensure_refblocks(start, n):
                 break
+        self._check_not_metadata(start, n)
         await self._change_refcounts({c: 1 for c in range(start, start + n)})
         self._free_hint = start + n
         self._hwm = max(self._hwm, start + n)
         return start << self._cb
+
+    def _check_not_metadata(self, start: int, n: int) -> None:
+        """Refuse to hand out clusters that the image's own tables use: a refcount of 0 there
+        means corrupt refcounts, and writing would destroy metadata (QEMU's overlap check)."""
+        cb = self._cb
+        end = start + n
+
+        def overlaps(off: int, length: int) -> bool:
+            first = off >> cb
+            return first < end and (off + length + self._cmask) >> cb > start
+
+        h = self.header
+        spans = [
+            (0, self._cs),
+            (self._l1_off, len(self._l1) * 8),
+            (self._rt_off, self._rt_clusters * self._cs),
+        ]
+        if h.nb_snapshots:
+            spans.append((h.snapshots_offset, SNAPSHOT_ENTRY_MIN * h.nb_snapshots))
+        bad = any(overlaps(o, ln) for o, ln in spans if ln)
+        if not bad:
+            for table, mask in ((self._l1, L1E_OFFSET_MASK), (self._rt, REFT_OFFSET_MASK)):
+                for e in table:
+                    c = (e & mask) >> cb
+                    if c and start <= c < end:
+                        bad = True
+                        break
+        if bad:
+            raise ImageError(
+                f"{self.filename}: refcounts are corrupt (metadata in clusters {start}..{end - 1} "
+                "counted free); run 'qemu-img check -r all'"
+            )
 
     async def _find_free(self, n: int) -> int:
         """The first cluster of a run of ``n`` free clusters at or after the free hint. Scans
