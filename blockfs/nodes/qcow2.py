@@ -89,6 +89,9 @@ SNAPSHOT_ENTRY_MIN = 40  # fixed part of a snapshot table entry
 L2_CACHE_BYTES = 8 * 1024 * 1024
 REFBLOCK_CACHE_BYTES = 2 * 1024 * 1024
 DECOMPRESSED_CACHE_ENTRIES = 8
+#: the most host clusters reserved at once (refcount 1, flushed, handed out without I/O). Each
+#: reservation costs one flush; a kill leaks what was reserved and unused (repairable leaks).
+RESERVATION_BYTES = 32 * 1024 * 1024
 
 
 def probe(header: bytes) -> bool:
@@ -177,7 +180,7 @@ class Qcow2Node(Node):
         self._free_hint = 1
         self._resv = (0, 0)  # reserved clusters [start, end): refcount 1, not yet used
         self._resv_chunk = 1
-        self._resv_max = max(1, (4 * 1024 * 1024) >> cb)
+        self._resv_max = max(1, RESERVATION_BYTES >> cb)
         self._hwm = (child.size + cs - 1) >> cb  # clusters at or above are not in the file yet
         self._data_clusters: int | None = None
         self._closed = False
@@ -600,6 +603,9 @@ class Qcow2Node(Node):
             return
         pend = self._pending_decref
         self._pending_decref = []
+        # The L1/L2 writes that dropped these references must be on disk before a refcount
+        # falls; otherwise a power loss could leave an entry pointing at a free cluster.
+        await self.child.flush()
         deltas: dict[int, int] = {}
         for c in pend:
             deltas[c] = deltas.get(c, 0) - 1
@@ -751,6 +757,9 @@ class Qcow2Node(Node):
         want = max(n, self._resv_chunk)
         self._resv_chunk = min(self._resv_chunk * 2, self._resv_max)
         start = await self._alloc_now(want) >> self._cb
+        # Refcounts before the L2/L1 entries that use them, across a power loss too (QEMU's
+        # cache dependency): one flush per reservation, not per allocation.
+        await self.child.flush()
         self._resv = (start + n, start + want)
         return start << self._cb
 
