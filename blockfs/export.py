@@ -30,28 +30,22 @@ class BlockStats:
     """Counters named as QEMU's ``query-blockstats`` names them."""
 
     __slots__ = (
-        "rd_bytes",
-        "wr_bytes",
-        "unmap_bytes",
-        "rd_operations",
-        "wr_operations",
-        "flush_operations",
-        "unmap_operations",
-        "rd_total_time_ns",
-        "wr_total_time_ns",
-        "flush_total_time_ns",
-        "wr_highest_offset",
-        "failed_rd_operations",
-        "failed_wr_operations",
-        "failed_flush_operations",
-        "invalid_rd_operations",
-        "invalid_wr_operations",
-        "last_io_ns",
-    )
+        "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+        "flush_operations", "unmap_operations", "rd_total_time_ns", "wr_total_time_ns",
+        "flush_total_time_ns", "wr_highest_offset", "failed_rd_operations",
+        "failed_wr_operations", "failed_flush_operations", "invalid_rd_operations",
+        "invalid_wr_operations", "last_io_ns",
+    )  # fmt: skip
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.rd_bytes = self.wr_bytes = self.unmap_bytes = 0
+        self.rd_operations = self.wr_operations = self.flush_operations = 0
+        self.unmap_operations = 0
+        self.rd_total_time_ns = self.wr_total_time_ns = self.flush_total_time_ns = 0
+        self.wr_highest_offset = 0
+        self.failed_rd_operations = self.failed_wr_operations = 0
+        self.failed_flush_operations = 0
+        self.invalid_rd_operations = self.invalid_wr_operations = 0
         self.last_io_ns = _now()
 
     def as_dict(self) -> dict[str, int]:

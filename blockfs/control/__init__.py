@@ -17,6 +17,7 @@ with an errno, and a read of the same open file then returns the one-line reason
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -177,7 +178,7 @@ class ControlTree:
         d = VDir(job.id)
         tree.add(self.jobs_dir, d)
         tree.add(d, TextFile("status", job.status))
-        tree.add(d, _WritableFile("ctl", lambda data, job=job: self._job_verb(job, data)))
+        tree.add(d, _WritableFile("ctl", functools.partial(self._job_verb, job)))
         self._job_dirs[job.id] = d
 
     def _remove_job(self, job: Job) -> None:

@@ -35,6 +35,7 @@ from blockfs.nodes.opener import close_chain, open_image
 
 if TYPE_CHECKING:
     from blockfs.daemon import Daemon
+    from blockfs.fs import ImageFile
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class BackupJob(Job):
         self.stash: dict[int, bytes] = {}
         self.stash_bytes = 0
         self.outside: bytearray | None = None  # sync=top: clusters the top did not hold
-        self.view_file = None
+        self.view_file: ImageFile | None = None
         self._stash_lock = trio.Lock()
 
     def _progress(self, nbytes: int) -> None:
@@ -576,7 +577,7 @@ async def open_backup_target(spec: BackupSpec, device: Export) -> tuple[Node, bo
     return node, zero_init
 
 
-def _first_blockfs_error(group: BaseExceptionGroup) -> BlockfsError | None:  # type: ignore[type-arg]
+def _first_blockfs_error(group: BaseExceptionGroup[BaseException]) -> BlockfsError | None:
     for exc in group.exceptions:
         if isinstance(exc, BlockfsError):
             return exc

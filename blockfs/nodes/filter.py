@@ -41,6 +41,8 @@ class FilterNode(Node):
         self.filename = child.filename
         self.format_name = child.format_name
         self.limits = child.limits
+        # block_status answers for the child's layer, so the chain goes on below the child.
+        self.backing = child.backing
         for name in self.passes_through:
             setattr(self, name, getattr(child, name))
 
@@ -54,11 +56,6 @@ class FilterNode(Node):
 
     async def flush(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not handle flush")
-
-    @property  # type: ignore[override]
-    def backing(self) -> Node | None:
-        # block_status answers for the child's layer, so the chain goes on below the child.
-        return self.child.backing
 
     def children(self) -> list[Node]:
         return [self.child]
