@@ -25,6 +25,9 @@ Invariants that the code relies on (write them down, since a new ``await`` break
   up is in flight (``_io_active``): decrements wait in ``_pending_decref`` until none is.
 * L2 tables that a task is about to change are pinned in the cache (never evicted), so that a
   reload can never bring back a stale copy.
+* Compressed clusters (:meth:`Qcow2Node.write_compressed`) are packed into an area of host
+  clusters whose refcounts were raised, and flushed, beforehand to the most references they can
+  get; the surplus is given back when the area is left. A kill leaves leaks, never too few.
 
 Not done here: lazy refcounts, extended L2 entries, external data files, encryption (refused
 at open with a clear error), resizing.
@@ -33,6 +36,7 @@ at open with a clear error), resizing.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import sys
 import zlib
@@ -43,7 +47,7 @@ from typing import Literal
 
 import trio
 
-from blockfs.errors import BlockfsError, ImageError, ReadOnlyError
+from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UsageError
 from blockfs.nodes.base import Extent, Limits, Node, Status
 from blockfs.nodes.qcow2_create import create_qcow2  # re-exported for block jobs
 from blockfs.nodes.qcow2_format import (
@@ -92,6 +96,13 @@ DECOMPRESSED_CACHE_ENTRIES = 8
 #: the most host clusters reserved at once (refcount 1, flushed, handed out without I/O). Each
 #: reservation costs one flush; a kill leaks what was reserved and unused (repairable leaks).
 RESERVATION_BYTES = 32 * 1024 * 1024
+#: the most host clusters taken at once for compressed data (one flush each, see _cz_alloc); a
+#: close leaves the unused rest as a hole, a kill as repairable leaks
+COMPRESSED_AREA_BYTES = 4 * 1024 * 1024
+#: a compressed cluster must save at least one sector, or it is written uncompressed
+COMPRESSED_SECTOR = 512
+#: compressing a cluster this big is worth a hop to a worker thread (zlib/zstd release the GIL)
+COMPRESS_IN_THREAD_BYTES = 64 * 1024
 
 
 def probe(header: bytes) -> bool:
@@ -124,6 +135,8 @@ class Qcow2Node(Node):
     """A qcow2 image over one child node (normally a ``file`` node)."""
 
     format_name = "qcow2"
+    #: :meth:`write_compressed` exists (backup with compress=on checks this)
+    supports_compressed_writes = True
 
     def __init__(
         self,
@@ -184,6 +197,16 @@ class Qcow2Node(Node):
         self._hwm = (child.size + cs - 1) >> cb  # clusters at or above are not in the file yet
         self._data_clusters: int | None = None
         self._closed = False
+        # compressed writing (see _cz_alloc): the area [_cz_pos, _cz_end) of host clusters
+        # _cz_first.. whose refcounts were raised to _cz_cap; _cz_refs counts the compressed
+        # clusters placed in each. _cz_pos == 0: no area.
+        self._cz_pos = 0
+        self._cz_end = 0
+        self._cz_first = 0
+        self._cz_refs: dict[int, int] = {}
+        self._cz_cap = min(self._rc_max, max(1, cs // COMPRESSED_SECTOR))
+        self._cz_chunk = 1
+        self._cz_limiter = trio.CapacityLimiter(os.cpu_count() or 1)
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -659,6 +682,155 @@ class Qcow2Node(Node):
                 self._l2.pop(off, None)
         return new, host
 
+    # -- compressed writing --------------------------------------------------------------------
+    #
+    # Compressed clusters are packed one after another, on sector (512 B) boundaries, in an
+    # *area* of host clusters taken from the allocator. A host cluster is referenced once by
+    # every compressed cluster whose sectors touch it (so a refcount may exceed 1 without any
+    # snapshot), and freed through the same pending decrements as any other cluster.
+    #
+    # Refcounts must be durable before an L2 entry that relies on them, yet a flush per
+    # compressed cluster would be ruinous. So the area works like the reservation: when it is
+    # taken, every cluster's refcount is raised at once to ``_cz_cap`` (the most compressed
+    # clusters that can touch one host cluster) and flushed; placements only count in memory
+    # (``_cz_refs``); when the area is left behind, the surplus ``_cz_cap - placed`` is given
+    # back. A kill in between leaves refcounts too high: leaks, never a reference to a free
+    # cluster. All ``_cz_*`` state is changed only under ``_meta_lock``.
+
+    async def write_compressed(self, offset: int, data: bytes) -> None:
+        """Overwrite the guest cluster at ``offset`` with ``data``, stored compressed with the
+        image's compression type when that saves at least a sector (else written normally).
+
+        ``offset`` is cluster aligned; ``data`` is one cluster, or for the last, shorter
+        cluster of the disk exactly the bytes up to ``size``. Whatever the cluster held before
+        (data, compressed, zero with or without space) is released. Returning means the data
+        and the L2 entry reached the child, as for :meth:`write`.
+
+        :raise ReadOnlyError: the image is open read-only.
+        :raise UsageError: ``offset`` is not cluster aligned or ``data`` is not one cluster.
+        :raise ImageError: corrupt metadata met on the way (a refcount would overflow, ...).
+        """
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        cs = self._cs
+        n = len(data)
+        if (
+            offset & self._cmask
+            or not 0 <= offset < self.size
+            or (n != cs and n != self.size - offset)
+        ):
+            raise UsageError(
+                f"{self.filename}: a compressed write must cover exactly one cluster "
+                f"(offset {offset}, length {n}, cluster size {cs})"
+            )
+        buf = data if n == cs else data + bytes(cs - n)
+        if cs >= COMPRESS_IN_THREAD_BYTES:
+            comp = await trio.to_thread.run_sync(self._compress, buf, limiter=self._cz_limiter)
+        else:
+            comp = self._compress(buf)
+        if comp is None:
+            await self.write(offset, data)
+            return
+        cb = self._cb
+        g = offset >> cb
+        l1i = g >> self._l2_bits
+        l2i = g & self._l2_mask
+        size = -(-len(comp) // COMPRESSED_SECTOR) * COMPRESSED_SECTOR
+        x = 62 - (cb - 8)
+        ev = await self._claim(g, g + 1)
+        try:
+            async with self._meta_lock:
+                table, l2off = await self._writable_l2(l1i)
+            try:
+                async with self._meta_lock:
+                    coff = await self._cz_alloc(size)
+                assert coff < 1 << x and not coff % COMPRESSED_SECTOR
+                # whole sectors: the file never ends inside one, and a stale tail is never read
+                await self.child.write(coff, comp + bytes(size - len(comp)))
+                entry = OFLAG_COMPRESSED | ((size // COMPRESSED_SECTOR - 1) << x) | coff
+                old = table[l2i]  # the claim keeps it; no await between here and the swap
+                # data before the entry, disk before the table other tasks read without a lock
+                await self.child.write(l2off + l2i * 8, _BE_U64.pack(entry))
+                table[l2i] = entry
+                self._forget((old,))
+                if self._data_clusters is not None and not self._has_storage(old):
+                    self._data_clusters += 1
+            finally:
+                self._unpin(l2off)
+        finally:
+            self._release(g, g + 1, ev)
+        if self._pending_decref and not self._io_active:
+            async with self._meta_lock:
+                await self._apply_pending()
+
+    def _compress(self, buf: bytes) -> bytes | None:
+        """``buf`` (one cluster) compressed as the image says, or None when that saves less
+        than a sector. zlib is raw deflate with a 4 KiB window, as readers of qcow2 expect."""
+        if self.header.compression_type == CompressionType.ZSTD:
+            import zstandard
+
+            out = zstandard.ZstdCompressor().compress(buf)
+        else:
+            z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+            out = z.compress(buf) + z.flush()
+        return out if len(out) <= self._cs - COMPRESSED_SECTOR else None
+
+    async def _cz_alloc(self, size: int) -> int:
+        """Hand out ``size`` bytes (whole sectors, at most a cluster) of compressed space and
+        count the reference in every host cluster they touch. Caller holds ``_meta_lock``."""
+        cb = self._cb
+        refs = self._cz_refs
+        while True:
+            pos = self._cz_pos
+            if pos and pos + size <= self._cz_end:
+                c = pos >> cb
+                if refs.get(c, 0) < self._cz_cap:
+                    # any further cluster touched starts at a boundary: nothing placed in it yet
+                    for t in range(c, ((pos + size - 1) >> cb) + 1):
+                        refs[t] = refs.get(t, 0) + 1
+                    self._cz_pos = pos + size
+                    return pos
+                self._cz_pos = (c + 1) << cb  # its refcount cannot count one more
+                continue
+            await self._cz_grow(size)
+
+    async def _cz_grow(self, size: int) -> None:
+        """Take more host clusters for compressed data; if they follow the area directly, it
+        goes on (a compressed cluster may then span the boundary), else a new area starts."""
+        cb = self._cb
+        n = max(self._cz_chunk, (size + self._cmask) >> cb)
+        self._cz_chunk = min(self._cz_chunk * 2, max(1, COMPRESSED_AREA_BYTES >> cb))
+        start = await self._alloc_clusters(n)  # refcount 1, durable
+        c0 = start >> cb
+        if self._cz_cap > 1:
+            await self._change_refcounts({c: self._cz_cap - 1 for c in range(c0, c0 + n)})
+            await self.child.flush()  # before any L2 entry relies on them
+        if self._cz_pos and start == self._cz_end:
+            self._cz_end = start + (n << cb)
+            await self._cz_settle(self._cz_pos >> cb)
+        else:
+            await self._cz_release()
+            self._cz_pos = start
+            self._cz_end = start + (n << cb)
+            self._cz_first = c0
+
+    async def _cz_settle(self, upto: int) -> None:
+        """Give back the surplus references of area clusters below ``upto`` (nothing more can
+        be placed there). Caller holds ``_meta_lock``."""
+        deltas = {c: self._cz_refs.pop(c, 0) - self._cz_cap for c in range(self._cz_first, upto)}
+        self._cz_first = max(self._cz_first, upto)
+        if deltas:
+            # A cluster only drops to 0 here when nothing was ever placed in it.
+            await self._change_refcounts(deltas)
+
+    async def _cz_release(self) -> None:
+        """Leave the compressed area (before a new one, and at close)."""
+        if not self._cz_pos:
+            return
+        end = self._cz_end >> self._cb
+        self._cz_pos = self._cz_end = 0
+        await self._cz_settle(end)
+
     # -- refcounts and allocation (all under _meta_lock) ---------------------------------------
 
     def _rc_get(self, blk: bytearray, j: int) -> int:
@@ -1090,6 +1262,7 @@ class Qcow2Node(Node):
             if not self.read_only:
                 async with self._meta_lock:
                     await self._apply_pending(force=True)
+                    await self._cz_release()
                     await self._release_reservation()
         finally:
             await self.child.aclose()
