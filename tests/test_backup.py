@@ -359,3 +359,33 @@ def test_busy_device_and_shell_usage(mount, tmp_path: Path) -> None:
     assert res.returncode == 1 and res.stderr.startswith("blockfs: ") and "exists" in res.stderr
     blockfs("job", "dismiss", str(m.path), "d")
     qemu_img("compare", "-F", "raw", str(t1), str(src))
+
+
+def test_compressed_backup_under_writes(mount, tmp_path: Path) -> None:
+    size = 32 * MiB
+    src = tmp_path / "src.raw"
+    text = b"".join(b"line %08d of a very compressible disk\n" % i for i in range(size // 40 + 1))
+    src.write_bytes(text[:size])
+    m = mount(f"d={src}")
+    ref = tmp_path / "ref.raw"
+    run(["cp", str(m / "d"), str(ref)])
+    target = tmp_path / "t.qcow2"
+    start(m, f"device=d target={target} compress=on speed=8M")
+    writer = fio_writer(m / "d", runtime=2, size=size, jobs=2)
+    s = wait_state(m, "d", ("concluded",))
+    fio_done(writer)
+    assert s["error"] is None, s
+    qemu_img("compare", "-F", "raw", str(target), str(ref))
+    check = json.loads(qemu_img("check", "--output=json", str(target)).stdout)
+    assert check["compressed-clusters"] >= (size // 65536) * 0.9
+    assert target.stat().st_blocks * 512 < size // 4
+    res = write_control_error(
+        m, f"device=d id=r target={tmp_path / 'r.raw'} format=raw compress=on"
+    )
+    assert "qcow2" in res
+
+
+def write_control_error(m, spec: str) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(Exception) as exc:
+        start(m, spec)
+    return str(exc.value)

@@ -58,8 +58,8 @@ A spec is key=value words or one JSON object. Sizes take K, M, G suffixes.
 
 Backup keys: device (required), target (required, a path), format (qcow2|raw; default qcow2),
 mode (new|existing), sync (full|top|none), speed, on-source-error and on-target-error
-(report|ignore|stop|enospc), id (default: the device name), view (on: publish MNT/DEVICE@ID,
-a read-only point-in-time view, while the job runs).
+(report|ignore|stop|enospc), id (default: the device name), compress (on: compressed qcow2
+clusters), view (on: publish MNT/DEVICE@ID, a read-only point-in-time view, while the job runs).
 
 Examples:
     echo "device=disk0 target=/srv/backup.qcow2 sync=full" > MNT/.control/jobs/backup

@@ -227,7 +227,9 @@ class BackupJob(Job):
         self.speed = spec.speed
         self.source: Node = export.root
         cs = max(65536, target.limits.cluster_size if target.format_name != "raw" else 0)
-        self.copy = BlockCopy(self.source, target, cs, target_zero_init=target_zero_init)
+        self.copy = BlockCopy(
+            self.source, target, cs, target_zero_init=target_zero_init, compress=spec.compress
+        )
         self.copy.on_progress = self._progress
         self.len = self.source.size
         self.filter: CopyBeforeWriteFilter | None = None
@@ -344,11 +346,7 @@ class BackupJob(Job):
             for i in sorted(self.stash):
                 data = self.stash[i]
                 try:
-                    if data == bytes(len(data)):
-                        if not self.copy.target_zero_init:
-                            await self.target.write_zeroes(i * cs, len(data), may_unmap=True)
-                    else:
-                        await self.target.write(i * cs, data)
+                    await self.copy.write_target(i * cs, data)
                 except BlockfsError as exc:
                     await self._target_failed(exc)
                     return
@@ -566,11 +564,11 @@ async def open_backup_target(spec: BackupSpec, device: Export) -> tuple[Node, bo
         if spec.mode == "new":
             os.unlink(path)
         raise UsageError(f"target is {node.size} bytes, the device {size}")
-    if spec.compress:
+    if spec.compress and not getattr(node, "supports_compressed_writes", False):
         await close_chain(node)
         if spec.mode == "new":
             os.unlink(path)
-        raise UnsupportedFeature("compress=on is not supported yet", errno=errno.EINVAL)
+        raise UsageError(f"compress=on needs a qcow2 target, not {node.format_name}")
     # A new target reads as zeroes where nothing was written: zeroes need not be copied.
     # (Not so with a backing file: there, unwritten clusters read from the backing.)
     zero_init = spec.mode == "new" and node.backing is None

@@ -77,9 +77,9 @@ class SourceError(BlockfsError):
 
 
 class TargetError(BlockfsError):
-    """Writing the target failed; ``data`` is what was read (None for a zero run)."""
+    """Writing the target failed; ``data`` is what was read from the source."""
 
-    def __init__(self, cause: BlockfsError, offset: int, data: bytes | None) -> None:
+    def __init__(self, cause: BlockfsError, offset: int, data: bytes) -> None:
         super().__init__(f"target write failed: {cause}", errno=cause.errno)
         self.cause = cause
         self.offset = offset
@@ -96,6 +96,7 @@ class BlockCopy:
         cluster_size: int,
         *,
         target_zero_init: bool,
+        compress: bool = False,
         max_chunk: int = 1 << 20,
     ) -> None:
         self.source = source
@@ -105,6 +106,8 @@ class BlockCopy:
         self.clusters = (self.size + cluster_size - 1) // cluster_size
         self.bitmap = DirtyBitmap(self.clusters, dirty=False)
         self.target_zero_init = target_zero_init
+        #: write data as compressed clusters of the target (a qcow2 node's write_compressed)
+        self.compress = compress
         self.max_run = max(1, max_chunk // cluster_size)
         self._inflight: dict[int, trio.Event] = {}
         self._idle = trio.Event()
@@ -171,12 +174,7 @@ class BlockCopy:
             except BlockfsError as exc:
                 raise SourceError(exc) from None
             try:
-                if data == _zeroes(length):
-                    if not self.target_zero_init:
-                        await self.target.write_zeroes(offset, length, may_unmap=True)
-                    data = None  # type: ignore[assignment]
-                else:
-                    await self.target.write(offset, data)
+                await self.write_target(offset, data)
             except BlockfsError as exc:
                 raise TargetError(exc, offset, data) from None
             copied = True
@@ -184,6 +182,29 @@ class BlockCopy:
             self._release(first, count, copied)
         self.on_progress(length)
         return length
+
+    async def write_target(self, offset: int, data: bytes) -> None:
+        """Put ``data`` on the target: zeroes as zeroes (or nothing on a zero-initialised
+        target), the rest compressed or plain. :raise BlockfsError:"""
+        if data == _zeroes(len(data)):
+            if not self.target_zero_init:
+                await self.target.write_zeroes(offset, len(data), may_unmap=True)
+        elif self.compress:
+            await self._write_compressed(offset, data)
+        else:
+            await self.target.write(offset, data)
+
+    async def _write_compressed(self, offset: int, data: bytes) -> None:
+        """One target cluster at a time (job clusters are whole target clusters)."""
+        tcs = self.target.limits.cluster_size
+        write = self.target.write_compressed  # type: ignore[attr-defined]
+        for pos in range(0, len(data), tcs):
+            chunk = data[pos : pos + tcs]
+            if chunk == _zeroes(len(chunk)):
+                if not self.target_zero_init:
+                    await self.target.write_zeroes(offset + pos, len(chunk), may_unmap=True)
+            else:
+                await write(offset + pos, chunk)
 
     def mark_done(self, first: int, count: int) -> None:
         """Count claimed clusters as copied without copying (their data went elsewhere)."""
