@@ -39,7 +39,7 @@ def _short(frame: str) -> str:
     return f"{path}:{m['func']}"
 
 
-def summarize(raw_path: str, top: int) -> str:
+def summarize(raw_path: str, top: int, thread_filter: str | None = None) -> str:
     """Top functions of a py-spy ``--format raw`` file (collapsed stacks, root first)."""
     self_count: Counter[str] = Counter()
     total_count: Counter[str] = Counter()
@@ -52,11 +52,13 @@ def summarize(raw_path: str, top: int) -> str:
                 continue
             count = int(n)
             frames = stack.split(";")
-            if frames and frames[0].startswith(("thread ", "process ")):
-                threads[frames[0]] += count
-                frames = [fr for fr in frames if not fr.startswith(("thread ", "process "))]
+            thread = frames[0] if frames[0].startswith("thread ") else "?"
+            if thread_filter and thread_filter not in thread:
+                continue
+            frames = [fr for fr in frames if not fr.startswith(("thread ", "process "))]
             if not frames:
                 continue
+            threads[thread] += count
             samples += count
             names = [_short(fr) for fr in frames]
             self_count[names[-1]] += count
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--io-mode", choices=("hybrid", "inline", "threads"))
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--thread", help="count only threads whose name holds this (MainThread)")
+    p.add_argument("--native", action="store_true", help="sample C frames too (py-spy --native)")
     p.add_argument("--raw", help="keep py-spy's collapsed stacks in this file")
     p.add_argument("--workdir", default="/var/tmp")
     args = p.parse_args(argv)
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     "raw",
                     "--function",
                     "--threads",
-                    "--nonblocking",
+                    # --native must stop the process to unwind it; otherwise do not stop it
+                    *(["--native"] if args.native else ["--nonblocking"]),
                     "-o",
                     raw,
                 ]
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if not spy or spy[0].returncode != 0:
             print(f"py-spy failed: {spy[0].stderr if spy else 'did not run'}", file=sys.stderr)
             return 1
-        print(summarize(raw, args.top))
+        print(summarize(raw, args.top, args.thread))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
