@@ -47,10 +47,10 @@ def summarize(raw_path: str, top: int, thread_filter: str | None = None) -> str:
     samples = 0
     with open(raw_path) as f:
         for line in f:
-            stack, _, n = line.rstrip("\n").rpartition(" ")
-            if not stack or not n.isdigit():
+            stack, _, num = line.rstrip("\n").rpartition(" ")
+            if not stack or not num.isdigit():
                 continue
-            count = int(n)
+            count = int(num)
             frames = stack.split(";")
             thread = frames[0] if frames[0].startswith("thread ") else "?"
             if thread_filter and thread_filter not in thread:
@@ -65,8 +65,8 @@ def summarize(raw_path: str, top: int, thread_filter: str | None = None) -> str:
             for name in set(names):
                 total_count[name] += count
     out = [f"{samples} samples of busy threads"]
-    for thread, n in threads.most_common():
-        out.append(f"  {thread}: {100 * n / samples:.1f}%")
+    for thread, k in threads.most_common():
+        out.append(f"  {thread}: {100 * k / samples:.1f}%")
     out.append("\nself (on top of the stack):")
     out += [f"  {100 * n / samples:5.1f}%  {name}" for name, n in self_count.most_common(top)]
     out.append("\ntotal (anywhere on the stack):")

@@ -78,12 +78,12 @@ def table(lines: list[Line]) -> str:
                 ln.better,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     out = []
-    for i, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(r[2:5], widths[2:5], strict=True)]
-        cells.append(r[5])
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:5], widths[2:5], strict=True)]
+        cells.append(row[5])
         out.append("  ".join(cells))
         if i == 0:
             out.append("  ".join("-" * w for w in widths))

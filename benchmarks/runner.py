@@ -9,6 +9,7 @@ A fresh daemon per run makes its peak RSS (VmHWM) the peak of that run alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -228,6 +229,10 @@ class Runs:
         return [n for n in self.lines if n.startswith(f"{fmt} ")]
 
 
+def _sample_cpu(into: list[float], pid: int) -> None:
+    into.append(procstat.cpu_seconds(pid))
+
+
 def run_fio_jobs(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport) -> None:
     s = runs.s
     side = exposure.side
@@ -241,7 +246,7 @@ def run_fio_jobs(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport) -> No
                 exposure.path,
                 s.runtime,
                 s.ramp,
-                after_ramp=lambda cpu=cpu: cpu.append(procstat.cpu_seconds(pid)),
+                after_ramp=functools.partial(_sample_cpu, cpu, pid),
             )
             cpu.append(procstat.cpu_seconds(pid))
         except (FioError, OSError) as exc:
