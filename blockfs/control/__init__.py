@@ -122,8 +122,6 @@ class ControlTree:
         for job in self.jobs.values():
             if job.device == name and job.state in _BUSY_STATES:
                 raise JobError(f"device {name!r} is busy with job {job.id!r}", errno=errno.EBUSY)
-        if export.read_only:
-            pass  # a backup only reads the device; guest writes are refused anyway
         return export
 
     def _check_new_id(self, job_id: str) -> None:

@@ -135,7 +135,6 @@ class BackupViewNode(Node):
     (or the stash), the rest from the device below the filter."""
 
     format_name = "raw"
-    passes_through = frozenset({"flush"})
 
     def __init__(self, job: BackupJob) -> None:
         self.job = job

@@ -167,9 +167,7 @@ class Job:
                 self._set_state(JobState.RUNNING)
                 await self.run()
                 ok = True
-        except JobFailed as exc:
-            self.error = str(exc)
-        except BlockfsError as exc:
+        except BlockfsError as exc:  # JobFailed, or an I/O error the body did not handle
             self.error = str(exc)
         except Exception as exc:  # a bug: still conclude, with the reason
             log.exception("job %s crashed", self.id)
