@@ -130,15 +130,22 @@ def mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
         assert "Traceback" not in text, f"daemon log of {m.path} holds a traceback:\n{text}"
 
 
-def _reap(pid: int) -> None:
-    deadline = time.monotonic() + 30
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    """Wait for a process to end; False if it still runs after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def _reap(pid: int) -> None:
+    """End a daemon this test started that did not go away by itself."""
+    if not wait_gone(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def random_file(path: Path, size: int, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from blockfs.jobcmds import write_control
-from conftest import blockfs, need_tool, qemu_img, random_file, run
+from conftest import blockfs, need_tool, qemu_img, random_file, run, wait_gone
 
 MiB = 1 << 20
 
@@ -289,10 +289,7 @@ def test_unmount_during_a_job_ends_it_cleanly(mount, tmp_path: Path) -> None:
     time.sleep(0.3)
     pid = m.pid
     os.kill(pid, 15)
-    deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{pid}"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert wait_gone(pid)
     qemu_img("check", str(target))
     assert "BLOCK_JOB_CANCELLED" in m.log_text()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BLOCKFS, blockfs, have_fuse, is_mounted, random_file, run
+from conftest import BLOCKFS, blockfs, have_fuse, is_mounted, random_file, run, wait_gone
 
 pytestmark = pytest.mark.skipif(not have_fuse(), reason="FUSE (/dev/fuse, fusermount3) is absent")
 
@@ -100,14 +100,7 @@ def test_umount_of_something_not_mounted(tmp_path: Path) -> None:
 
 
 def _wait_exit(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"daemon {pid} still runs")
+    assert wait_gone(pid, timeout), f"daemon {pid} still runs"
 
 
 def _write_and_check(m, img: Path) -> None:  # type: ignore[no-untyped-def]
