@@ -386,3 +386,46 @@ def write_control_error(m, spec: str) -> str:  # type: ignore[no-untyped-def]
     with pytest.raises(Exception) as exc:
         start(m, spec)
     return str(exc.value)
+
+
+@pytest.fixture
+def broken_source(tmp_path: Path) -> Path:
+    """A qcow2 whose last compressed clusters are garbage: qemu-img itself cannot read them."""
+    raw = tmp_path / "text.raw"
+    raw.write_bytes(
+        b"".join(b"line %08d compressible text\n" % i for i in range(300000))[: 8 * MiB]
+    )
+    img = tmp_path / "broken.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", str(raw), str(img))
+    with open(img, "r+b") as f:
+        f.seek(-16384, os.SEEK_END)
+        f.write(bytes(16384))  # an invalid deflate stream, whatever the offsets
+    res = qemu_img("convert", "-O", "raw", str(img), str(tmp_path / "probe.raw"), check=False)
+    assert res.returncode != 0 and "Input/output error" in res.stderr
+    return img
+
+
+def test_source_read_error_reports(mount, tmp_path: Path, broken_source: Path) -> None:
+    m = mount(f"d={broken_source},read-only=on")
+    start(m, f"device=d target={tmp_path / 't.qcow2'} on-source-error=report")
+    s = wait_state(m, "d", ("concluded",))
+    assert s["error"] and "source read failed" in s["error"], s
+    errors = [e["data"] for e in events(m) if e["event"] == "BLOCK_JOB_ERROR"]
+    assert errors and errors[0]["operation"] == "read" and errors[0]["action"] == "report"
+
+
+def test_source_read_error_stops_then_cancel(mount, tmp_path: Path, broken_source: Path) -> None:
+    m = mount(f"d={broken_source},read-only=on")
+    start(m, f"device=d target={tmp_path / 't.qcow2'} on-source-error=stop")
+    s = wait_state(m, "d", ("paused",))
+    assert s["io-status"] == "failed" and s["error"] is None
+    assert s["offset"] < s["len"]
+    # The rest of the disk still reads, through the mount, while the job waits.
+    with open(m / "d", "rb") as f:
+        assert len(f.read(4 * MiB)) == 4 * MiB
+    ctl(m, "d", "resume")  # the same clusters fail again: paused again
+    s = wait_state(m, "d", ("paused",))
+    assert s["io-status"] == "failed"
+    ctl(m, "d", "cancel")
+    s = wait_state(m, "d", ("concluded",))
+    assert any(e["event"] == "BLOCK_JOB_CANCELLED" for e in events(m))
