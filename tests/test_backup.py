@@ -307,6 +307,9 @@ def test_unmount_during_a_job_ends_it_cleanly(mount, tmp_path: Path) -> None:
         ("device=d target=T mode=existing", errno.ENOENT, "does not exist"),
         ('{"device": "d", "target": ["x"]}', errno.EINVAL, "expected a string"),
         ("{not json", errno.EINVAL, "not valid JSON"),
+        ('{"device": ' + "[" * 30000 + "]" * 30000 + "}", errno.EINVAL, "nested too deeply"),
+        ("x" * 70000, errno.EINVAL, "longer than"),
+        ("device=d target=T \udcff=1", errno.EINVAL, "not UTF-8"),
         ("device=d target=T id=.x", errno.EINVAL, "must not start with"),
         ("", errno.EINVAL, "empty spec"),
     ],
@@ -321,7 +324,7 @@ def test_bad_specs(mount, tmp_path: Path, spec: str, err: int, reason: str) -> N
     fd = os.open(m.path / ".control" / "jobs" / "backup", os.O_RDWR)
     try:
         with pytest.raises(OSError) as exc:
-            os.write(fd, (spec + "\n").encode())
+            os.write(fd, (spec + "\n").encode(errors="surrogateescape"))
         assert exc.value.errno == err
         answer = os.read(fd, 4096).decode()
     finally:

@@ -35,6 +35,8 @@ def parse_words(text: bytes | str, allowed: Iterable[str]) -> dict[str, str]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UsageError(f"spec is not valid JSON: {exc.msg} at char {exc.pos}") from None
+        except RecursionError:  # hostile nesting, [[[[...]]]]
+            raise UsageError("spec is nested too deeply") from None
         if not isinstance(obj, dict):
             raise UsageError("a JSON spec must be one object")
         items = []
