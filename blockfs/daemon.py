@@ -25,7 +25,7 @@ from blockfs.control.tree import VirtualTree
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.export import Export
 from blockfs.fs import BlockfsOperations
-from blockfs.nodes.opener import close_chain, open_image
+from blockfs.nodes.opener import check_shared_files, close_chain, open_image
 from blockfs.spec import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,12 @@ class Daemon:
                     node = await open_image(spec.path, fmt=spec.format, read_only=read_only)
                 except BlockfsError as exc:
                     raise type(exc)(f"image {spec.name}: {exc}", errno=exc.errno) from None
+                try:
+                    others = {n: e.root for n, e in self.exports.items()}
+                    check_shared_files(f"image {spec.name}", node, others)
+                except BlockfsError:
+                    await close_chain(node)
+                    raise
                 self.exports[spec.name] = Export(spec.name, node, read_only=read_only)
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -432,3 +432,19 @@ def test_source_read_error_stops_then_cancel(mount, tmp_path: Path, broken_sourc
     ctl(m, "d", "cancel")
     s = wait_state(m, "d", ("concluded",))
     assert any(e["event"] == "BLOCK_JOB_CANCELLED" for e in events(m))
+
+
+def test_target_in_use_by_a_mounted_image_is_refused(mount, tmp_path: Path) -> None:
+    a = random_file(tmp_path / "a.raw", MiB, seed=10)
+    b = random_file(tmp_path / "b.raw", MiB, seed=11)
+    before = b.read_bytes()
+    m = mount(f"a={a}", f"b={b}")
+    fd = os.open(m.path / ".control" / "jobs" / "backup", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as exc:
+            os.write(fd, f"device=a target={b} format=raw mode=existing\n".encode())
+        assert exc.value.errno == errno.EBUSY
+        assert "in use by image b" in os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+    assert b.read_bytes() == before

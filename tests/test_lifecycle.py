@@ -175,3 +175,22 @@ def test_foreground_mode_serves_until_unmounted(tmp_path: Path, img: Path) -> No
         if proc.poll() is None:
             proc.kill()
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+
+
+def test_one_file_twice_is_refused_when_written(tmp_path: Path, img: Path) -> None:
+    _refused(tmp_path, f"a={img}", f"b={img}", expect="in use by image a")
+
+
+def test_one_file_twice_read_only_is_fine(mount, img: Path) -> None:
+    m = mount(f"a={img},read-only=on", f"b={img},read-only=on")
+    run(["cmp", str(m / "a"), str(m / "b")])
+
+
+def test_a_written_base_under_a_mounted_overlay_is_refused(mount, tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)])
+    _refused(tmp_path, f"top={top}", f"base={base}", expect="in use by image top")
+    m = mount(f"top={top}", f"base={base},read-only=on")
+    run(["cmp", str(m / "top"), str(m / "base")])

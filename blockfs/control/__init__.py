@@ -29,7 +29,7 @@ from blockfs.control.tree import TextFile, VDir, VFile
 from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.info import export_info
 from blockfs.jobs.job import EventLog, Job, JobState
-from blockfs.nodes.opener import close_chain
+from blockfs.nodes.opener import check_shared_files, close_chain
 from blockfs.spec import parse_size
 
 if TYPE_CHECKING:
@@ -137,9 +137,17 @@ class ControlTree:
             self._check_new_id(spec.id)
             target, zero_init = await open_backup_target(spec, export)
             # Check again: another spec may have started a job while the target was made.
+            # The target file itself must not be a file a mounted image uses (its backing file
+            # may be: fleecing reads the device's file through it).
             try:
                 self._device(spec.device)
                 self._check_new_id(spec.id)
+                check_shared_files(
+                    f"target {spec.target}",
+                    target,
+                    {n: e.root for n, e in self.daemon.exports.items()},
+                    with_backing=False,
+                )
             except BlockfsError:
                 await close_chain(target)
                 if spec.mode == "new":

@@ -133,3 +133,39 @@ async def close_chain(node: Node) -> None:
     await node.aclose()
     if backing is not None:
         await close_chain(backing)
+
+
+def chain_files(
+    node: Node, *, with_backing: bool = True
+) -> list[tuple[tuple[int, int], bool, str]]:
+    """Every file under ``node`` (and its backing chain): ((st_dev, st_ino), writable, name).
+    Used to refuse two users of one file where one of them writes it."""
+    found = []
+    stack: list[Node] = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, FileNode):
+            st = os.fstat(n.fd)
+            found.append(((st.st_dev, st.st_ino), not n.read_only, n.filename))
+            continue
+        stack.extend(n.children())
+        if with_backing and n.backing is not None:
+            stack.append(n.backing)
+    return found
+
+
+def check_shared_files(
+    name: str, node: Node, others: dict[str, Node], *, with_backing: bool = True
+) -> None:
+    """:raise UsageError: (EBUSY) ``node`` uses a file that one of ``others`` uses, and one of
+    the two writes it: a write through one would change the other under its feet."""
+    mine = chain_files(node, with_backing=with_backing)
+    for other_name, other in others.items():
+        for ident, writable, filename in chain_files(other):
+            for my_ident, my_writable, _ in mine:
+                if ident == my_ident and (writable or my_writable):
+                    raise UsageError(
+                        f"{name}: {filename} is in use by image {other_name}, and one of them "
+                        "writes it",
+                        errno=errno.EBUSY,
+                    )
