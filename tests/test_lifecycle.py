@@ -194,3 +194,34 @@ def test_a_written_base_under_a_mounted_overlay_is_refused(mount, tmp_path: Path
     _refused(tmp_path, f"top={top}", f"base={base}", expect="in use by image top")
     m = mount(f"top={top}", f"base={base},read-only=on")
     run(["cmp", str(m / "top"), str(m / "base")])
+
+
+def test_qemu_cannot_write_a_mounted_image_but_can_read_it(mount, img: Path) -> None:
+    m = mount(f"a={img}")
+    res = run(["qemu-io", "-f", "raw", "-c", "write 0 4k", str(img)], check=False)
+    assert res.returncode != 0 and 'Failed to get "write" lock' in res.stderr
+    assert "virtual size" in run(["qemu-img", "info", "-f", "raw", str(img)]).stdout
+    m.umount()
+    run(["qemu-io", "-f", "raw", "-c", "write 0 4k", str(img)])
+
+
+def test_an_image_qemu_writes_is_refused(tmp_path: Path, img: Path) -> None:
+    # qemu-io in interactive mode keeps the image open read-write until its input ends.
+    qemu = subprocess.Popen(
+        ["qemu-io", "-f", "raw", str(img)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        held = f":{img.stat().st_ino} 100 101"  # QEMU's read and write permission bytes
+        while held not in Path("/proc/locks").read_text():
+            assert time.monotonic() < deadline and qemu.poll() is None
+            time.sleep(0.05)
+        _refused(tmp_path, f"a={img}", expect="another process writes this image")
+        _refused(tmp_path, f"a={img},read-only=on", expect="another process writes this image")
+    finally:
+        assert qemu.stdin is not None
+        qemu.stdin.close()
+        qemu.wait(timeout=30)
