@@ -444,7 +444,7 @@ def test_target_in_use_by_a_mounted_image_is_refused(mount, tmp_path: Path) -> N
         with pytest.raises(OSError) as exc:
             os.write(fd, f"device=a target={b} format=raw mode=existing\n".encode())
         assert exc.value.errno == errno.EBUSY
-        assert "in use by image b" in os.read(fd, 4096).decode()
+        assert "in use by someone that forbids writers" in os.read(fd, 4096).decode()
     finally:
         os.close(fd)
     assert b.read_bytes() == before

@@ -178,7 +178,8 @@ def test_foreground_mode_serves_until_unmounted(tmp_path: Path, img: Path) -> No
 
 
 def test_one_file_twice_is_refused_when_written(tmp_path: Path, img: Path) -> None:
-    _refused(tmp_path, f"a={img}", f"b={img}", expect="in use by image a")
+    # The image lock of the first open refuses the second (as QEMU's would).
+    _refused(tmp_path, f"a={img}", f"b={img}", expect="in use by someone that forbids writers")
 
 
 def test_one_file_twice_read_only_is_fine(mount, img: Path) -> None:
@@ -191,7 +192,10 @@ def test_a_written_base_under_a_mounted_overlay_is_refused(mount, tmp_path: Path
     top = tmp_path / "top.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"])
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)])
-    _refused(tmp_path, f"top={top}", f"base={base}", expect="in use by image top")
+    # Overlay first: the lock its backing file holds refuses the writer.
+    _refused(tmp_path, f"top={top}", f"base={base}", expect="in use by someone")
+    # Base first: its lock does not stop readers, so the mount's own check refuses the overlay.
+    _refused(tmp_path, f"base={base}", f"top={top}", expect="in use by image base")
     m = mount(f"top={top}", f"base={base},read-only=on")
     run(["cmp", str(m / "top"), str(m / "base")])
 

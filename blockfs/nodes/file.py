@@ -355,7 +355,8 @@ def _lock_against_writers(fd: int, path: str, read_only: bool) -> None:
             )
         if not read_only and _lock_held(fd, write_unshared):
             raise UsageError(
-                f"{path}: in use by another process that forbids writers (a VM, qemu or blockfs?)",
+                f"{path}: in use by someone that forbids writers (another image of this "
+                "mount, a VM, qemu or blockfs?)",
                 errno=errno.EBUSY,
             )
         fcntl.fcntl(
