@@ -48,6 +48,13 @@ def compare(img: Path, raw: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def judge(img: Path, ref: bytes | bytearray, tmp_path: Path) -> None:
+    """The image is clean by ``qemu-img check`` and equals ``ref`` by ``qemu-img compare``."""
+    check_clean(img)
+    (tmp_path / "ref.raw").write_bytes(ref)
+    compare(img, tmp_path / "ref.raw")
+
+
 def random_patterns(rnd: random.Random, size: int, count: int, zero: bool) -> list[str]:
     """qemu-io commands writing random patterns (some unaligned) and zeroes."""
     cmds = []
@@ -141,9 +148,7 @@ async def test_compressed_clusters_read_and_rewrite(tmp_path: Path, ctype: str) 
         assert await node.read(0, node.size) == bytes(ref)
     finally:
         await close_chain(node)
-    check_clean(img)
-    (tmp_path / "ref.raw").write_bytes(ref)
-    compare(img, tmp_path / "ref.raw")
+    judge(img, ref, tmp_path)
 
 
 async def test_three_deep_chain_with_relative_paths_and_short_base(tmp_path: Path) -> None:
@@ -282,9 +287,7 @@ async def test_writes_zeroes_discards_match_raw_reference(
         await node.flush()
     finally:
         await close_chain(node)
-    check_clean(img)
-    (tmp_path / "ref.raw").write_bytes(ref)
-    compare(img, tmp_path / "ref.raw")
+    judge(img, ref, tmp_path)
 
 
 async def test_partial_cluster_write_over_backing_copies_the_rest(tmp_path: Path) -> None:
@@ -593,9 +596,7 @@ async def test_small_l2_cache_evicts_and_stays_exact(tmp_path: Path, monkeypatch
         assert len(node._l2) <= 4
     finally:
         await close_chain(node)
-    check_clean(img)
-    (tmp_path / "ref.raw").write_bytes(ref)
-    compare(img, tmp_path / "ref.raw")
+    judge(img, ref, tmp_path)
 
 
 async def test_mapped_read_is_one_child_read(tmp_path: Path) -> None:
