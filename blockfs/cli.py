@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from blockfs import __version__
 from blockfs.errors import BlockfsError, UsageError
+from blockfs.spec import ImageSpec, parse_image_specs
 
 log = logging.getLogger("blockfs")
 
@@ -56,11 +57,9 @@ def _setup_logging(log_file: str | None, foreground: bool, verbose: bool) -> Non
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     from blockfs.daemon import check_mountpoint, mount_state
-    from blockfs.spec import parse_image_specs
-
-    specs = parse_image_specs(args.images)
     from blockfs.nodes.file import check_image_file
 
+    specs = parse_image_specs(args.images)
     for spec in specs:
         try:
             check_image_file(spec.path)
@@ -79,7 +78,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     return _run_daemon(args, specs)
 
 
-def _run_daemon(args: argparse.Namespace, specs: list) -> int:  # type: ignore[type-arg]
+def _run_daemon(args: argparse.Namespace, specs: list[ImageSpec]) -> int:
     import trio
 
     from blockfs.daemon import Daemon, MountConfig

@@ -180,7 +180,6 @@ class Daemon:
                 await self.close_images()
             raise
         log.info("mounted %d image(s) on %s", len(self.exports), self.mountpoint)
-        unmount = True
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -197,7 +196,7 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.close_images()
-            pyfuse3.close(unmount=unmount)
+            pyfuse3.close(unmount=True)
             log.info("unmounted %s", self.mountpoint)
 
     async def _watch_signals(self) -> None:

@@ -182,10 +182,6 @@ class Export:
             self._gate = None
             gate.set()
 
-    @property
-    def inflight(self) -> int:
-        return self._inflight
-
     async def allocated_bytes(self) -> int:
         """Bytes that hold data, over the whole chain, capped at the virtual size."""
         total = 0

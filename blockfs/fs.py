@@ -240,17 +240,11 @@ class BlockfsOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         pass  # close() is not fsync(); data already reached the image at each write
 
+    @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         export = self._exports.get(fh)
-        if export is None:
-            return
-        try:
+        if export is not None:
             await export.flush()
-        except BlockfsError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception:
-            log.exception("fsync of %s failed", export.name)
-            raise pyfuse3.FUSEError(errno.EIO) from None
 
     # -- data -------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ a removed entry keeps its inode until the tree is dropped, so a handle still ope
 
 from __future__ import annotations
 
+import errno
 import json
 import stat
 from collections.abc import Awaitable, Callable
@@ -56,7 +57,7 @@ class VFile(VNode):
     async def write(self, data: bytes) -> bytes | None:
         """Act on what was written; return text for later reads of the same open file, or
         raise BlockfsError (its errno fails the write; its message is what reads return)."""
-        raise BlockfsError("this file is read-only", errno=30)
+        raise BlockfsError("this file is read-only", errno=errno.EROFS)
 
 
 class TextFile(VFile):
@@ -88,7 +89,7 @@ class VirtualTree:
 
     def add(self, parent: VDir, node: VNode) -> VNode:
         if node.name in parent.children:
-            raise BlockfsError(f"{node.name} exists already", errno=17)
+            raise BlockfsError(f"{node.name} exists already", errno=errno.EEXIST)
         node.inode = self._next
         self._next += 1
         node.parent = parent
