@@ -316,7 +316,7 @@ class BackupJob(Job):
             self.report_error("read", ErrorAction.REPORT)
             self._break(f"copy-before-write: {exc}")
 
-    def _stash_put(self, first: int, count: int, data: bytes | None) -> bool:
+    def _stash_put(self, first: int, count: int, data: bytes) -> bool:
         """Keep clusters [first, first+count) in memory (no await: the claim is atomic)."""
         cs = self.copy.cluster_size
         nbytes = min(count * cs, self.copy.size - first * cs)
@@ -324,7 +324,7 @@ class BackupJob(Job):
             return False
         for k in range(count):
             i = first + k
-            chunk = bytes(cs) if data is None else data[k * cs : (k + 1) * cs]
+            chunk = data[k * cs : (k + 1) * cs]
             self.stash[i] = chunk
             self.stash_bytes += len(chunk)
             self.copy.bitmap.clear(i)
@@ -449,8 +449,7 @@ class BackupJob(Job):
             if k > 0:
                 zero_len = min(k * cs, copy.size - offset)
                 try:
-                    if not copy.target_zero_init:
-                        await self.target.write_zeroes(offset, zero_len, may_unmap=True)
+                    await copy.zero_target(offset, zero_len)
                 except BlockfsError as exc:
                     copy.release_claim(first, n)
                     failures[0] += 1

@@ -187,12 +187,16 @@ class BlockCopy:
         """Put ``data`` on the target: zeroes as zeroes (or nothing on a zero-initialised
         target), the rest compressed or plain. :raise BlockfsError:"""
         if data == _zeroes(len(data)):
-            if not self.target_zero_init:
-                await self.target.write_zeroes(offset, len(data), may_unmap=True)
+            await self.zero_target(offset, len(data))
         elif self.compress:
             await self._write_compressed(offset, data)
         else:
             await self.target.write(offset, data)
+
+    async def zero_target(self, offset: int, length: int) -> None:
+        """Make the range read as zeroes on the target (nothing to do on a new target)."""
+        if not self.target_zero_init:
+            await self.target.write_zeroes(offset, length, may_unmap=True)
 
     async def _write_compressed(self, offset: int, data: bytes) -> None:
         """One target cluster at a time (job clusters are whole target clusters)."""
@@ -201,8 +205,7 @@ class BlockCopy:
         for pos in range(0, len(data), tcs):
             chunk = data[pos : pos + tcs]
             if chunk == _zeroes(len(chunk)):
-                if not self.target_zero_init:
-                    await self.target.write_zeroes(offset + pos, len(chunk), may_unmap=True)
+                await self.zero_target(offset + pos, len(chunk))
             else:
                 await write(offset + pos, chunk)
 
