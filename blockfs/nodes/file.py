@@ -33,7 +33,7 @@ from typing import Any
 import outcome
 import trio
 
-from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UsageError
+from blockfs.errors import BlockfsError, ReadOnlyError, UsageError
 from blockfs.nodes.base import Extent, Node, Status
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
@@ -137,28 +137,12 @@ class FileNode(Node):
             flags |= os.O_CREAT | os.O_EXCL
         try:
             fd = await trio.to_thread.run_sync(os.open, path, flags, 0o644)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such file", errno=errno.ENOENT) from None
-        except FileExistsError:
-            raise UsageError(f"{path}: file exists", errno=errno.EEXIST) from None
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a directory", errno=errno.EISDIR) from None
         except OSError as exc:
-            raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+            raise _path_error(exc, path) from None
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise UsageError(f"{path}: is a directory", errno=errno.EISDIR)
-            if stat.S_ISBLK(st.st_mode):
-                size = os.lseek(fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                size = st.st_size
-            else:
-                raise UsageError(f"{path}: not a regular file or block device")
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
+            _check_kind(st, path)
+            size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
             if stat.S_ISREG(st.st_mode):
                 _lock_against_writers(fd, path, read_only)
         except BaseException:
@@ -370,15 +354,25 @@ def _lock_against_writers(fd: int, path: str, read_only: bool) -> None:
         raise
 
 
+def _path_error(exc: OSError, path: str) -> UsageError:
+    """The one-line error for a path that cannot be used as an image."""
+    messages = {errno.ENOENT: "no such file", errno.EEXIST: "file exists",
+                errno.EISDIR: "is a directory"}  # fmt: skip
+    code = exc.errno or errno.EIO
+    return UsageError(f"{path}: {messages.get(code, exc.strerror)}", errno=code)
+
+
+def _check_kind(st: os.stat_result, path: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path}: is a directory", errno=errno.EISDIR)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"{path}: not a regular file or block device")
+
+
 def check_image_file(path: str) -> None:
     """Cheap checks before opening, for one-line errors. :raise UsageError:"""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file", errno=errno.ENOENT) from None
     except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{path}: is a directory", errno=errno.EISDIR)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise ImageError(f"{path}: not a regular file or block device")
+        raise _path_error(exc, path) from None
+    _check_kind(st, path)
