@@ -29,6 +29,16 @@ def qemu_io(img: Path, *cmds: str, fmt: str = "qcow2") -> None:
     assert "error" not in res.stdout.lower() + res.stderr.lower(), res.stdout + res.stderr
 
 
+def create(
+    img: Path, size: int, cluster_size: int, compat: str, backing: Path | None = None
+) -> None:
+    """``qemu-img create`` a qcow2 with these options (and a qcow2 backing file)."""
+    opts = ["-o", f"cluster_size={cluster_size},compat={compat}"]
+    if backing is not None:
+        opts += ["-b", str(backing), "-F", "qcow2"]
+    qemu_img("create", "-q", "-f", "qcow2", *opts, str(img), str(size))
+
+
 def to_raw(img: Path, tmp: Path) -> bytes:
     out = tmp / (img.name + ".raw")
     qemu_img("convert", "-O", "raw", str(img), str(out))
@@ -88,16 +98,7 @@ async def test_reads_equal_qemu_img_convert(tmp_path: Path, cluster_size: int, c
     rnd = random.Random(cluster_size)
     size = 10 * MiB + 1536  # not a multiple of any cluster size above 512
     img = tmp_path / "a.qcow2"
-    qemu_img(
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        f"cluster_size={cluster_size},compat={compat}",
-        str(img),
-        str(size),
-    )
+    create(img, size, cluster_size, compat)
     qemu_io(img, *random_patterns(rnd, size, 30, zero=True), f"write -P 0x77 {size - 512} 512")
     expect = to_raw(img, tmp_path)
     node = await open_image(str(img), read_only=True)
@@ -233,31 +234,9 @@ async def test_writes_zeroes_discards_match_raw_reference(
         base = tmp_path / "base.qcow2"
         qemu_img("create", "-q", "-f", "qcow2", str(base), str(size - 512 * 7))
         qemu_io(base, *random_patterns(rnd, size - 512 * 7, 10, zero=False))
-        qemu_img(
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            f"cluster_size={cluster_size},compat={compat}",
-            "-b",
-            str(base),
-            "-F",
-            "qcow2",
-            str(img),
-            str(size),
-        )
+        create(img, size, cluster_size, compat, backing=base)
     else:
-        qemu_img(
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            f"cluster_size={cluster_size},compat={compat}",
-            str(img),
-            str(size),
-        )
+        create(img, size, cluster_size, compat)
     qemu_io(img, *random_patterns(rnd, size, 8, zero=compat == "1.1"))
     ref = bytearray(to_raw(img, tmp_path))
     node = await open_image(str(img))
