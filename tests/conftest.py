@@ -154,3 +154,19 @@ def random_file(path: Path, size: int, seed: int = 0) -> Path:
     rnd = random.Random(seed)
     path.write_bytes(rnd.randbytes(size))
     return path
+
+
+def fio_verify(path: Path, cwd: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """fio random writes with crc32c verification over 32 MiB per job, run in ``cwd`` (where
+    fio leaves its verify state). ``options`` add or override (--numjobs=, --bs=, ...)."""
+    need_tool("fio")
+    return run(
+        [
+            "fio", "--name=verify", f"--filename={path}", "--rw=randwrite", "--bs=4k",
+            "--numjobs=4", "--size=32M", "--offset_increment=32M", "--ioengine=libaio",
+            "--iodepth=16", "--direct=1", "--verify=crc32c", "--verify_fatal=1",
+            "--do_verify=1", "--group_reporting", *options,
+        ],
+        check=False,
+        cwd=cwd,
+    )  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need_tool, qemu_img, random_file, run
+from conftest import fio_verify, need_tool, qemu_img, random_file, run
 
 ODD_SIZES = [1, 511, 513, 4097, 3 * 1024 * 1024 + 1234]
 
@@ -212,26 +212,6 @@ def test_fio_verify_eight_jobs(mount, tmp_path: Path) -> None:
     img = tmp_path / "fio.img"
     qemu_img("create", "-f", "raw", str(img), "256M")
     m = mount(f"fio={img}")
-    res = run(
-        [
-            "fio",
-            "--name=verify",
-            f"--filename={m / 'fio'}",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--numjobs=8",
-            "--size=32M",
-            "--offset_increment=32M",
-            "--ioengine=libaio",
-            "--iodepth=16",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--verify_state_save=0",
-            "--group_reporting",
-        ],
-        check=False,
-    )
+    res = fio_verify(m / "fio", tmp_path, "--numjobs=8")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "verify" in res.stdout and "err= 0" in res.stdout

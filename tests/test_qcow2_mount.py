@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import blockfs, is_mounted, need_tool, qemu_img, run
+from conftest import blockfs, fio_verify, is_mounted, need_tool, qemu_img, run
 
 MiB = 1024 * 1024
 
@@ -52,27 +52,7 @@ def test_fio_verify_on_overlay_then_qemu_img_agrees(mount, tmp_path: Path) -> No
     need_tool("fio")
     top = overlay_on_base(tmp_path)
     m = mount(f"vm={top}")
-    res = run(
-        [
-            "fio",
-            "--name=verify",
-            f"--filename={m / 'vm'}",
-            "--rw=randwrite",
-            "--bsrange=4k-128k",
-            "--numjobs=4",
-            "--size=32M",
-            "--offset_increment=32M",
-            "--ioengine=libaio",
-            "--iodepth=16",
-            "--direct=1",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--group_reporting",
-        ],
-        check=False,
-        cwd=tmp_path,  # fio leaves its verify state files in its working directory
-    )
+    res = fio_verify(m / "vm", tmp_path, "--bsrange=4k-128k")
     assert res.returncode == 0 and "err= 0" in res.stdout, res.stdout + res.stderr
     seen = (m / "vm").read_bytes()
     m.umount()
