@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from blockfs.errors import ImageError, UnsupportedFeature
@@ -47,6 +48,10 @@ MAX_SNAPSHOT_EXTRA = 1024
 MAX_SNAPSHOT_ID = 1024  # QEMU's IDs are decimal numbers; a long one is an attack
 #: host offsets live in bits 9-55 of L1/L2 entries
 MAX_HOST_OFFSET = 1 << 56
+#: the largest zstd window a compressed cluster may ask for: QEMU compresses one cluster at a
+#: time, so a window beyond the cluster (2 MiB at most) is never needed, and a hostile frame
+#: cannot make the decoder reserve zstd's default limit of 128 MiB
+MAX_ZSTD_WINDOW = 8 * 1024 * 1024
 
 
 class Incompatible(enum.IntFlag):
@@ -502,3 +507,35 @@ def snapshot_table_bound(count: int) -> int:
         MAX_SNAPSHOT_TABLE_BYTES,
         count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + MAX_SNAPSHOT_ID + 65535 + 8),
     )
+
+
+def decompress_cluster(raw: bytes, compression_type: int, cs: int, what: str) -> bytes:
+    """The first ``cs`` bytes that ``raw`` (one compressed cluster's sectors) decompress to.
+    Never produces more than ``cs`` bytes, whatever the data claims: 32 KiB of zstd expand to
+    a GiB, so an unbounded decompression would let a hostile image exhaust memory and time.
+
+    :raise ImageError: the data is corrupt or decompresses to less than a cluster (``what``
+        names the cluster in the message).
+    """
+    import zstandard  # here, not at the top: only images with compressed clusters need it
+
+    try:
+        if compression_type == CompressionType.ZSTD:
+            dctx = zstandard.ZstdDecompressor(max_window_size=max(cs, MAX_ZSTD_WINDOW))
+            reader = dctx.stream_reader(raw)
+            parts: list[bytes] = []
+            got = 0
+            while got < cs:
+                chunk = reader.read(cs - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            out = b"".join(parts)
+        else:
+            out = zlib.decompressobj(-12).decompress(raw, cs)
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise ImageError(f"{what} is corrupt: {exc}") from None
+    if len(out) < cs:
+        raise ImageError(f"{what} is truncated")
+    return out[:cs]

@@ -131,6 +131,12 @@ async def _write_table(node: Qcow2Node, snaps: list[Snapshot]) -> None:
 def _check_writable(node: Qcow2Node) -> None:
     if node.read_only:
         raise UsageError(f"{node.filename}: snapshots need the image opened read-write")
+    if node._rc_max < 2:
+        # a snapshot shares every cluster: refcounts of 2 must fit (qemu-img refuses too)
+        raise UsageError(
+            f"{node.filename}: snapshots need refcount_bits of at least 2 "
+            f"(this image has {node._rc_bits})"
+        )
 
 
 async def create_snapshot(node: Qcow2Node, name: str) -> Snapshot:
