@@ -10,18 +10,27 @@ The root node may be replaced (a job inserts a filter, mirror switches to its ta
 
 Invariant kept without locks: between reading ``self.root`` and calling into it there is no
 ``await``, so a request runs entirely against one graph.
+
+A failed flush stays failed (guarantee G4): once a flush of the image has failed, every later
+flush fails too, until the image is reopened (a remount). After a failed fsync the kernel may
+have dropped the dirty pages it could not write, so a later flush that "succeeds" would claim
+durability for data that is gone.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 
-from blockfs.errors import NoSpaceError, ReadOnlyError
+from blockfs.errors import BlockfsError, NoSpaceError, ReadOnlyError
 from blockfs.nodes.base import Node
+
+log = logging.getLogger(__name__)
 
 _now = time.perf_counter_ns
 
@@ -66,6 +75,8 @@ class Export:
         self._inflight = 0
         self._gate: trio.Event | None = None  # set while requests are held back
         self._drained: trio.Event | None = None  # set when the last in-flight request ends
+        #: the first flush failure; every later flush fails with it (see the module docstring)
+        self.flush_error: str | None = None
 
     # -- the data path ------------------------------------------------------------------------
 
@@ -135,16 +146,34 @@ class Export:
         return length
 
     async def flush(self) -> None:
+        """Make every acknowledged write durable.
+
+        :raise BlockfsError: this flush failed, or an earlier one did (EIO then).
+        """
         if self.read_only:
             return
+        if self.flush_error is not None:
+            self.stats.failed_flush_operations += 1
+            raise BlockfsError(
+                f"{self.name}: an earlier flush failed ({self.flush_error}); flushes fail "
+                "until the image is reopened",
+                errno=errno.EIO,
+            )
         if self._gate is not None:
             await self._wait_admitted()
         self._inflight += 1
         t0 = _now()
         try:
             await self.root.flush()
-        except BaseException:
+        except BaseException as exc:
             self.stats.failed_flush_operations += 1
+            if isinstance(exc, Exception) and self.flush_error is None:
+                self.flush_error = str(exc)
+                log.error(
+                    "%s: flush failed: %s; every later flush fails until the image is reopened",
+                    self.name,
+                    exc,
+                )
             raise
         finally:
             self._request_done()

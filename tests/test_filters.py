@@ -14,8 +14,9 @@ import pytest
 from blockfs.jobs.backup import CopyBeforeWriteFilter
 from blockfs.nodes.base import Node
 from blockfs.nodes.filter import NODE_OPERATIONS, FilterNode
+from blockfs.nodes.inject import InjectFilter
 
-FILTERS = [CopyBeforeWriteFilter]
+FILTERS = [CopyBeforeWriteFilter, InjectFilter]
 
 
 def test_operation_list_matches_the_node_interface() -> None:

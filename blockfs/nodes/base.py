@@ -119,6 +119,12 @@ class Node(abc.ABC):
         """Bytes of this layer's own storage that hold data (for st_blocks and ``du``)."""
         return self.size
 
+    def debug_event(self, name: str) -> None:  # noqa: B027 (a hook, empty by design)
+        """A format node announces ``name``, a kind of metadata write (``l2_update``, ...; see
+        :mod:`blockfs.nodes.inject`), to its child right before it makes that write. Only the
+        error-injection filter listens; everywhere else this is a no-op call, made on metadata
+        writes only, never on a mapped read or write."""
+
     def children(self) -> list[Node]:
         """Nodes this node owns and closes (not its backing chain, which is listed apart)."""
         return []

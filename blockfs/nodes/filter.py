@@ -60,6 +60,9 @@ class FilterNode(Node):
     def children(self) -> list[Node]:
         return [self.child]
 
+    def debug_event(self, name: str) -> None:
+        self.child.debug_event(name)
+
     def describe(self) -> dict[str, object]:
         return self.child.describe()
 
