@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blockfs.errors import ImageError, UnsupportedFeature
@@ -539,3 +540,111 @@ def decompress_cluster(raw: bytes, compression_type: int, cs: int, what: str) ->
     if len(out) < cs:
         raise ImageError(f"{what} is truncated")
     return out[:cs]
+
+
+#: a run of metadata clusters: (what, first cluster, end cluster)
+Region = tuple[str, int, int]
+
+
+def metadata_regions(
+    cluster_bits: int,
+    l1_offset: int,
+    l1_entries: int,
+    rt_offset: int,
+    rt_clusters: int,
+    snapshots_offset: int,
+    nb_snapshots: int,
+) -> list[Region]:
+    """The clusters of the header and of the tables the header points to (the snapshot table
+    counted at its fixed part only: that much it holds at least)."""
+    cs = 1 << cluster_bits
+
+    def clusters(offset: int, length: int) -> tuple[int, int]:
+        return offset >> cluster_bits, (offset + length + cs - 1) >> cluster_bits
+
+    regions: list[Region] = [("header", 0, 1)]
+    if l1_entries:
+        regions.append(("L1 table", *clusters(l1_offset, l1_entries * 8)))
+    regions.append(("refcount table", *clusters(rt_offset, rt_clusters * cs)))
+    if nb_snapshots:
+        regions.append(
+            ("snapshot table", *clusters(snapshots_offset, nb_snapshots * SNAPSHOT_ENTRY.size))
+        )
+    return regions
+
+
+def check_metadata_layout(
+    where: str, header: Header, l1: Sequence[int], refcount_table: Sequence[int]
+) -> None:
+    """Refuse tables that overlap each other: the header, the active L1 table, the refcount
+    table and the snapshot table must lie apart, refcount blocks outside all of them, and L2
+    tables outside all of them and outside every refcount block. QEMU checks this before every
+    metadata write; a hostile image that points a refcount block at the L1 table would
+    otherwise have its L1 table overwritten by the first allocation. O(entries), no I/O.
+
+    :raise ImageError: naming the first table entry (or table) that overlaps.
+    """
+    cb = header.cluster_bits
+    fixed = metadata_regions(
+        cb,
+        header.l1_table_offset,
+        header.l1_size,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+        header.snapshots_offset,
+        header.nb_snapshots,
+    )
+    for i, (name, a0, a1) in enumerate(fixed):
+        for other, b0, b1 in fixed[:i]:
+            if a0 < b1 and b0 < a1:
+                raise ImageError(f"{where}: the {name} overlaps the {other}")
+
+    def inside(c: int) -> str | None:
+        for name, a0, a1 in fixed:
+            if a0 <= c < a1:
+                return name
+        return None
+
+    refblocks: set[int] = set()
+    for i, e in enumerate(refcount_table):
+        c = (e & REFT_OFFSET_MASK) >> cb
+        if c:
+            hit = inside(c)
+            if hit is not None:
+                raise ImageError(f"{where}: refcount table entry {i} points into {_the(hit)}")
+            refblocks.add(c)
+    for i, e in enumerate(l1):
+        c = (e & L1E_OFFSET_MASK) >> cb
+        if c:
+            hit = inside(c) or ("a refcount block" if c in refblocks else None)
+            if hit is not None:
+                raise ImageError(f"{where}: L1 table entry {i} points into {_the(hit)}")
+
+
+def _the(name: str) -> str:
+    return name if name.startswith("a ") else f"the {name}"
+
+
+def check_l2_table(
+    where: str, offset: int, table: Sequence[int], cluster_bits: int, regions: list[Region]
+) -> None:
+    """Refuse an L2 table (just read from ``offset``) whose standard clusters lie in the table
+    itself or in the ``regions`` of metadata: a guest write in place there would overwrite the
+    image's own tables (QEMU's overlap check, done once per table load instead of per write).
+
+    :raise ImageError: naming the table and the entry.
+    """
+    own = offset >> cluster_bits
+    for i, e in enumerate(table):
+        if not e & L2E_OFFSET_MASK or e & OFLAG_COMPRESSED:
+            continue
+        host = e & L2E_OFFSET_MASK
+        if host & ((1 << cluster_bits) - 1):
+            raise ImageError(f"{where}: L2 entry {e:#x} is not cluster aligned")
+        c = host >> cluster_bits
+        hit = "the L2 table itself" if c == own else None
+        for name, a0, a1 in regions:
+            if a0 <= c < a1:
+                hit = f"the {name}"
+        if hit is not None:
+            raise ImageError(f"{where}: L2 table at {offset:#x}, entry {i} points into {hit}")
