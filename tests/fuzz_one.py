@@ -75,8 +75,9 @@ class ContractBroken(Exception):
 
 def _check_message(exc: BaseException) -> None:
     msg = str(exc)
-    # a message ending in ':' lost the detail it interpolated (an empty str(MemoryError())...)
-    if not msg.strip() or "\n" in msg or len(msg) > 1000 or msg.rstrip().endswith(":"):
+    # a message ending in ':' lost the detail it interpolated (an empty str(MemoryError())...);
+    # 8 KiB leaves room for two paths and a 1023-byte backing file name quoted in one line
+    if not msg.strip() or "\n" in msg or len(msg) > 8192 or msg.rstrip().endswith(":"):
         raise ContractBroken(f"bad error message {msg!r} from {type(exc).__name__}")
 
 
