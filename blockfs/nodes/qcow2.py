@@ -28,6 +28,18 @@ Invariants that the code relies on (write them down, since a new ``await`` break
 * Compressed clusters (:meth:`Qcow2Node.write_compressed`) are packed into an area of host
   clusters whose refcounts were raised, and flushed, beforehand to the most references they can
   get; the surplus is given back when the area is left. A kill leaves leaks, never too few.
+* Failsafe: every metadata write passes :meth:`Qcow2Node._meta_write` and every flush of the
+  child :meth:`Qcow2Node._flush_child`. When one fails (EIO, ENOSPC, an injected fault), the
+  in-memory tables may no longer match the disk (a refcount block is changed in memory before
+  it is written; after a failed fsync the kernel may have dropped dirty metadata pages), so
+  the node stops there, as if the process had been killed at that instant, which the order
+  above makes safe: every later write, zero, discard and metadata write fails with EIO (one
+  log line names the image), reads go on, close writes no metadata, and after a failed flush
+  every later flush fails too. Reopening the image starts afresh from what is on disk (leaks
+  at most). A failed data write (in place, or into clusters not yet referenced) changes no
+  metadata and needs no failsafe.
+* Each metadata write is announced to the child first (``debug_event``: the error-injection
+  filter's hook, a no-op on a file); a mapped read or write announces nothing.
 
 Not done here: lazy refcounts, extended L2 entries, external data files, encryption (refused
 at open with a clear error), resizing.
@@ -35,6 +47,7 @@ at open with a clear error), resizing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -67,6 +80,10 @@ from blockfs.nodes.qcow2_format import (
     Header,
     Incompatible,
     Snapshot,
+    check_l2_table,
+    check_metadata_layout,
+    decompress_cluster,
+    metadata_regions,
     parse_extensions,
     parse_header,
     parse_snapshots,
@@ -197,6 +214,9 @@ class Qcow2Node(Node):
         self._hwm = (child.size + cs - 1) >> cb  # clusters at or above are not in the file yet
         self._data_clusters: int | None = None
         self._closed = False
+        #: why the node stopped accepting writes (see "Failsafe" above); None while healthy
+        self._broken: str | None = None
+        self._broken_by_flush = False
         # compressed writing (see _cz_alloc): the area [_cz_pos, _cz_end) of host clusters
         # _cz_first.. whose refcounts were raised to _cz_cap; _cz_refs counts the compressed
         # clusters placed in each. _cz_pos == 0: no area.
@@ -257,6 +277,7 @@ class Qcow2Node(Node):
             await child.read(header.refcount_table_offset, header.refcount_table_clusters * cs)
         )
         _check_entries(rt, REFT_OFFSET_MASK, cs, fsize, where, "refcount table")
+        check_metadata_layout(where, header, l1, rt)
         snapshots: list[Snapshot] = []
         if header.nb_snapshots:
             n = min(snapshot_table_bound(header.nb_snapshots), fsize - header.snapshots_offset)
@@ -289,7 +310,7 @@ class Qcow2Node(Node):
                     )
         if self.header.autoclear:
             # We do not maintain bitmaps: an implementation that writes must clear the bits.
-            await self.child.write(OFF_AUTOCLEAR, _BE_U64.pack(0))
+            await self._meta_write("header_update", OFF_AUTOCLEAR, _BE_U64.pack(0))
 
     # -- the mapping function ------------------------------------------------------------------
 
@@ -382,6 +403,17 @@ class Qcow2Node(Node):
             try:
                 raw = await self.child.read(off, self._cs)
                 t = _u64_table(raw)
+                h = self.header
+                regions = metadata_regions(
+                    self._cb,
+                    self._l1_off,
+                    len(self._l1),
+                    self._rt_off,
+                    self._rt_clusters,
+                    h.snapshots_offset,
+                    h.nb_snapshots,
+                )
+                check_l2_table(self.filename, off, t, self._cb, regions)
                 self._cache_l2(off, t)
                 return t
             finally:
@@ -461,21 +493,12 @@ class Qcow2Node(Node):
         if coff >= fsize:
             raise ImageError(f"{self.filename}: compressed cluster at {coff:#x} is past the end")
         raw = await self.child.read(coff, min(clen, fsize - coff))
-        cs = self._cs
-        try:
-            if self.header.compression_type == CompressionType.ZSTD:
-                import zstandard
-
-                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-            else:
-                out = zlib.decompressobj(-12).decompress(raw, cs)
-        except Exception as exc:
-            raise ImageError(
-                f"{self.filename}: compressed cluster at {coff:#x} is corrupt: {exc}"
-            ) from None
-        if len(out) < cs:
-            raise ImageError(f"{self.filename}: compressed cluster at {coff:#x} is truncated")
-        out = out[:cs]
+        out = decompress_cluster(
+            raw,
+            self.header.compression_type,
+            self._cs,
+            f"{self.filename}: compressed cluster at {coff:#x}",
+        )
         self._dcache[entry] = out
         if len(self._dcache) > DECOMPRESSED_CACHE_ENTRIES:
             self._dcache.popitem(last=False)
@@ -497,6 +520,8 @@ class Qcow2Node(Node):
         await self._write_slow(offset, data)
 
     async def _write_slow(self, offset: int, data: bytes) -> None:
+        if self._broken is not None:
+            raise self._refusal()
         length = len(data)
         pos = 0
         cb = self._cb
@@ -587,10 +612,11 @@ class Qcow2Node(Node):
                         buf = b"".join(parts)
                     else:
                         buf = data
+                    self.child.debug_event("cluster_alloc")
                     await self.child.write(host, buf)
                     new = array("Q", [(host + (i << cb)) | OFLAG_COPIED for i in range(n)])
                     # disk first, then the table other tasks read without a lock
-                    await self.child.write(l2off + l2i * 8, _be_bytes(new))
+                    await self._meta_write("l2_update", l2off + l2i * 8, _be_bytes(new))
                     table[l2i : l2i + n] = new
                     self._forget(olds)
                     if self._data_clusters is not None:
@@ -628,7 +654,7 @@ class Qcow2Node(Node):
         self._pending_decref = []
         # The L1/L2 writes that dropped these references must be on disk before a refcount
         # falls; otherwise a power loss could leave an entry pointing at a free cluster.
-        await self.child.flush()
+        await self._flush_child()
         deltas: dict[int, int] = {}
         for c in pend:
             deltas[c] = deltas.get(c, 0) - 1
@@ -670,11 +696,11 @@ class Qcow2Node(Node):
                         new[i] = e & ~OFLAG_COPIED
         else:
             new = array("Q", bytes(self._cs))
-        await self.child.write(host, _be_bytes(new))
+        await self._meta_write("l2_alloc", host, _be_bytes(new))
         self._cache_l2(host, new)
         self._pin(host)
         entry = host | OFLAG_COPIED
-        await self.child.write(self._l1_off + l1i * 8, _BE_U64.pack(entry))
+        await self._meta_write("l1_update", self._l1_off + l1i * 8, _BE_U64.pack(entry))
         self._l1[l1i] = entry
         if off:
             freed = await self._change_refcounts({off >> cb: -1})
@@ -712,6 +738,8 @@ class Qcow2Node(Node):
         """
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
+        if self._broken is not None:
+            raise self._refusal()
         cs = self._cs
         n = len(data)
         if (
@@ -746,11 +774,12 @@ class Qcow2Node(Node):
                     coff = await self._cz_alloc(size)
                 assert coff < 1 << x and not coff % COMPRESSED_SECTOR
                 # whole sectors: the file never ends inside one, and a stale tail is never read
+                self.child.debug_event("cluster_alloc")
                 await self.child.write(coff, comp + bytes(size - len(comp)))
                 entry = OFLAG_COMPRESSED | ((size // COMPRESSED_SECTOR - 1) << x) | coff
                 old = table[l2i]  # the claim keeps it; no await between here and the swap
                 # data before the entry, disk before the table other tasks read without a lock
-                await self.child.write(l2off + l2i * 8, _BE_U64.pack(entry))
+                await self._meta_write("l2_update", l2off + l2i * 8, _BE_U64.pack(entry))
                 table[l2i] = entry
                 self._forget((old,))
                 if self._data_clusters is not None and not self._has_storage(old):
@@ -804,7 +833,7 @@ class Qcow2Node(Node):
         c0 = start >> cb
         if self._cz_cap > 1:
             await self._change_refcounts({c: self._cz_cap - 1 for c in range(c0, c0 + n)})
-            await self.child.flush()  # before any L2 entry relies on them
+            await self._flush_child()  # before any L2 entry relies on them
         if self._cz_pos and start == self._cz_end:
             self._cz_end = start + (n << cb)
             await self._cz_settle(self._cz_pos >> cb)
@@ -908,7 +937,7 @@ class Qcow2Node(Node):
                 hi = max(hi, b)
                 if v == 0:
                     freed.append(c)
-            await self.child.write(off + lo, bytes(blk[lo:hi]))
+            await self._meta_write("refblock_update", off + lo, bytes(blk[lo:hi]))
         if freed:
             self._free_hint = max(1, min(self._free_hint, min(freed)))
         return freed
@@ -931,7 +960,7 @@ class Qcow2Node(Node):
         start = await self._alloc_now(want) >> self._cb
         # Refcounts before the L2/L1 entries that use them, across a power loss too (QEMU's
         # cache dependency): one flush per reservation, not per allocation.
-        await self.child.flush()
+        await self._flush_child()
         self._resv = (start + n, start + want)
         return start << self._cb
 
@@ -1055,8 +1084,8 @@ class Qcow2Node(Node):
         else:
             await self._change_refcounts({c: 1})  # counted by the existing block covering c
         entry = c << self._cb
-        await self.child.write(entry, bytes(blk))
-        await self.child.write(self._rt_off + rti * 8, _BE_U64.pack(entry))
+        await self._meta_write("refblock_alloc", entry, bytes(blk))
+        await self._meta_write("reftable_update", self._rt_off + rti * 8, _BE_U64.pack(entry))
         self._rt[rti] = entry
         self._rb[entry] = blk
         self._hwm = max(self._hwm, c + 1)
@@ -1104,11 +1133,13 @@ class Qcow2Node(Node):
             else:
                 existing[c] = 1
         for r, blk in blocks.items():
-            await self.child.write(new_rt[r], bytes(blk))
+            await self._meta_write("refblock_alloc", new_rt[r], bytes(blk))
         if existing:
             await self._change_refcounts(existing)
-        await self.child.write(end << cb, _be_bytes(new_rt))
-        await self.child.write(OFF_REFCOUNT_TABLE, struct.pack(">QI", end << cb, tc))
+        await self._meta_write("reftable_grow", end << cb, _be_bytes(new_rt))
+        await self._meta_write(
+            "header_update", OFF_REFCOUNT_TABLE, struct.pack(">QI", end << cb, tc)
+        )
         old_off, old_clusters = self._rt_off, self._rt_clusters
         self._rt = new_rt
         self._rt_off = end << cb
@@ -1125,11 +1156,15 @@ class Qcow2Node(Node):
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
+        if self._broken is not None:
+            raise self._refusal()
         await self._zero_or_discard(offset, length, may_unmap, discard=False)
 
     async def discard(self, offset: int, length: int) -> None:
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
+        if self._broken is not None:
+            raise self._refusal()
         await self._zero_or_discard(offset, length, True, discard=True)
 
     async def _zero_or_discard(self, offset: int, length: int, unmap: bool, discard: bool) -> None:
@@ -1200,7 +1235,7 @@ class Qcow2Node(Node):
                         new[i] = zf
                 if new == olds:
                     return
-                await self.child.write(l2off + l2i * 8, _be_bytes(new))
+                await self._meta_write("l2_update", l2off + l2i * 8, _be_bytes(new))
                 table[l2i : l2i + n] = new
                 dropped = [
                     o
@@ -1247,9 +1282,62 @@ class Qcow2Node(Node):
     async def flush(self) -> None:
         if self.read_only:
             return
-        async with self._meta_lock:
-            await self._apply_pending()
-        await self.child.flush()
+        if self._broken_by_flush:
+            raise self._refusal()
+        if self._broken is None:
+            async with self._meta_lock:
+                await self._apply_pending()
+        # Broken by a failed write, the node still makes what it acknowledged durable.
+        await self._flush_child()
+
+    # -- failsafe (see the module docstring) ---------------------------------------------------
+
+    async def _meta_write(self, event: str, offset: int, data: bytes) -> None:
+        """The one way metadata reaches the child: announced first as ``event``; a failure
+        stops the node (:meth:`_break`) before the error goes on to the caller."""
+        if self._broken is not None:
+            raise self._refusal()
+        self.child.debug_event(event)
+        try:
+            await self.child.write(offset, data)
+        except Exception as exc:
+            self._break(f"{event} write failed", exc)
+            raise
+
+    async def _flush_child(self) -> None:
+        """Flush the child; a failure stops the node and makes every later flush fail (the
+        kernel may have dropped the dirty pages whose write-back failed)."""
+        try:
+            await self.child.flush()
+        except Exception as exc:
+            self._break("flush failed", exc, by_flush=True)
+            raise
+
+    def _break(self, what: str, exc: Exception, *, by_flush: bool = False) -> None:
+        self._broken_by_flush |= by_flush
+        if self._broken is not None:
+            return
+        self._broken = f"{what}: {exc}"
+        log.error(
+            "%s: %s: %s; the image refuses writes until it is reopened (reads go on; "
+            "'qemu-img check' shows at most leaks)",
+            self.filename,
+            what,
+            exc,
+        )
+
+        # The mapped-write fast path stays free of a check: the entry points are shadowed.
+        async def refuse(*args: object, **kwargs: object) -> None:
+            raise self._refusal()
+
+        for name in ("write", "write_zeroes", "discard", "write_compressed"):
+            setattr(self, name, refuse)
+
+    def _refusal(self) -> BlockfsError:
+        return BlockfsError(
+            f"{self.filename}: stopped writing after a failure ({self._broken}); reopen the image",
+            errno=errno.EIO,
+        )
 
     def children(self) -> list[Node]:
         return [self.child]
@@ -1259,7 +1347,8 @@ class Qcow2Node(Node):
             return
         self._closed = True
         try:
-            if not self.read_only:
+            # A broken node writes no more metadata: what is on disk is consistent as it is.
+            if not self.read_only and self._broken is None:
                 async with self._meta_lock:
                     await self._apply_pending(force=True)
                     await self._cz_release()
