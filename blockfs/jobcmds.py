@@ -44,6 +44,8 @@ def _job_ids(mnt: str) -> list[str]:
 def write_control(path: str, text: str) -> str:
     """Write ``text`` to a control file and return its answer; a refusal raises with the
     reason the file gives. :raise BlockfsError:"""
+    if not text.endswith("\n"):
+        text += "\n"  # a spec is acted on at the write that ends its line
     fd = os.open(path, os.O_RDWR)
     try:
         try:

@@ -1,12 +1,16 @@
 """A small tree of virtual files and directories, with inode numbers.
 
 ``fs.py`` maps FUSE inodes to the objects here and nothing more: each file knows how to render
-itself for reading (:meth:`VFile.render`, called once per open so that one ``cat`` sees one
-consistent snapshot) and how to act on a write (:meth:`VFile.write`). Image files are files of
-this tree too (:class:`blockfs.fs.ImageFile`), handled on their own fast path.
+itself for reading (:meth:`VFile.render`, called at open so that one ``cat`` sees one consistent
+snapshot; :meth:`VFile.version` lets open handles share one rendering while the source has not
+changed) and how to act on a write (:meth:`VFile.write`). Image files are files of this tree too
+(:class:`blockfs.fs.ImageFile`), handled on their own fast path.
 
-Entries can come and go while the mount lives (a job's status directory, a backup's view file);
-a removed entry keeps its inode until the tree is dropped, so a handle still open on it stays valid.
+Entries come and go while the mount lives (a job's status directory, a backup's view file).
+A removed entry leaves :attr:`VirtualTree.by_inode` at once unless a handle is open on it; then it
+stays until the last handle is released (:meth:`VirtualTree.opened` / :meth:`VirtualTree.closed`),
+so an open handle keeps working and nothing a dismissed job owned stays alive after it.
+Inode numbers are never reused, so a stale inode the kernel still holds finds nothing (ENOENT).
 """
 
 from __future__ import annotations
@@ -23,9 +27,17 @@ from blockfs.errors import BlockfsError
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 
+#: open control handles one uid may hold (far above what scripts and `blockfs job watch` use)
+MAX_CONTROL_HANDLES = 4096
+#: bytes of control snapshots and gathered writes one uid may hold (a full events file is ~1 MB)
+MAX_CONTROL_BYTES = 64 * 1024 * 1024
+
 
 class VNode:
     mode: int = stat.S_IFREG | 0o444
+    #: owner and group shown for the entry; None: the daemon's
+    uid: int | None = None
+    gid: int | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -42,17 +54,28 @@ class VDir(VNode):
 
 
 class VFile(VNode):
-    """A virtual file. Subclasses override ``render`` and, if writable, ``write``."""
+    """A virtual file. Subclasses override ``render`` and, if writable, ``write``.
+
+    ``private`` files reveal host paths (events, info, status): only the mount's owner may read
+    them (the kernel enforces modes: pyfuse3 mounts with ``default_permissions``).
+    """
 
     writable = False
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, private: bool = False) -> None:
         super().__init__(name)
         if self.writable:
-            self.mode = stat.S_IFREG | 0o644
+            self.mode = stat.S_IFREG | (0o600 if private else 0o644)
+        elif private:
+            self.mode = stat.S_IFREG | 0o400
 
     async def render(self) -> bytes:
         return b""
+
+    def version(self) -> object | None:
+        """A value that changes whenever :meth:`render` would return something else, or None
+        when that is not known (every open then renders anew)."""
+        return None
 
     async def write(self, data: bytes) -> bytes | None:
         """Act on what was written; return text for later reads of the same open file, or
@@ -61,11 +84,26 @@ class VFile(VNode):
 
 
 class TextFile(VFile):
-    """A read-only file whose content comes from a function (sync or async)."""
+    """A read-only file whose content comes from a function (sync or async).
 
-    def __init__(self, name: str, produce: Callable[[], Any]) -> None:
-        super().__init__(name)
+    ``version``, if given, returns a value that changes whenever the content does (the event
+    log's count of events): open handles then share one rendering.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        produce: Callable[[], Any],
+        *,
+        version: Callable[[], object] | None = None,
+        private: bool = False,
+    ) -> None:
+        super().__init__(name, private=private)
         self._produce = produce
+        self._version = version
+
+    def version(self) -> object | None:
+        return None if self._version is None else self._version()
 
     async def render(self) -> bytes:
         value = self._produce()
@@ -86,6 +124,8 @@ class VirtualTree:
         self.root.inode = ROOT_INODE
         self.by_inode: dict[int, VNode] = {ROOT_INODE: self.root}
         self._next = ROOT_INODE + 1
+        self._opens: dict[int, int] = {}  # inode -> open handles
+        self._unlinked: set[int] = set()  # removed, kept in by_inode until the last release
 
     def add(self, parent: VDir, node: VNode) -> VNode:
         if node.name in parent.children:
@@ -107,7 +147,41 @@ class VirtualTree:
             parent = child
         return parent
 
-    def remove(self, node: VNode) -> None:
-        """Unlink ``node`` (and below it) from its directory; its inode stays valid."""
+    def remove(self, node: VNode) -> list[VNode]:
+        """Unlink ``node`` and everything below it; return the entries dropped from
+        ``by_inode`` now (the others have open handles and go at their last release)."""
         if node.parent is not None and node.parent.children.get(node.name) is node:
             del node.parent.children[node.name]
+        dropped: list[VNode] = []
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if isinstance(n, VDir):
+                todo.extend(n.children.values())
+            if self.by_inode.get(n.inode) is not n:
+                continue
+            if self._opens.get(n.inode):
+                self._unlinked.add(n.inode)
+            else:
+                del self.by_inode[n.inode]
+                dropped.append(n)
+        return dropped
+
+    def opened(self, node: VNode) -> None:
+        """A handle on ``node`` was opened: keep it reachable until :meth:`closed`."""
+        self._opens[node.inode] = self._opens.get(node.inode, 0) + 1
+
+    def closed(self, inode: int) -> VNode | None:
+        """A handle on ``inode`` was released; return the entry if that dropped it."""
+        left = self._opens.get(inode, 0) - 1
+        if left > 0:
+            self._opens[inode] = left
+            return None
+        self._opens.pop(inode, None)
+        if inode in self._unlinked:
+            self._unlinked.discard(inode)
+            return self.by_inode.pop(inode, None)
+        return None
+
+    def open_count(self, inode: int) -> int:
+        return self._opens.get(inode, 0)

@@ -75,27 +75,48 @@ class ErrorAction(enum.Enum):
 
 
 class EventLog:
-    """A bounded history of events, oldest first, as QMP would have sent them."""
+    """A bounded history of events, oldest first, as QMP would have sent them.
+
+    Repeats are coalesced: an event equal (name and data) to one of the last
+    :data:`COALESCE_WINDOW` entries moves that entry to the end with ``count`` raised and the
+    latest timestamp, so an error that recurs every few milliseconds (``on-target-error=ignore``)
+    takes one line instead of pushing every older event out. :attr:`version` counts every emit,
+    coalesced or not: the rendering of the log changes exactly when it does.
+    """
+
+    #: how many of the newest entries a new event is compared with
+    COALESCE_WINDOW = 8
 
     def __init__(self, maxlen: int = 1000) -> None:
         self._events: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self._changed = trio.Event()
+        self.version = 0
 
     def emit(self, event: str, **data: Any) -> None:
         now = time.time()
-        self._events.append(
-            {
-                "event": event,
-                "data": data,
-                "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
-            }
-        )
-        log.info("event %s %s", event, data)
+        stamp = {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}
+        self.version += 1
+        events = self._events
+        for back in range(1, min(self.COALESCE_WINDOW, len(events)) + 1):
+            entry = events[-back]
+            if entry["event"] == event and entry["data"] == data:
+                del events[-back]
+                entry["timestamp"] = stamp
+                entry["count"] = entry.get("count", 1) + 1
+                events.append(entry)
+                log.debug("event %s %s (x%d)", event, data, entry["count"])
+                break
+        else:
+            events.append({"event": event, "data": data, "timestamp": stamp})
+            log.info("event %s %s", event, data)
         self._changed.set()
         self._changed = trio.Event()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._events))
+
+    def __len__(self) -> int:
+        return len(self._events)
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
