@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -67,8 +68,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
             raise type(exc)(f"image {spec.name}: {exc}", errno=exc.errno) from None
     if args.log:
         try:
-            with open(args.log, "a"):
-                pass
+            fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UsageError(f"log file {args.log}: not a regular file")
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise UsageError(f"log file {args.log}: {exc.strerror}") from None
     if not args.foreground:
@@ -89,16 +94,22 @@ def _run_daemon(args: argparse.Namespace, specs: list[ImageSpec]) -> int:
         images=specs,
         read_only=args.read_only,
         allow_other=args.allow_other,
+        image_uid=args.uid,
+        image_gid=args.gid,
+        image_mode=args.mode,
     )
     ready_fd: int | None = args.ready_fd
 
-    def ready(message: str | None) -> None:
+    def ready(message: str | None, warnings: list[str]) -> None:
         nonlocal ready_fd
         if ready_fd is None:
+            for w in warnings if message is None else ():
+                print(f"blockfs: warning: {w}", file=sys.stderr)
             return
-        text = "ok\n" if message is None else f"error {message}\n"
+        lines = [f"warning {' '.join(w.split())}\n" for w in warnings]
+        lines.append("ok\n" if message is None else f"error {message}\n")
         try:
-            os.write(ready_fd, text.encode())
+            os.write(ready_fd, "".join(lines).encode())
         finally:
             os.close(ready_fd)
             ready_fd = None
@@ -114,11 +125,19 @@ def _run_daemon(args: argparse.Namespace, specs: list[ImageSpec]) -> int:
 
 def _spawn_daemon(args: argparse.Namespace) -> int:
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "blockfs", "mount", "--foreground", f"--ready-fd={w}"]
+    # -P: the working folder is not put on the import path, so a folder that happens to hold
+    # something named blockfs cannot stand in for the installed package.
+    cmd = [sys.executable, "-P", "-m", "blockfs", "mount", "--foreground", f"--ready-fd={w}"]
     if args.read_only:
         cmd.append("--read-only")
     if args.allow_other:
         cmd.append("--allow-other")
+    if args.mode is not None:
+        cmd.append(f"--mode={args.mode:o}")
+    if args.uid is not None:
+        cmd.append(f"--uid={args.uid}")
+    if args.gid is not None:
+        cmd.append(f"--gid={args.gid}")
     if args.verbose:
         cmd.append("--verbose")
     if args.log:
@@ -139,8 +158,12 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     answer = b""
     import select
 
+    def finished(text: bytes) -> bool:
+        last = text.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        return text.endswith(b"\n") and (last == b"ok" or last.startswith(b"error "))
+
     try:
-        while not answer.endswith(b"\n"):
+        while not finished(answer):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([r], [], [], left)[0]:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -151,8 +174,13 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
             answer += chunk
     finally:
         os.close(r)
-    text = answer.decode(errors="replace").strip()
+    lines = answer.decode(errors="replace").strip().splitlines() or [""]
+    text = lines[-1]
     if text == "ok":
+        # Warnings only with success: a refused mount says one line, its reason.
+        for line in lines[:-1]:
+            if line.startswith("warning "):
+                print(f"blockfs: warning: {line[len('warning ') :]}", file=sys.stderr)
         return 0
     if text.startswith("error "):
         proc.wait()
@@ -233,6 +261,26 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: permission bits only (0 to 0777)")
+    return mode
+
+
+def _id_number(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= n < 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blockfs", description="Virtual disk images as plain files, with live block jobs."
@@ -247,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--read-only", action="store_true", help="open every image read-only")
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    m.add_argument(
+        "--mode",
+        type=_octal_mode,
+        metavar="OCTAL",
+        help="permission bits of every image file (default: its image file's)",
+    )
+    m.add_argument(
+        "--uid", type=_id_number, help="owner of every image file (default: its image file's)"
+    )
+    m.add_argument(
+        "--gid", type=_id_number, help="group of every image file (default: its image file's)"
+    )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     m.add_argument("-v", "--verbose", action="store_true")

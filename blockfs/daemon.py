@@ -10,6 +10,7 @@ bad image never leaves a half-mounted tree.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from blockfs.control.tree import VirtualTree
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.export import Export
 from blockfs.fs import BlockfsOperations
-from blockfs.nodes.opener import check_shared_files, close_chain, open_image
+from blockfs.nodes.opener import OpenPolicy, check_shared_files, close_chain, open_image
 from blockfs.spec import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class MountConfig:
     allow_other: bool = False
     fuse_tasks: int = MAX_FUSE_TASKS
     extra_fuse_options: list[str] = field(default_factory=list)
+    #: owner, group and permission bits every image file shows (None: its image file's)
+    image_uid: int | None = None
+    image_gid: int | None = None
+    image_mode: int | None = None
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -110,18 +115,35 @@ class Daemon:
         self.config = config
         self.mountpoint = os.path.abspath(config.mountpoint)
         self.tree = VirtualTree()
-        self.ops = BlockfsOperations(self.tree)
+        self.ops = BlockfsOperations(
+            self.tree,
+            image_mode=config.image_mode,
+            image_uid=config.image_uid,
+            image_gid=config.image_gid,
+        )
         self.exports: dict[str, Export] = {}
         self.control: ControlTree | None = None
         self.nursery: trio.Nursery | None = None
+        #: warnings for the user who mounts (a probed format), sent with the ready answer
+        self.warnings: list[str] = []
 
     async def open_images(self) -> None:
         """Open every image; on any failure close what was opened and raise."""
+        named = [s.path for s in self.config.images]
         try:
             for spec in self.config.images:
                 read_only = self.config.read_only or spec.read_only
+                policy = OpenPolicy.for_paths(
+                    named, spec.backing_dirs, warn=functools.partial(self._warn, spec.name)
+                )
                 try:
-                    node = await open_image(spec.path, fmt=spec.format, read_only=read_only)
+                    node = await open_image(
+                        spec.path,
+                        fmt=spec.format,
+                        read_only=read_only,
+                        policy=policy,
+                        inject=spec.inject,
+                    )
                 except BlockfsError as exc:
                     raise type(exc)(f"image {spec.name}: {exc}", errno=exc.errno) from None
                 try:
@@ -135,6 +157,9 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.close_images()
             raise
+
+    def _warn(self, image: str, message: str) -> None:
+        self.warnings.append(f"image {image}: {message}")
 
     async def close_images(self) -> None:
         """Flush and close every image; errors are logged, and every image gets its turn."""
@@ -160,9 +185,10 @@ class Daemon:
         opts.update(self.config.extra_fuse_options)
         return opts
 
-    async def run(self, ready: Callable[[str | None], None]) -> None:
-        """Serve until unmounted or signalled. ``ready(None)`` is called once the mount is up,
-        ``ready(message)`` when start-up failed (the error is raised too)."""
+    async def run(self, ready: Callable[[str | None, list[str]], None]) -> None:
+        """Serve until unmounted or signalled. ``ready(None, warnings)`` is called once the
+        mount is up, ``ready(message, warnings)`` when start-up failed (the error is raised
+        too); ``warnings`` are for the user who mounts."""
         limit_malloc_arenas()
         try:
             check_mountpoint(self.mountpoint)
@@ -175,7 +201,10 @@ class Daemon:
             except RuntimeError as exc:
                 raise BlockfsError(f"cannot mount on {self.mountpoint}: {exc}") from None
         except BaseException as exc:
-            ready(str(exc) if isinstance(exc, BlockfsError) else f"start-up failed: {exc!r}")
+            ready(
+                str(exc) if isinstance(exc, BlockfsError) else f"start-up failed: {exc!r}",
+                self.warnings,
+            )
             with trio.CancelScope(shield=True):
                 await self.close_images()
             raise
@@ -184,7 +213,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._watch_signals)
-                ready(None)
+                ready(None, self.warnings)
                 try:
                     await pyfuse3.main(min_tasks=4, max_tasks=self.config.fuse_tasks)
                 finally:

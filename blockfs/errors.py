@@ -31,7 +31,12 @@ class BlockfsError(Exception):
             self.errno = errno
 
     def __str__(self) -> str:
-        return " ".join(str(self.args[0]).split()) if self.args else type(self).__name__
+        if not self.args:
+            return type(self).__name__
+        # One line, and nothing a terminal would act on: names from hostile images and specs
+        # (a backing file name, a job id) end up in these messages.
+        text = " ".join(str(self.args[0]).split())
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 class UsageError(BlockfsError):

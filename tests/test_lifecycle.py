@@ -62,7 +62,7 @@ def test_duplicate_basenames(tmp_path: Path, img: Path) -> None:
     _refused(tmp_path, str(img), str(img), expect="two images named 'a.img'")
 
 
-@pytest.mark.parametrize("name", [".hidden", "a@b"])
+@pytest.mark.parametrize("name", [".hidden", "a@b", "a\x1bb", "a\rb", "a\u202eb"])
 def test_bad_names(tmp_path: Path, img: Path, name: str) -> None:
     _refused(tmp_path, f"{name}={img}", expect=repr(name))
 

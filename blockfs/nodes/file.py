@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import logging
 import os
 import queue
 import stat
@@ -35,6 +37,8 @@ import trio
 
 from blockfs.errors import BlockfsError, ReadOnlyError, UsageError
 from blockfs.nodes.base import Extent, Node, Status
+
+log = logging.getLogger(__name__)
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
@@ -98,7 +102,20 @@ def shared_pool() -> IoThreadPool:
 
 
 def _oserror(exc: OSError, what: str, path: str) -> BlockfsError:
+    if exc.errno == errno.EIO:
+        log.error("%s %s: %s", what, path, exc.strerror)
     return BlockfsError(f"{what} {path}: {exc.strerror}", errno=exc.errno or errno.EIO)
+
+
+#: flags of every image open: no controlling terminal, no hang on a FIFO, no leak to children
+_SAFE_OPEN = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def _io_mode(mode: str | None) -> str:
+    mode = mode or os.environ.get("BLOCKFS_IO_MODE", "hybrid")
+    if mode not in ("hybrid", "inline", "threads"):
+        raise UsageError(f"unknown I/O mode {mode!r} (hybrid, inline, threads)")
+    return mode
 
 
 class FileNode(Node):
@@ -120,48 +137,96 @@ class FileNode(Node):
         self._inline_max = (1 << 62) if mode == "inline" else (0 if mode == "threads" else 65536)
 
         self._closed = False
+        #: (st_dev, st_ino): what the file is, whatever name reached it (loop and sharing checks)
+        self.identity: tuple[int, int] = (0, 0)
+        #: the path of the open file after every symlink, read back from the descriptor
+        self.real_path = path
+        self.st_mode = 0o100600
+        self.st_uid = 0
+        self.st_gid = 0
 
     @classmethod
     async def open(
-        cls, path: str, *, read_only: bool = False, create: bool = False, mode: str | None = None
+        cls,
+        path: str,
+        *,
+        read_only: bool = False,
+        mode: str | None = None,
+        nofollow: bool = False,
+        dir_fd: int | None = None,
     ) -> FileNode:
-        """Open ``path``. A missing file, a directory or a permission problem is a UsageError.
+        """Open ``path`` (relative to ``dir_fd`` if given; its last component must not be a
+        symlink with ``nofollow``). Anything but a regular file or a block device is refused
+        before it is opened, and again on the descriptor (a FIFO must not hang the daemon, a
+        terminal must not become its controlling one, a swapped name must not slip through).
 
         :raise UsageError: the path cannot be opened as an image file.
         """
-        mode = mode or os.environ.get("BLOCKFS_IO_MODE", "hybrid")
-        if mode not in ("hybrid", "inline", "threads"):
-            raise UsageError(f"unknown I/O mode {mode!r} (hybrid, inline, threads)")
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        if create:
-            flags |= os.O_CREAT | os.O_EXCL
+        mode = _io_mode(mode)
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | _SAFE_OPEN
+        if nofollow:
+            flags |= os.O_NOFOLLOW
         try:
-            fd = await trio.to_thread.run_sync(os.open, path, flags, 0o644)
+            _check_kind(os.stat(path, dir_fd=dir_fd, follow_symlinks=not nofollow), path)
+            # O_NONBLOCK: opening a FIFO that slipped in after the check returns at once.
+            fd = await trio.to_thread.run_sync(
+                functools.partial(os.open, path, flags, dir_fd=dir_fd)
+            )
         except OSError as exc:
+            if exc.errno == errno.ELOOP and nofollow:
+                raise UsageError(f"{path}: is a symbolic link; refused", errno=errno.ELOOP) from None
             raise _path_error(exc, path) from None
+        except ValueError:  # a NUL byte in the path
+            raise UsageError(f"{path!r}: not a valid path") from None
         try:
-            st = os.fstat(fd)
-            _check_kind(st, path)
-            size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
-            if stat.S_ISREG(st.st_mode):
-                _lock_against_writers(fd, path, read_only)
+            return cls.from_fd(fd, path, read_only=read_only, mode=mode)
         except BaseException:
             os.close(fd)
             raise
-        node = cls(os.path.abspath(path), fd, size, read_only, mode)
+
+    @classmethod
+    def from_fd(
+        cls, fd: int, path: str, *, read_only: bool = False, mode: str | None = None
+    ) -> FileNode:
+        """A node over an open descriptor (which it then owns; the caller closes it when this
+        raises). Used where the file was created by this process and must not be opened again
+        by name. :raise UsageError: not a regular file or block device; locked by another."""
+        st = os.fstat(fd)
+        _check_kind(st, path)
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if fl & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
+        size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+        if stat.S_ISREG(st.st_mode):
+            _lock_against_writers(fd, path, read_only)
+        node = cls(os.path.abspath(path), fd, size, read_only, _io_mode(mode))
         node._is_blockdev = stat.S_ISBLK(st.st_mode)
+        node.identity = (st.st_dev, st.st_ino)
+        node.st_mode = st.st_mode
+        node.st_uid = st.st_uid
+        node.st_gid = st.st_gid
+        try:
+            node.real_path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            node.real_path = os.path.realpath(path)
         return node
 
     # -- data path ------------------------------------------------------------------------------
 
     def _pread_full(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
-        if len(data) < length:  # a file shorter than its claimed size reads as zeroes past EOF
+        if len(data) < length:
             parts = [data]
             got = len(data)
             while got < length:
                 more = os.pread(self.fd, length - got, offset + got)
                 if not more:
+                    if offset + got < self.size:
+                        # Inside the size this node knows, the file ended: someone truncated
+                        # it under the mount. Zeroes here would be silent corruption.
+                        raise OSError(errno.EIO, "file is shorter than it was (truncated?)")
+                    # Past it, a format reads its own file's tail (a compressed cluster's
+                    # last sector may lie beyond EOF): zeroes, as QEMU reads them.
                     parts.append(bytes(length - got))
                     break
                 parts.append(more)
@@ -181,6 +246,7 @@ class FileNode(Node):
                 try:
                     if os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length:
                         return bytes(buf)
+                    # short (past EOF, or partly cached): the pool reads it and judges
                 except BlockingIOError:
                     pass
                 except OSError as exc:
@@ -365,8 +431,11 @@ def _path_error(exc: OSError, path: str) -> UsageError:
 def _check_kind(st: os.stat_result, path: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path}: is a directory", errno=errno.EISDIR)
+    if stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"{path}: is a symbolic link; refused", errno=errno.ELOOP)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise UsageError(f"{path}: not a regular file or block device")
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
+        raise UsageError(f"{path}: is {kind}, not a regular file or block device")
 
 
 def check_image_file(path: str) -> None:
@@ -375,4 +444,6 @@ def check_image_file(path: str) -> None:
         st = os.stat(path)
     except OSError as exc:
         raise _path_error(exc, path) from None
+    except ValueError:
+        raise UsageError(f"{path!r}: not a valid path") from None
     _check_kind(st, path)

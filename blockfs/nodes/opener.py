@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from blockfs.errors import ImageError, UsageError
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode
+from blockfs.nodes.inject import InjectFilter
 from blockfs.nodes.raw import RawNode
+
+log = logging.getLogger(__name__)
 
 #: how many images one chain may hold, the top included (QEMU has no fixed limit; a real chain
 #: of more than a few hundred layers is a mistake or an attack)
@@ -35,7 +39,9 @@ class FormatDriver:
 
 
 async def _open_raw(child: Node, ctx: OpenContext) -> Node:
-    return await RawNode.open(child)
+    # A probed raw image must never turn into another format under its guest's writes.
+    guard = probe_format if ctx.probed and not child.read_only else None
+    return await RawNode.open(child, probe_guard=guard)
 
 
 def _probe_raw(header: bytes) -> bool:
@@ -63,26 +69,106 @@ def _load_formats() -> None:
 _load_formats()
 
 
+@dataclass(frozen=True)
+class OpenPolicy:
+    """Which paths found inside images may be followed, and where warnings go.
+
+    The rule (QEMU learned it the hard way): a guest owns the bytes of its disk, so an image
+    whose format was *probed* may be a raw disk whose guest wrote a qcow2 header naming a host
+    file as its backing file. Such an image follows a backing file only when the file lies
+    inside the image's own folder tree (real paths, after every symlink), inside one of
+    ``backing_dirs``, or is one of the files named on the command line (``named``: (st_dev,
+    st_ino) identities). An image whose format was given is trusted as QEMU trusts it.
+    """
+
+    #: folders (real paths) whose files any image may use as backing files
+    backing_dirs: tuple[str, ...] = ()
+    #: identities of the files the user named (command line, spec)
+    named: frozenset[tuple[int, int]] = frozenset()
+    #: where a probed format is reported (the daemon sends these to the mounting user)
+    warn: Callable[[str], None] | None = None
+
+    @classmethod
+    def for_paths(
+        cls,
+        paths: Iterable[str],
+        backing_dirs: Iterable[str] = (),
+        warn: Callable[[str], None] | None = None,
+    ) -> OpenPolicy:
+        named = set()
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except (OSError, ValueError):
+                continue
+            named.add((st.st_dev, st.st_ino))
+        dirs = tuple(os.path.realpath(d) for d in backing_dirs)
+        return cls(backing_dirs=dirs, named=frozenset(named), warn=warn)
+
+    def report_probe(self, filename: str, fmt: str) -> None:
+        msg = f"{filename}: format not given, probed as {fmt}; give format={fmt} to be sure"
+        if self.warn is not None:  # a mount: the log and the user who mounts hear of it
+            log.warning("%s", msg)
+            self.warn(msg)
+        else:  # a look (blockfs info): nothing is written, so nothing to warn of
+            log.info("%s", msg)
+
+    def check_backing(self, overlay_name: str, overlay_real: str, backing: FileNode) -> None:
+        """:raise ImageError: (EACCES) a probed overlay (whose file's real path is
+        ``overlay_real``) names a backing file outside the folders it may use."""
+        if backing.identity in self.named:
+            return
+        real = backing.real_path
+        roots = (os.path.dirname(overlay_real), *self.backing_dirs)
+        for root in roots:
+            if real == root or real.startswith(root.rstrip("/") + "/"):
+                return
+        raise ImageError(
+            f"{overlay_name}: backing file {real} lies outside {roots[0]}; the image's format "
+            "was probed, so it may be a guest's raw disk: give format= to trust it, or allow "
+            "the folder with backing-dirs=",
+            errno=errno.EACCES,
+        )
+
+
 @dataclass
 class OpenContext:
     """What a format needs to open the rest of its chain."""
 
     read_only: bool
-    #: real paths of the images above, top first (loop detection)
-    chain: tuple[str, ...] = ()
+    #: identities (st_dev, st_ino) of the images above, top first (loop detection)
+    chain: tuple[tuple[int, int], ...] = ()
     #: options given in the image spec, passed down to the top format only
     options: dict[str, str] = field(default_factory=dict)
+    #: the format of this image was probed, not given: paths in it are not trusted
+    probed: bool = False
+    policy: OpenPolicy = field(default_factory=OpenPolicy)
+    #: the real path of the image's own file (its folder is where a probed image may look)
+    real_path: str = ""
 
     async def open_backing(self, location: str, fmt: str | None, relative_to: str) -> Node:
         """Open a backing image read-only. A relative ``location`` is resolved against the
-        folder of ``relative_to`` (the overlay's filename), as qemu-img does.
+        folder of ``relative_to`` (the overlay's filename), as qemu-img does. A probed overlay
+        follows it only under :class:`OpenPolicy`'s rule.
 
-        :raise ImageError: a loop, a chain too deep, or a backing file that cannot be opened.
+        :raise ImageError: a loop, a chain too deep, a backing file the rule refuses, or one
+            that cannot be opened.
         """
+        if "\0" in location:
+            raise ImageError(f"{relative_to}: backing file name holds a NUL byte")
         if not os.path.isabs(location) and "://" not in location:
             location = os.path.join(os.path.dirname(relative_to) or ".", location)
+        confine = self.real_path if self.probed else None
         try:
-            return await open_image(location, fmt=fmt, read_only=True, _chain=self.chain)
+            return await open_image(
+                location,
+                fmt=fmt,
+                read_only=True,
+                policy=self.policy,
+                _chain=self.chain,
+                _confine=confine,
+                _overlay_name=relative_to,
+            )
         except UsageError as exc:
             raise ImageError(f"{relative_to}: cannot open backing file: {exc}") from None
 
@@ -93,31 +179,76 @@ async def open_image(
     fmt: str | None = None,
     read_only: bool = False,
     options: dict[str, str] | None = None,
-    _chain: tuple[str, ...] = (),
+    policy: OpenPolicy | None = None,
+    inject: bool = False,
+    _chain: tuple[tuple[int, int], ...] = (),
+    _confine: str | None = None,
+    _overlay_name: str | None = None,
 ) -> Node:
     """Open ``location`` as a format node over its protocol node; probe the format unless
-    ``fmt`` names it. Everything opened is closed again when this raises.
+    ``fmt`` names it. Everything opened is closed again when this raises. ``inject`` puts an
+    error-injection filter between the two (this image only, not its backing chain).
 
-    :raise UsageError: no such file, unknown format.
+    :raise UsageError: no such file, not a regular file or block device, unknown format.
     :raise ImageError: the image is corrupt, hostile or unsupported.
     """
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
-    real = os.path.realpath(location)
-    if real in _chain:
-        raise ImageError(f"{location}: backing chain loops back to {real}", errno=errno.ELOOP)
     if len(_chain) >= MAX_CHAIN_DEPTH:
         raise ImageError(f"{location}: backing chain deeper than {MAX_CHAIN_DEPTH} images")
+    if policy is None:
+        policy = OpenPolicy.for_paths([location])
     child = await FileNode.open(location, read_only=read_only)
     try:
-        if fmt is None:
-            header = await child.read(0, min(PROBE_BYTES, child.size)) if child.size else b""
-            fmt = probe_format(header)
-        ctx = OpenContext(read_only=read_only, chain=(*_chain, real), options=options or {})
-        return await FORMATS[fmt].open(child, ctx)
+        if _confine is not None:
+            policy.check_backing(_overlay_name or location, _confine, child)
+        if child.identity in _chain:
+            raise ImageError(
+                f"{_overlay_name or location}: backing chain loops back to {child.real_path}",
+                errno=errno.ELOOP,
+            )
+        protocol: Node = InjectFilter(child) if inject else child
+        return await open_format(
+            protocol, fmt=fmt, read_only=read_only, options=options, policy=policy, _chain=_chain
+        )
     except BaseException:
         await child.aclose()
         raise
+
+
+async def open_format(
+    child: Node,
+    *,
+    fmt: str | None,
+    read_only: bool,
+    options: dict[str, str] | None = None,
+    policy: OpenPolicy | None = None,
+    _chain: tuple[tuple[int, int], ...] = (),
+) -> Node:
+    """Open a format node over an open protocol node (which the caller still owns and closes
+    when this raises). ``fmt`` None probes, and says so through the policy.
+
+    :raise UsageError, ImageError: as :func:`open_image`.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+    policy = policy or OpenPolicy()
+    probed = fmt is None
+    if fmt is None:
+        header = await child.read(0, min(PROBE_BYTES, child.size)) if child.size else b""
+        fmt = probe_format(header)
+        policy.report_probe(child.filename, fmt)
+    ident = getattr(child, "identity", None)
+    chain = (*_chain, ident) if ident is not None else _chain
+    ctx = OpenContext(
+        read_only=read_only,
+        chain=chain,
+        options=options or {},
+        probed=probed,
+        policy=policy,
+        real_path=getattr(child, "real_path", "") or os.path.realpath(child.filename),
+    )
+    return await FORMATS[fmt].open(child, ctx)
 
 
 def probe_format(header: bytes) -> str:
@@ -125,6 +256,17 @@ def probe_format(header: bytes) -> str:
         if driver.probe(header):
             return driver.name
     return "raw"
+
+
+def protocol_file(node: Node) -> FileNode | None:
+    """The local file under a node (through filters and its format), or None (a node with no
+    local file beneath it: a backup view, a remote protocol)."""
+    while not isinstance(node, FileNode):
+        children = node.children()
+        if not children:
+            return None
+        node = children[0]
+    return node
 
 
 async def close_chain(node: Node) -> None:
