@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from blockfs.jobcmds import write_control as _write_control
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 BLOCKFS = [sys.executable, "-m", "blockfs"]
@@ -170,3 +172,33 @@ def fio_verify(path: Path, cwd: Path, *options: str) -> subprocess.CompletedProc
         check=False,
         cwd=cwd,
     )  # fmt: skip
+
+
+# -- jobs through the control files ------------------------------------------------------
+
+
+def status(m, job_id: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return json.loads((m.path / ".control" / "jobs" / job_id / "status").read_text())
+
+
+def start(m, spec: str) -> str:  # type: ignore[no-untyped-def]
+    return _write_control(str(m.path / ".control" / "jobs" / "backup"), spec)
+
+
+def ctl(m, job_id: str, verb: str) -> None:  # type: ignore[no-untyped-def]
+    _write_control(str(m.path / ".control" / "jobs" / job_id / "ctl"), verb)
+
+
+def wait_state(m, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(m, job_id)
+        if s["state"] in states:
+            return s
+        assert time.monotonic() < deadline, f"job {job_id} stuck: {s}"
+        time.sleep(0.05)
+
+
+def events(m) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+    text = (m.path / ".control" / "events").read_text()
+    return [json.loads(line) for line in text.splitlines()]

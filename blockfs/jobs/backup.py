@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,12 +27,20 @@ import trio
 
 from blockfs.errors import BlockfsError, ReadOnlyError, UnsupportedFeature, UsageError
 from blockfs.export import Export
-from blockfs.jobs.blockcopy import BlockCopy, SourceError, TargetError
+from blockfs.jobs.blockcopy import (
+    BlockCopy,
+    SourceError,
+    TargetError,
+    fill_bytes,
+    job_cluster_size,
+)
 from blockfs.jobs.job import ErrorAction, EventLog, Job, JobFailed, RateLimiter
 from blockfs.jobs.spec import bool_value, choice, job_id, parse_words, size_value
+from blockfs.jobs.target import TargetFile
 from blockfs.nodes.base import Extent, Node, Status, chain_block_status
+from blockfs.nodes.file import FileNode
 from blockfs.nodes.filter import FilterNode
-from blockfs.nodes.opener import close_chain, open_image
+from blockfs.nodes.opener import OpenPolicy, close_chain, open_format, protocol_file
 
 if TYPE_CHECKING:
     from blockfs.daemon import Daemon
@@ -56,6 +65,8 @@ BACKUP_KEYS = (
 MAX_STASH_BYTES = 256 * 1024 * 1024
 #: background copies in flight at once
 WORKERS = 4
+#: the longest a start-up step runs before it lets other tasks (other disks' requests) in
+_SLICE_SECONDS = 0.002
 _ACTIONS = [a.value for a in ErrorAction]
 
 
@@ -217,15 +228,21 @@ class BackupJob(Job):
         events: EventLog,
         *,
         target_zero_init: bool,
+        target_file: TargetFile | None = None,
     ) -> None:
         super().__init__(spec.id, export.name, events)
         self.spec = spec
         self.daemon = daemon
         self.export = export
         self.target = target
+        #: the file under the target: renamed into place on success, removed on failure
+        self.target_file = target_file
         self.speed = spec.speed
         self.source: Node = export.root
-        cs = max(65536, target.limits.cluster_size if target.format_name != "raw" else 0)
+        cs = job_cluster_size(
+            self.source.size,
+            max(65536, target.limits.cluster_size if target.format_name != "raw" else 0),
+        )
         self.copy = BlockCopy(
             self.source, target, cs, target_zero_init=target_zero_init, compress=spec.compress
         )
@@ -255,22 +272,27 @@ class BackupJob(Job):
             self.view_file = self.daemon.ops.add_image(self.daemon.tree.root, view)
 
     async def _initial_bitmap(self) -> None:
+        """Mark what the job copies. Built in slices with checkpoints between them, so a
+        backup of a huge disk never holds the event loop (other disks keep being served)."""
         bitmap, cs = self.copy.bitmap, self.copy.cluster_size
         if self.spec.sync != "top":
-            for i in range(self.copy.clusters):
-                bitmap.set(i)
+            await bitmap.set_all()
             return
         # sync=top: only what the top image holds; the rest stays in the backing chain.
-        self.outside = bytearray(b"\x01" * self.copy.clusters)
+        self.outside = bytearray(self.copy.clusters)
+        await fill_bytes(self.outside, 0, self.copy.clusters, 1)
         size, pos = self.source.size, 0
+        deadline = trio.current_time() + _SLICE_SECONDS
         while pos < size:
             ext = await self.source.block_status(pos, size - pos)
             if ext.status & Status.ALLOCATED:
                 first, last = pos // cs, (pos + ext.length - 1) // cs
-                for i in range(first, last + 1):
-                    bitmap.set(i)
-                    self.outside[i] = 0
+                bitmap.set_range(first, last + 1 - first)
+                self.outside[first : last + 1] = bytes(last + 1 - first)
             pos += max(ext.length, 1)
+            if trio.current_time() > deadline:  # block_status of cached tables never yields
+                await trio.lowlevel.checkpoint()
+                deadline = trio.current_time() + _SLICE_SECONDS
         self.offset = (self.copy.clusters - bitmap.count) * cs
         self.offset = min(self.offset, self.len)
 
@@ -509,68 +531,106 @@ class BackupJob(Job):
             await self.target.flush()
         except BlockfsError as exc:
             if ok:
-                raise
+                self.error = f"flushing the target failed: {exc}"
+                ok = False
             log.warning("job %s: flushing the target failed: %s", self.id, exc)
         finally:
             await close_chain(self.target)
+            self._settle_target_file(ok)
+
+    def _settle_target_file(self, ok: bool) -> None:
+        """A new target gets its name only when the copy is whole; otherwise it goes."""
+        tfile = self.target_file
+        if tfile is None:
+            return
+        self.target_file = None
+        try:
+            if ok:
+                tfile.publish()
+            else:
+                tfile.discard()
+        except BlockfsError as exc:
+            self.error = str(exc)
+            log.error("job %s: %s", self.id, exc)
+        except OSError as exc:
+            log.error("job %s: removing the unfinished target failed: %s", self.id, exc)
+        finally:
+            tfile.close()
+
+    def status(self) -> dict[str, object]:
+        st = super().status()
+        if self.target_file is not None and self.target_file.partial_path:
+            st["target"] = self.target_file.path
+            st["partial-target"] = self.target_file.partial_path
+        return st
 
 
-async def open_backup_target(spec: BackupSpec, device: Export) -> tuple[Node, bool]:
-    """Create (mode=new) or open (mode=existing) the target. Returns (node, zero_init).
+async def open_backup_target(
+    spec: BackupSpec, device: Export
+) -> tuple[Node, bool, TargetFile]:
+    """Create (mode=new) or open (mode=existing) the target, as :mod:`blockfs.jobs.target`
+    says: no second open by name, no symlink of another user's, no FIFO. A new target is
+    made under a temporary name (but with sync=none, whose target is read while the job runs)
+    with the source's permission bits. Returns (node, zero_init, file).
 
-    :raise UsageError: EEXIST, ENOENT, EINVAL as fits.
+    :raise UsageError: EEXIST, ENOENT, EACCES, EINVAL, EFBIG as fits.
     """
-    path = os.path.abspath(spec.target)
     size = device.root.size
     fmt = spec.format
+    job_cluster_size(size, 65536)  # EFBIG before anything is made
     if spec.mode == "new":
         fmt = fmt or "qcow2"
-        if os.path.lexists(path):
-            raise UsageError(
-                f"target {path} exists already (use mode=existing)", errno=errno.EEXIST
-            )
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            raise UsageError(f"target folder {parent} does not exist", errno=errno.ENOENT)
         if fmt == "vhdx":
             raise UnsupportedFeature("VHDX targets are not supported yet", errno=errno.EINVAL)
         if spec.compress and fmt != "qcow2":
             raise UsageError("compress=on needs a qcow2 target")
-        from blockfs.nodes.qcow2_create import create_qcow2, create_raw
-
-        if fmt == "raw":
-            if spec.sync == "none":
-                raise UsageError("sync=none needs a qcow2 target (backed by the device)")
-            await create_raw(path, size)
-        else:
-            backing, backing_fmt = _target_backing(spec, device)
-            cs = 65536
-            await create_qcow2(
-                path, size, cluster_size=cs, backing=backing, backing_fmt=backing_fmt
-            )
+        if fmt == "raw" and spec.sync == "none":
+            raise UsageError("sync=none needs a qcow2 target (backed by the device)")
+        source = protocol_file(device.root)
+        perm = stat.S_IMODE(os.fstat(source.fd).st_mode) & 0o666 if source else 0o600
+        tfile = TargetFile.create(spec.target, perm, temporary=spec.sync != "none")
     else:
-        if not os.path.exists(path):
-            raise UsageError(f"target {path} does not exist (mode=existing)", errno=errno.ENOENT)
+        tfile = TargetFile.open_existing(spec.target)
+    child: FileNode | None = None
+    node: Node | None = None
     try:
-        node = await open_image(path, fmt=fmt, read_only=False)
-    except BlockfsError:
         if spec.mode == "new":
-            os.unlink(path)
+            from blockfs.nodes.qcow2_create import create_qcow2, create_raw
+
+            if fmt == "raw":
+                await create_raw(tfile.path, size, fd=tfile.fd)
+            else:
+                backing, backing_fmt = _target_backing(spec, device)
+                await create_qcow2(
+                    tfile.path,
+                    size,
+                    cluster_size=65536,
+                    backing=backing,
+                    backing_fmt=backing_fmt,
+                    fd=tfile.fd,
+                )
+        child = FileNode.from_fd(tfile.fd, tfile.path)
+        policy = OpenPolicy.for_paths([tfile.path])
+        node = await open_format(child, fmt=fmt, read_only=False, policy=policy)
+        if node.size != size:
+            raise UsageError(f"target is {node.size} bytes, the device {size}")
+        if spec.compress and not getattr(node, "supports_compressed_writes", False):
+            raise UsageError(f"compress=on needs a qcow2 target, not {node.format_name}")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if node is not None:
+                await close_chain(node)
+            elif child is not None:
+                await child.aclose()
+            else:
+                os.close(tfile.fd)
+            tfile.discard(even_named=True)
+            tfile.close()
         raise
-    if node.size != size:
-        await close_chain(node)
-        if spec.mode == "new":
-            os.unlink(path)
-        raise UsageError(f"target is {node.size} bytes, the device {size}")
-    if spec.compress and not getattr(node, "supports_compressed_writes", False):
-        await close_chain(node)
-        if spec.mode == "new":
-            os.unlink(path)
-        raise UsageError(f"compress=on needs a qcow2 target, not {node.format_name}")
     # A new target reads as zeroes where nothing was written: zeroes need not be copied.
     # (Not so with a backing file: there, unwritten clusters read from the backing.)
     zero_init = spec.mode == "new" and node.backing is None
-    return node, zero_init
+    return node, zero_init, tfile
 
 
 def _first_blockfs_error(group: BaseExceptionGroup[BaseException]) -> BlockfsError | None:

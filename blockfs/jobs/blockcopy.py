@@ -18,14 +18,53 @@ all when the target is new and reads as zeroes already, so a sparse source gives
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 import trio
 
-from blockfs.errors import BlockfsError
+from blockfs.errors import BlockfsError, UsageError
 from blockfs.nodes.base import Node
 
 _ZERO_CACHE: dict[int, bytes] = {}
+
+#: the most clusters one bitmap tracks (one byte each: 64 MiB of memory at the most)
+MAX_BITMAP_CLUSTERS = 1 << 26
+#: the largest cluster a job tracks (and so the largest copy-before-write unit)
+MAX_JOB_CLUSTER = 1 << 20
+#: bitmap bytes set between two checkpoints (about a millisecond of memset and count)
+_FILL_SLICE = 1 << 20
+_ONES = b"\x01" * _FILL_SLICE
+
+
+def job_cluster_size(size: int, minimum: int) -> int:
+    """The unit a job tracks a disk of ``size`` bytes in: ``minimum``, doubled until the
+    bitmap fits :data:`MAX_BITMAP_CLUSTERS`.
+
+    :raise UsageError: (EFBIG) the disk needs a unit above :data:`MAX_JOB_CLUSTER` (past
+        64 TiB at the most: a bitmap for it would not fit in memory).
+    """
+    cs = minimum
+    while (size + cs - 1) // cs > MAX_BITMAP_CLUSTERS:
+        cs *= 2
+    if cs > max(minimum, MAX_JOB_CLUSTER):
+        limit = MAX_BITMAP_CLUSTERS * max(minimum, MAX_JOB_CLUSTER)
+        raise UsageError(
+            f"a disk of {size} bytes is larger than block jobs support ({limit >> 40} TiB)",
+            errno=errno.EFBIG,
+        )
+    return cs
+
+
+async def fill_bytes(buf: bytearray, first: int, end: int, value: int) -> None:
+    """Set ``buf[first:end]`` to ``value`` in slices, with a checkpoint after each, so that
+    a bitmap of a huge disk is built without holding the event loop."""
+    piece = _ONES if value == 1 else bytes(_FILL_SLICE)
+    while first < end:
+        n = min(_FILL_SLICE, end - first)
+        buf[first : first + n] = piece if n == _FILL_SLICE else piece[:n]
+        first += n
+        await trio.lowlevel.checkpoint()
 
 
 def _zeroes(n: int) -> bytes:
@@ -58,6 +97,18 @@ class DirtyBitmap:
         if self._bits[i]:
             self._bits[i] = 0
             self.count -= 1
+
+    def set_range(self, first: int, count: int) -> None:
+        """Mark ``count`` clusters from ``first`` dirty (in C: no loop per cluster)."""
+        end = min(first + count, len(self._bits))
+        if end > first:
+            self.count += self._bits.count(0, first, end)
+            self._bits[first:end] = b"\x01" * (end - first)
+
+    async def set_all(self) -> None:
+        """Mark every cluster dirty, with checkpoints (a 2 TiB disk has 32 Mi clusters)."""
+        await fill_bytes(self._bits, 0, len(self._bits), 1)
+        self.count = len(self._bits)
 
     def next_dirty(self, start: int) -> int:
         """The first dirty cluster at or after ``start``, or -1."""

@@ -25,6 +25,7 @@ def parse_words(text: bytes | str, allowed: Iterable[str]) -> dict[str, str]:
             text = text.decode()
         except UnicodeDecodeError:
             raise UsageError("spec is not UTF-8 text") from None
+    _check_text(text, "spec")
     text = text.strip()
     if not text:
         raise UsageError("empty spec (write key=value words or a JSON object)")
@@ -37,16 +38,21 @@ def parse_words(text: bytes | str, allowed: Iterable[str]) -> dict[str, str]:
             raise UsageError(f"spec is not valid JSON: {exc.msg} at char {exc.pos}") from None
         except RecursionError:  # hostile nesting, [[[[...]]]]
             raise UsageError("spec is nested too deeply") from None
+        except ValueError:  # an integer of thousands of digits (int's digit limit)
+            raise UsageError("spec holds a number too long to be a value") from None
         if not isinstance(obj, dict):
             raise UsageError("a JSON spec must be one object")
         items = []
         for k, v in obj.items():
+            _check_text(k, "key")
             if isinstance(v, bool):
                 v = "on" if v else "off"
-            elif isinstance(v, (int, str)):
+            elif isinstance(v, int) and abs(v) < 1 << 64:
                 v = str(v)
+            elif isinstance(v, str):
+                _check_text(v, f"{k[:40]!r}")
             else:
-                raise UsageError(f"{k}: expected a string, number or boolean")
+                raise UsageError(f"{k[:40]!r}: expected a string, a whole number or a boolean")
             items.append((k, v))
     else:
         try:
@@ -61,18 +67,31 @@ def parse_words(text: bytes | str, allowed: Iterable[str]) -> dict[str, str]:
             items.append((k, v))
     for k, v in items:
         if k not in allowed:
-            raise UsageError(f"unknown key {k!r} (known: {', '.join(sorted(allowed))})")
+            shown = k if len(k) <= 40 else k[:37] + "..."
+            raise UsageError(f"unknown key {shown!r} (known: {', '.join(sorted(allowed))})")
         if k in words:
             raise UsageError(f"key {k!r} given twice")
         words[k] = v
     return words
 
 
+def _check_text(text: str, what: str) -> None:
+    """:raise UsageError: a NUL byte (no path or name may hold one) or a lone surrogate (JSON
+    can spell one; it is not text and cannot be encoded)."""
+    if "\0" in text:
+        raise UsageError(f"{what} holds a NUL byte")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} holds a lone surrogate (not text)") from None
+
+
 def choice(words: dict[str, str], key: str, options: Iterable[str], default: str) -> str:
     value = words.get(key, default)
     options = list(options)
     if value not in options:
-        raise UsageError(f"{key}={value}: expected one of {', '.join(options)}")
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise UsageError(f"{key}={shown}: expected one of {', '.join(options)}")
     return value
 
 

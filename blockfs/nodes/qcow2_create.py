@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 
 import trio
@@ -49,10 +50,12 @@ async def create_qcow2(
     backing_fmt: str | None = None,
     preallocation: str = "off",
     overwrite: bool = False,
+    fd: int | None = None,
 ) -> None:
     """Create a qcow2 image at ``path``. ``size`` may be None when ``backing`` is given (the
     backing file's size is used). A relative ``backing`` is stored as given and resolved
-    against the folder of ``path``, as qemu-img does.
+    against the folder of ``path``, as qemu-img does. With ``fd`` the image is written into
+    that open, empty file instead (``path`` then only names it), which is not removed on error.
 
     :raise UsageError: bad options, an existing file (unless ``overwrite``), a backing file
         that cannot be opened.
@@ -98,7 +101,7 @@ async def create_qcow2(
     if l1_entries_needed(size, cb) * 8 > MAX_L1_BYTES:
         raise UsageError(f"image size {size} is too large for {cluster_size}-byte clusters")
     image = _layout(size, cb, version, backing, backing_fmt, preallocation)
-    await trio.to_thread.run_sync(_write_file, path, image, overwrite)
+    await _write(path, image, overwrite, fd)
 
 
 class _Image:
@@ -183,10 +186,35 @@ def _layout(
     return img
 
 
+async def _write(path: str, img: _Image, overwrite: bool, fd: int | None) -> None:
+    if fd is None:
+        await trio.to_thread.run_sync(_write_file, path, img, overwrite)
+    else:
+        await trio.to_thread.run_sync(_write_fd, fd, path, img)
+
+
+def _write_fd(fd: int, path: str, img: _Image) -> None:
+    try:
+        for off, data in img.chunks:
+            if data:
+                os.pwrite(fd, data, off)
+        os.ftruncate(fd, img.length)
+        os.fsync(fd)
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        raise UsageError(f"{path}: {exc.strerror}", errno=code) from None
+    except OverflowError:  # a size no file can have
+        raise UsageError(f"{path}: file too large", errno=errno.EFBIG) from None
+
+
 def _write_file(path: str, img: _Image, overwrite: bool) -> None:
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+    flags |= os.O_NONBLOCK | os.O_NOCTTY  # --force on a FIFO must not hang
     try:
         fd = os.open(path, flags, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"{path}: not a regular file")
     except FileExistsError:
         raise UsageError(
             f"{path}: file exists (use --force to overwrite)", errno=errno.EEXIST
@@ -194,24 +222,22 @@ def _write_file(path: str, img: _Image, overwrite: bool) -> None:
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
     try:
-        try:
-            for off, data in img.chunks:
-                if data:
-                    os.pwrite(fd, data, off)
-            os.ftruncate(fd, img.length)
-            os.fsync(fd)
-        except OSError as exc:
-            os.unlink(path)
-            raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+        _write_fd(fd, path, img)
+    except UsageError:
+        os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
 
-async def create_raw(path: str, size: int, *, overwrite: bool = False) -> None:
-    """Create a sparse raw image of ``size`` bytes. :raise UsageError:"""
+async def create_raw(
+    path: str, size: int, *, overwrite: bool = False, fd: int | None = None
+) -> None:
+    """Create a sparse raw image of ``size`` bytes (into ``fd`` if given, as
+    :func:`create_qcow2`). :raise UsageError:"""
     if size < 0:
         raise UsageError(f"image size {size} must not be negative")
-    await trio.to_thread.run_sync(_write_file, path, _raw_image(size), overwrite)
+    await _write(path, _raw_image(size), overwrite, fd)
 
 
 def _raw_image(size: int) -> _Image:

@@ -1,0 +1,291 @@
+"""Job targets: files the daemon creates or opens because a spec named them.
+
+The daemon usually runs as root, and the folder a spec names may be writable by other users.
+Nothing a user does to that folder may make root write a file the user could not write:
+
+- The folder is reached only through symbolic links owned by root or by the daemon's user, and
+  is opened once (``O_DIRECTORY``); every later step is relative to that descriptor, and the
+  descriptor is checked to be the folder that was checked (its path read back from ``/proc``).
+- A folder writable by another user is refused unless it has the sticky bit (``/tmp``).
+- ``mode=new``: the file is created under a hidden temporary name in the same folder with
+  ``O_CREAT | O_EXCL | O_NOFOLLOW`` and the source's permission bits (0600 when the source has
+  none; never wider than the source), then written and used through that one descriptor: it is
+  never opened again by name. It gets its final name only when the job succeeds, without
+  replacing anything (``renameat2(RENAME_NOREPLACE)``), and is removed when the job fails or is
+  cancelled; after a crash only the hidden ``.NAME.XXXXXXXX.part`` file remains, which no one
+  takes for a finished copy.
+- ``mode=existing``: the last component is opened with ``O_NOFOLLOW`` and ``O_NONBLOCK`` and
+  must be a regular file or a block device (a FIFO would hang the daemon); in a sticky folder it
+  must belong to the daemon's user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import stat
+from typing import Any
+
+from blockfs.errors import UsageError
+
+_RENAME_NOREPLACE = 1
+_libc: Any = None
+
+
+def _who(uid: int) -> str:
+    return "root" if uid == 0 else f"uid {uid}"
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _writable_by_others(st: os.stat_result) -> bool:
+    mode = st.st_mode
+    if mode & stat.S_IWOTH:
+        return True
+    if mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
+        return True
+    return bool(mode & stat.S_IWUSR) and not _trusted_owner(st.st_uid)
+
+
+def _check_links(path: str) -> None:
+    """:raise UsageError: (EACCES) a symbolic link on the way to ``path`` belongs to a user
+    who is neither root nor the daemon's user."""
+    cur = "/"
+    for part in path.strip("/").split("/"):
+        if not part:
+            continue
+        nxt = os.path.join(cur, part)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            return  # missing: the open below says so
+        if stat.S_ISLNK(st.st_mode):
+            if not _trusted_owner(st.st_uid):
+                raise UsageError(
+                    f"{nxt} is a symbolic link owned by {_who(st.st_uid)}; refused",
+                    errno=errno.EACCES,
+                )
+            nxt = os.path.realpath(nxt)
+        cur = nxt
+
+
+class TargetFolder:
+    """An open folder for job targets, checked as the module docstring says."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.sticky = False
+
+    @classmethod
+    def open(cls, path: str) -> TargetFolder:
+        """:raise UsageError: missing, not a folder, a link of another user's on the way, or
+        writable by others without the sticky bit."""
+        path = os.path.abspath(path)
+        _check_links(path)
+        real = os.path.realpath(path)
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UsageError(f"target folder {path} does not exist", errno=errno.ENOENT) from None
+        except NotADirectoryError:
+            raise UsageError(f"target folder {path} is not a folder", errno=errno.ENOTDIR) from None
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code == errno.ELOOP:  # swapped for a link after realpath
+                code = errno.EACCES
+            raise UsageError(f"target folder {path}: {os.strerror(code)}", errno=code) from None
+        folder = cls(fd, real)
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != real:
+                raise UsageError(f"target folder {path} changed while it was opened; refused",
+                                 errno=errno.EACCES)  # fmt: skip
+            st = os.fstat(fd)
+            folder.sticky = bool(st.st_mode & stat.S_ISVTX)
+            if _writable_by_others(st) and not folder.sticky:
+                raise UsageError(
+                    f"target folder {path} is writable by other users (and not sticky); "
+                    "refused: choose a folder only you can write",
+                    errno=errno.EACCES,
+                )
+        except BaseException:
+            folder.close()
+            raise
+        return folder
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+class TargetFile:
+    """One target file of a job: an open descriptor, its folder and (mode=new) the temporary
+    name it has until :meth:`publish`."""
+
+    def __init__(
+        self, folder: TargetFolder, name: str, fd: int, temp: str | None, created: bool
+    ) -> None:
+        self.folder = folder
+        self.name = name
+        self.fd = fd
+        self.temp = temp
+        #: this process made the file (so a job that fails to start removes it again)
+        self.created = created
+        st = os.fstat(fd)
+        #: (st_dev, st_ino) of the file: the node may close ``fd`` before :meth:`publish`
+        self.identity = (st.st_dev, st.st_ino)
+
+    @property
+    def path(self) -> str:
+        """The final path (where the target is, or will be once the job succeeds)."""
+        return os.path.join(self.folder.path, self.name)
+
+    @property
+    def partial_path(self) -> str | None:
+        """Where an unfinished new target lies (None: it has its final name)."""
+        return os.path.join(self.folder.path, self.temp) if self.temp else None
+
+    @classmethod
+    def create(cls, path: str, perm: int, *, temporary: bool = True) -> TargetFile:
+        """Create a new empty file for ``path`` (under a hidden temporary name unless
+        ``temporary`` is off). :raise UsageError: EEXIST, ENOENT, EACCES as fits."""
+        folder, name = _split(path)
+        try:
+            if folder.exists(name):
+                raise UsageError(
+                    f"target {folder.path}/{name} exists already (use mode=existing)",
+                    errno=errno.EEXIST,
+                )
+            temp = f".{name[:200]}.{secrets.token_hex(4)}.part" if temporary else None
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                fd = os.open(temp or name, flags, perm & 0o666, dir_fd=folder.fd)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                what = "exists already" if code == errno.EEXIST else os.strerror(code)
+                raise UsageError(f"target {folder.path}/{name}: {what}", errno=code) from None
+            # The umask may have narrowed the bits; it must not be what widens them, and a
+            # hostile umask cannot: fchmod sets exactly the source's bits.
+            os.fchmod(fd, perm & 0o666)
+        except BaseException:
+            folder.close()
+            raise
+        return cls(folder, name, fd, temp, True)
+
+    @classmethod
+    def open_existing(cls, path: str) -> TargetFile:
+        """Open an existing target for writing. :raise UsageError:"""
+        folder, name = _split(path)
+        try:
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            try:
+                st = os.stat(name, dir_fd=folder.fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise OSError(errno.ELOOP, "is a symbolic link")
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    raise OSError(errno.EINVAL, "not a regular file or block device")
+                fd = os.open(name, flags, dir_fd=folder.fd)
+            except FileNotFoundError:
+                raise UsageError(
+                    f"target {folder.path}/{name} does not exist (mode=existing)",
+                    errno=errno.ENOENT,
+                ) from None
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                why = "is a symbolic link; refused" if code == errno.ELOOP else exc.strerror
+                raise UsageError(f"target {folder.path}/{name}: {why}", errno=code) from None
+            try:
+                st = os.fstat(fd)
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                    raise UsageError(
+                        f"target {folder.path}/{name}: not a regular file or block device",
+                        errno=errno.EINVAL,
+                    )
+                if folder.sticky and st.st_uid != os.geteuid():
+                    raise UsageError(
+                        f"target {folder.path}/{name} belongs to {_who(st.st_uid)} in a "
+                        "folder anyone may write; refused",
+                        errno=errno.EACCES,
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            folder.close()
+            raise
+        return cls(folder, name, fd, None, False)
+
+    def publish(self) -> None:
+        """Give a new target its final name, never replacing a file that took the name in
+        the meantime. :raise UsageError: (EEXIST) the name is taken; the data stays under
+        :attr:`partial_path`."""
+        if self.temp is None:
+            return
+        try:
+            # The entry must still be the file this process made (in a sticky folder no one
+            # else can rename it, but a check costs two stats).
+            there = os.stat(self.temp, dir_fd=self.folder.fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) != self.identity:
+                raise OSError(errno.EPERM, "it was replaced while the job ran")
+            _rename_noreplace(self.folder.fd, self.temp, self.name)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot name the target {self.path}: {exc.strerror}; the copy is in "
+                f"{self.partial_path}",
+                errno=exc.errno or errno.EIO,
+            ) from None
+        self.temp = None
+
+    def discard(self, *, even_named: bool = False) -> None:
+        """Remove an unfinished new target (its descriptor is closed by its node); with
+        ``even_named``, also one created under its final name (a job that never started)."""
+        name = self.temp or (self.name if even_named and self.created else None)
+        if name is not None:
+            try:
+                os.unlink(name, dir_fd=self.folder.fd)
+            except FileNotFoundError:
+                pass
+            self.temp = None
+            self.created = False
+
+    def close(self) -> None:
+        """Release the folder (the file's descriptor belongs to the node over it)."""
+        self.folder.close()
+
+
+def _split(path: str) -> tuple[TargetFolder, str]:
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if not name or name in (".", ".."):
+        raise UsageError(f"target {path} names no file")
+    return TargetFolder.open(parent), name
+
+
+def _rename_noreplace(dir_fd: int, old: str, new: str) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is not None:
+        res = fn(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), _RENAME_NOREPLACE)
+        if res == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+    # No renameat2 here: a hard link fails on an existing name just as well.
+    os.link(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    os.unlink(old, dir_fd=dir_fd)
