@@ -33,6 +33,8 @@ FULL = os.environ.get("BLOCKFS_FULL") == "1"
 #: mutants per test: (normal run, long mode)
 STRUCTURAL = 20000 * 3 // 4 if FULL else 200
 BYTES = 20000 // 4 if FULL else 80
+#: the long mode runs for tens of minutes per test (about 10 mutants a second)
+_long = pytest.mark.timeout(4 * 3600 if FULL else 300)
 
 Mutant = tuple[str, list[qm.Op]]
 
@@ -340,6 +342,7 @@ def test_harness_reports_exceptions_memory_and_time(fuzz: Fuzz) -> None:
     assert fuzz.server.run(path).ok
 
 
+@_long
 @_settings(STRUCTURAL)
 @given(m=mutants(structural_ops, 3))
 @example(m=("v3-64k", [("hdr", "l1_size", 0xFFFFFFFF)]))
@@ -347,6 +350,7 @@ def test_structural_mutants_are_refused_or_served(fuzz: Fuzz, m: Mutant) -> None
     fuzz.check(m, seed=hash_ops(m))
 
 
+@_long
 @_settings(BYTES)
 @given(m=mutants(st.one_of(byte_ops, structural_ops), 4))
 def test_byte_mutants_are_refused_or_served(fuzz: Fuzz, m: Mutant) -> None:
