@@ -1,3 +1,3 @@
-from blockfs.cli import main
+from blockfs.cli.main import main
 
 raise SystemExit(main())

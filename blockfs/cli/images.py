@@ -16,7 +16,7 @@ import trio
 
 from blockfs.errors import UsageError
 from blockfs.info import chain_info
-from blockfs.spec import parse_size
+from blockfs.values import parse_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -16,11 +16,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 from blockfs import __version__
+from blockfs.cli import images, jobs
+from blockfs.cli.imagespec import parse_image_specs
+from blockfs.config import ImageSpec
 from blockfs.errors import BlockfsError, UsageError
-from blockfs.spec import ImageSpec, parse_image_specs
 
 log = logging.getLogger("blockfs")
 
@@ -86,7 +87,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 def _run_daemon(args: argparse.Namespace, specs: list[ImageSpec]) -> int:
     import trio
 
-    from blockfs.daemon import Daemon, MountConfig
+    from blockfs.config import MountConfig
+    from blockfs.daemon import Daemon
 
     _setup_logging(args.log, foreground=args.ready_fd is None, verbose=args.verbose)
     config = MountConfig(
@@ -317,22 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MNT")
     u.set_defaults(func=_cmd_umount)
 
-    for register in _extra_commands():
-        register(sub)
+    images.register(sub)
+    jobs.register(sub)
     return p
-
-
-def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    found = []
-    for mod_name in ("blockfs.imagecmds", "blockfs.jobcmds"):
-        try:
-            mod = __import__(mod_name, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != mod_name:
-                raise
-            continue
-        found.append(mod.register)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,84 @@
-"""Job specs as written to ``MNT/.control/jobs/KIND``: ``key=value`` words or one JSON object.
+"""Values that users write, checked once: names, booleans, sizes, and ``key=value`` specs.
 
-Every spec is hostile until checked: unknown keys, repeated keys, values of the wrong kind and
-oversized input are refused here with one-line errors and EINVAL, before anything is opened.
+Everything written to a control file or given on the command line is hostile until it passed
+here: unknown keys, repeated keys, values of the wrong kind, control characters in names,
+numbers no disk could have and oversized input are refused with one-line errors and EINVAL,
+before anything is opened. Every layer may use this module; it imports nothing of blockfs but
+the errors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
+import unicodedata
 from collections.abc import Iterable
 
 from blockfs.errors import UsageError
-from blockfs.spec import check_name, parse_bool, parse_size
+
+#: the largest size any option or spec may name (a disk of 2^63 bytes is not a disk)
+MAX_SIZE = (1 << 63) - 1
+_TRUE = {"on", "yes", "true", "1"}
+_FALSE = {"off", "no", "false", "0"}
+
+
+def check_name(name: str, what: str = "image name") -> str:
+    """:raise UsageError: a name that cannot be a file name under the mountpoint."""
+    if not name:
+        raise UsageError(f"empty {what}")
+    if "/" in name:
+        raise UsageError(f"{what} {name!r} must not contain '/'")
+    if any(unicodedata.category(ch) in _UNPRINTABLE for ch in name):
+        raise UsageError(f"{what} {name!r} must not contain control or invisible characters")
+    if name.startswith("."):
+        raise UsageError(f"{what} {name!r} must not start with '.'")
+    if "@" in name:
+        raise UsageError(f"{what} {name!r} must not contain '@' (kept for backup views)")
+    if len(name.encode()) > 255:
+        raise UsageError(f"{what} {name[:20]!r}... is longer than 255 bytes")
+    return name
+
+
+#: Unicode categories refused in names: controls (ESC, CR, NUL...), format characters (bidi
+#: overrides that make a name print as another), surrogates, line and paragraph separators
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def parse_bool(key: str, value: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise UsageError(f"{key}={value}: expected on or off")
+
+
+_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``4096``, ``64K``, ``10G``, ``1.5M`` (binary units). :raise UsageError:"""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B") if text else ""
+    unit = t[-1:] if t[-1:] in _SUFFIXES and t[-1:].isalpha() else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    if len(number) > 40:  # int() of thousands of digits is slow; no size has that many
+        raise UsageError(f"{what} {shown!r} is not a size (e.g. 4096, 64K, 10G)")
+    try:
+        value = float(number) if "." in number else int(number, 10)
+    except ValueError:
+        raise UsageError(f"{what} {shown!r} is not a size (e.g. 4096, 64K, 10G)") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{what} {shown!r} is not a size (e.g. 4096, 64K, 10G)")
+    scaled = value * _SUFFIXES[unit]
+    if scaled > MAX_SIZE:
+        raise UsageError(f"{what} {shown!r} is larger than 2^63 bytes")
+    result = int(scaled)
+    if result < 0 or (isinstance(value, float) and result != scaled):
+        raise UsageError(f"{what} {shown!r} is not a whole number of bytes")
+    return result
+
 
 MAX_SPEC_BYTES = 64 * 1024
 

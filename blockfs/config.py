@@ -1,0 +1,38 @@
+"""What a mount is asked to do: the images (as the command line named them) and the options.
+
+The CLI parses into these (:mod:`blockfs.cli.imagespec`); the daemon serves them. Plain data,
+so that neither has to import the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: how many FUSE requests may be served at once (pyfuse3 worker tasks)
+MAX_FUSE_TASKS = 64
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    path: str
+    format: str | None = None
+    read_only: bool = False
+    #: folders whose files a probed image may use as backing files (``backing-dirs=A:B``)
+    backing_dirs: tuple[str, ...] = ()
+    #: an error-injection filter under the image's format node (``inject=on``; for tests)
+    inject: bool = False
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    images: list[ImageSpec]
+    read_only: bool = False
+    allow_other: bool = False
+    fuse_tasks: int = MAX_FUSE_TASKS
+    extra_fuse_options: list[str] = field(default_factory=list)
+    #: owner, group and permission bits every image file shows (None: its image file's)
+    image_uid: int | None = None
+    image_gid: int | None = None
+    image_mode: int | None = None
