@@ -16,37 +16,20 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
+from blockfs.config import MountConfig
 from blockfs.control import ControlTree
 from blockfs.control.tree import VirtualTree
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.export import Export
 from blockfs.fs import BlockfsOperations
 from blockfs.nodes.opener import OpenPolicy, check_shared_files, close_chain, open_image
-from blockfs.spec import ImageSpec
 
 log = logging.getLogger(__name__)
 
-#: how many FUSE requests may be served at once (pyfuse3 worker tasks)
-MAX_FUSE_TASKS = 64
-
-
-@dataclass
-class MountConfig:
-    mountpoint: str
-    images: list[ImageSpec]
-    read_only: bool = False
-    allow_other: bool = False
-    fuse_tasks: int = MAX_FUSE_TASKS
-    extra_fuse_options: list[str] = field(default_factory=list)
-    #: owner, group and permission bits every image file shows (None: its image file's)
-    image_uid: int | None = None
-    image_gid: int | None = None
-    image_mode: int | None = None
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

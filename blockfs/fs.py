@@ -47,9 +47,9 @@ from blockfs.control.tree import (
 )
 from blockfs.errors import BlockfsError
 from blockfs.export import Export
-from blockfs.jobs.spec import MAX_SPEC_BYTES
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode
+from blockfs.values import MAX_SPEC_BYTES
 
 log = logging.getLogger(__name__)
 

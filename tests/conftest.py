@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from blockfs.jobcmds import write_control as _write_control
+from blockfs.cli.jobs import write_control as _write_control
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

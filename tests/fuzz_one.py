@@ -342,7 +342,7 @@ def _judge_cli(status: int, out: str, timeout: float) -> str:
 
 def serve() -> None:
     """The fork server: one JSON request per line in, one JSON verdict per line out."""
-    import blockfs.cli
+    import blockfs.cli.main
     import blockfs.nodes.opener
     import blockfs.nodes.qcow2_snapshot  # noqa: F401 (imported once, before any fork)
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from blockfs.cli.imagespec import parse_image_spec
 from blockfs.errors import UsageError
 from blockfs.nodes.base import Status, chain_block_status
 from blockfs.nodes.file import FileNode, IoThreadPool
 from blockfs.nodes.opener import close_chain, open_image
-from blockfs.spec import parse_image_spec, parse_size
+from blockfs.values import parse_size
 
 
 async def test_pool_runs_calls_at_the_same_time() -> None:

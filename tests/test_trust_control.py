@@ -34,7 +34,7 @@ from blockfs.control.tree import (
 )
 from blockfs.fs import _spec_is_whole
 from blockfs.jobs.job import EventLog
-from blockfs.jobs.spec import MAX_SPEC_BYTES
+from blockfs.values import MAX_SPEC_BYTES
 from conftest import BLOCKFS, blockfs, force_unmount, have_fuse, is_mounted, random_file, run
 
 MiB = 1 << 20

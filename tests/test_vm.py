@@ -282,7 +282,7 @@ def _filled_image(tmp_path: Path, fmt: str) -> Path:
 
 
 def _control(mnt: Path, path: str, text: str) -> str:
-    from blockfs.jobcmds import write_control
+    from blockfs.cli.jobs import write_control
 
     return write_control(str(mnt / ".control" / path), text)
 

@@ -37,10 +37,9 @@ from blockfs.control.tree import (
 from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.info import export_info
 from blockfs.jobs.job import EventLog, Job, JobState
-from blockfs.jobs.spec import MAX_SPEC_BYTES
 from blockfs.nodes.inject import InjectFilter, find_inject_filter
 from blockfs.nodes.opener import check_shared_files, close_chain
-from blockfs.spec import parse_size
+from blockfs.values import MAX_SPEC_BYTES, parse_size
 
 if TYPE_CHECKING:
     from blockfs.daemon import Daemon

@@ -35,12 +35,12 @@ from blockfs.jobs.blockcopy import (
     job_cluster_size,
 )
 from blockfs.jobs.job import ErrorAction, EventLog, Job, JobFailed, RateLimiter
-from blockfs.jobs.spec import bool_value, choice, job_id, parse_words, size_value
 from blockfs.jobs.target import TargetFile
 from blockfs.nodes.base import Extent, Node, Status, chain_block_status
 from blockfs.nodes.file import FileNode
 from blockfs.nodes.filter import FilterNode
 from blockfs.nodes.opener import OpenPolicy, close_chain, open_format, protocol_file
+from blockfs.values import bool_value, choice, job_id, parse_words, size_value
 
 if TYPE_CHECKING:
     from blockfs.daemon import Daemon

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from blockfs.errors import BlockfsError, UsageError
-from blockfs.jobs.spec import MAX_SPEC_BYTES, bool_value, parse_words
 from blockfs.nodes.base import Node
 from blockfs.nodes.filter import FilterNode
+from blockfs.values import MAX_SPEC_BYTES, bool_value, parse_words
 
 log = logging.getLogger(__name__)
 
