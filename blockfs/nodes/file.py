@@ -7,10 +7,10 @@ default) follows what the benchmarks measured against the alternatives:
    data is in the page cache this returns at once and costs no thread hop.
 2. Writes of up to 64 KiB are plain ``pwrite`` calls in the event loop: a buffered write is a
    copy into the page cache, cheaper than any hop (ext4 refuses RWF_NOWAIT for buffered writes).
-3. Everything else (larger requests, reads that would block) goes to :class:`IoThreadPool`, a
-   pool of dedicated threads that wake the waiting trio task directly (``run_sync_soon`` +
-   ``reschedule``), at a fraction of the cost of ``trio.to_thread.run_sync``. Requests that may
-   block overlap there and never wait for each other.
+3. Everything else (larger requests, reads that would block) goes to the shared
+   :class:`~blockfs.nodes.threads.IoThreadPool`, threads that wake the waiting trio task
+   directly, at a fraction of the cost of ``trio.to_thread.run_sync``. Requests that may block
+   overlap there and never wait for each other. Cancelling a request waits for its call.
 
 ``BLOCKFS_IO_MODE=inline|threads`` forces every request into the event loop or into the pool,
 for measurements.
@@ -25,80 +25,20 @@ import fcntl
 import functools
 import logging
 import os
-import queue
 import stat
 import struct
-import threading
-from collections.abc import Callable
+from collections.abc import Hashable
 from typing import Any
 
-import outcome
 import trio
 
 from blockfs.errors import BlockfsError, ReadOnlyError, UsageError
-from blockfs.nodes.base import Extent, Node, Status
+from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
+from blockfs.nodes.threads import shared_pool
 
 log = logging.getLogger(__name__)
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-
-
-class IoThreadPool:
-    """A fixed set of daemon threads that run blocking calls for trio tasks.
-
-    Cheaper than ``trio.to_thread.run_sync`` on the hot path: no limiter, no cancel scope, one
-    queue put and one ``run_sync_soon`` per call. A call cannot be cancelled once submitted
-    (a pread cannot be taken back); the trio task waits for it.
-    """
-
-    def __init__(self, threads: int = 8) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Any, Any] | None]
-        self._queue = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"blockfs-io-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _work(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            fn, args, token, task = item
-            result = outcome.capture(fn, *args)
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:  # the loop is gone; nobody waits any more
-                pass
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in a pool thread and return its result (or raise its exception)."""
-        task = trio.lowlevel.current_task()
-        self._queue.put((fn, args, trio.lowlevel.current_trio_token(), task))
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED
-
-        # reschedule() was given the Outcome; wait_task_rescheduled unwraps it for us.
-        return await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-
-
-_shared_pool: IoThreadPool | None = None
-
-
-def shared_pool() -> IoThreadPool:
-    """The process-wide I/O pool (created on first use)."""
-    global _shared_pool
-    if _shared_pool is None:
-        _shared_pool = IoThreadPool(int(os.environ.get("BLOCKFS_IO_THREADS", "16")))
-    return _shared_pool
 
 
 def _oserror(exc: OSError, what: str, path: str) -> BlockfsError:
@@ -122,6 +62,7 @@ class FileNode(Node):
     """A local file (or block device) as a node. ``size`` is the file's length."""
 
     format_name = "file"
+    capabilities = Capability.ZERO | Capability.DISCARD | Capability.EXTENTS | Capability.RESIZE
 
     def __init__(self, path: str, fd: int, size: int, read_only: bool, mode: str) -> None:
         self.filename = path
@@ -130,6 +71,7 @@ class FileNode(Node):
         self.read_only = read_only
         self._is_blockdev = False
         self._pool = shared_pool()
+        self.limits = Limits(max_inflight=self._pool.size)
         self._inline = mode == "inline"  # everything in the event loop (for measurements)
         self._read_nowait = mode == "hybrid" and _RWF_NOWAIT != 0
         # Larger requests always go to the pool: a partial non-blocking read would be wasted,
@@ -137,8 +79,8 @@ class FileNode(Node):
         self._inline_max = (1 << 62) if mode == "inline" else (0 if mode == "threads" else 65536)
 
         self._closed = False
-        #: (st_dev, st_ino): what the file is, whatever name reached it (loop and sharing checks)
-        self.identity: tuple[int, int] = (0, 0)
+        #: (st_dev, st_ino): what the file is, whatever name reached it (:meth:`identity`)
+        self._identity: tuple[int, int] = (0, 0)
         #: the path of the open file after every symlink, read back from the descriptor
         self.real_path = path
         self.st_mode = 0o100600
@@ -201,7 +143,7 @@ class FileNode(Node):
             _lock_against_writers(fd, path, read_only)
         node = cls(os.path.abspath(path), fd, size, read_only, _io_mode(mode))
         node._is_blockdev = stat.S_ISBLK(st.st_mode)
-        node.identity = (st.st_dev, st.st_ino)
+        node._identity = (st.st_dev, st.st_ino)
         node.st_mode = st.st_mode
         node.st_uid = st.st_uid
         node.st_gid = st.st_gid
@@ -347,10 +289,8 @@ class FileNode(Node):
             self._closed = True
             os.close(self.fd)
 
-    def describe(self) -> dict[str, object]:
-        d = super().describe()
-        d["actual-size"] = os.fstat(self.fd).st_blocks * 512 if not self._closed else None
-        return d
+    def identity(self) -> Hashable:
+        return self._identity
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01

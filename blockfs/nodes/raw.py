@@ -34,6 +34,7 @@ class RawNode(Node):
         self.size = child.size
         self.read_only = child.read_only
         self.filename = child.filename
+        self.limits = child.limits
         # Bind the child's methods once: the per-request cost is one call, not two.
         self.read = child.read  # type: ignore[method-assign]
         self.write = child.write  # type: ignore[method-assign]
