@@ -3,18 +3,20 @@
 
 Everything here is pure (bytes in, values out) and bounded: a hostile header is refused with a
 one-line :class:`ImageError` before anything is allocated from its numbers. This module must not
-do I/O; the node (``qcow2.py``) reads the bytes and hands them here.
+do I/O; the node (``node.py``) reads the bytes and hands them here. The compressed-cluster
+descriptor lives with the rest of compression, in ``compressed.py``.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-import zlib
+import sys
+from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from blockfs.errors import ImageError, UnsupportedFeature
+from blockfs.errors import ImageError, UnsupportedFeature, UsageError
 
 MAGIC = b"QFI\xfb"
 
@@ -31,6 +33,7 @@ COMPRESSION_TYPE_OFFSET = 104
 HEADER_V3_WRITTEN_LEN = 112
 
 # byte offsets of fields that are rewritten in place (each rewrite is one small write)
+OFF_BACKING = 8  # backing_file_offset (Q), backing_file_size (I)
 OFF_SIZE = 24
 OFF_L1 = 36  # l1_size (I), l1_table_offset (Q)
 OFF_REFCOUNT_TABLE = 48  # refcount_table_offset (Q), refcount_table_clusters (I)
@@ -189,6 +192,8 @@ class Extensions:
     end: int = 0
     #: raw unknown extensions to preserve when rewriting: (type, data)
     unknown: list[tuple[int, bytes]] = field(default_factory=list)
+    #: every extension in the order found, raw: (type, data); the header rewrite keeps them
+    entries: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 def l2_entries(cluster_bits: int) -> int:
@@ -199,6 +204,26 @@ def l1_entries_needed(size: int, cluster_bits: int) -> int:
     """L1 entries that a disk of ``size`` bytes needs (== Cluster mapping ==)."""
     span = 1 << (cluster_bits + cluster_bits - 3)  # guest bytes one L2 table maps
     return (size + span - 1) // span
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def unpack_u64_table(raw: bytes) -> array[int]:
+    """A table of big-endian 64-bit entries (L1, L2, refcount table) as an array."""
+    t = array("Q")
+    t.frombytes(raw)
+    if _LITTLE:
+        t.byteswap()
+    return t
+
+
+def pack_u64_table(t: array[int]) -> bytes:
+    """The on-disk (big-endian) bytes of a table of 64-bit entries."""
+    if _LITTLE:
+        t = array("Q", t)
+        t.byteswap()
+    return t.tobytes()
 
 
 def parse_header(buf: bytes, file_size: int, where: str) -> Header:
@@ -367,6 +392,7 @@ def parse_extensions(buf: bytes, header: Header, where: str) -> Extensions:
         if etype in seen and etype != ExtensionType.FEATURE_TABLE:
             raise ImageError(f"{where}: header extension {etype:#x} appears twice")
         seen.add(etype)
+        ext.entries.append((etype, data))
         if etype == ExtensionType.BACKING_FORMAT:
             ext.backing_format = _text(data, where, "backing format")
         elif etype == ExtensionType.DATA_FILE:
@@ -408,6 +434,46 @@ def feature_table() -> bytes:
 def pack_extension(etype: int, data: bytes) -> bytes:
     pad = (-len(data)) % 8
     return EXTENSION_HEADER.pack(etype, len(data)) + data + bytes(pad)
+
+
+def header_cluster_with_backing(
+    first: bytes, header: Header, ext: Extensions, name: str | None, fmt: str | None
+) -> tuple[bytes, Header]:
+    """Cluster 0 as it must read once the backing file is ``name`` in format ``fmt`` (None:
+    no backing file, no format), built from ``first`` (the current cluster 0, whole, with
+    ``header`` and ``ext`` parsed from it), and the header it holds. The header bytes are kept
+    as they are but for the backing file's offset and size; every extension is kept, raw and in
+    order, but the backing format, which is replaced; the name follows the end marker. The
+    rest of the cluster is zeroes (== Header == : cluster 0 holds nothing else).
+
+    :raise UsageError: an empty name, a format without a name, or too long for the cluster.
+    """
+    cs = header.cluster_size
+    if name is None and fmt is not None:
+        raise UsageError("a backing format needs a backing file")
+    raw_name = name.encode() if name is not None else b""
+    if name is not None and not 0 < len(raw_name) <= MAX_BACKING_NAME:
+        raise UsageError(f"backing file name must be 1..{MAX_BACKING_NAME} bytes")
+    exts = b""
+    if fmt:
+        exts += pack_extension(ExtensionType.BACKING_FORMAT, fmt.encode())
+    for etype, data in ext.entries:
+        if etype != ExtensionType.BACKING_FORMAT:
+            exts += pack_extension(etype, data)
+    exts += bytes(EXTENSION_HEADER.size)  # end of extensions
+    hlen = header.header_length
+    bf_off = hlen + len(exts) if raw_name else 0
+    if hlen + len(exts) + len(raw_name) > cs:
+        raise UsageError(
+            f"header, extensions and backing file name do not fit in a {cs}-byte cluster"
+        )
+    out = bytearray(cs)
+    out[:hlen] = first[:hlen]
+    struct.pack_into(">QI", out, OFF_BACKING, bf_off, len(raw_name))
+    out[hlen : hlen + len(exts)] = exts
+    out[hlen + len(exts) : hlen + len(exts) + len(raw_name)] = raw_name
+    new = replace(header, backing_file_offset=bf_off, backing_file_size=len(raw_name))
+    return bytes(out), new
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,38 +574,6 @@ def snapshot_table_bound(count: int) -> int:
         MAX_SNAPSHOT_TABLE_BYTES,
         count * (SNAPSHOT_ENTRY.size + MAX_SNAPSHOT_EXTRA + MAX_SNAPSHOT_ID + 65535 + 8),
     )
-
-
-def decompress_cluster(raw: bytes, compression_type: int, cs: int, what: str) -> bytes:
-    """The first ``cs`` bytes that ``raw`` (one compressed cluster's sectors) decompress to.
-    Never produces more than ``cs`` bytes, whatever the data claims: 32 KiB of zstd expand to
-    a GiB, so an unbounded decompression would let a hostile image exhaust memory and time.
-
-    :raise ImageError: the data is corrupt or decompresses to less than a cluster (``what``
-        names the cluster in the message).
-    """
-    import zstandard  # here, not at the top: only images with compressed clusters need it
-
-    try:
-        if compression_type == CompressionType.ZSTD:
-            dctx = zstandard.ZstdDecompressor(max_window_size=max(cs, MAX_ZSTD_WINDOW))
-            reader = dctx.stream_reader(raw)
-            parts: list[bytes] = []
-            got = 0
-            while got < cs:
-                chunk = reader.read(cs - got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-            out = b"".join(parts)
-        else:
-            out = zlib.decompressobj(-12).decompress(raw, cs)
-    except (zlib.error, zstandard.ZstdError) as exc:
-        raise ImageError(f"{what} is corrupt: {exc}") from None
-    if len(out) < cs:
-        raise ImageError(f"{what} is truncated")
-    return out[:cs]
 
 
 #: a run of metadata clusters: (what, first cluster, end cluster)

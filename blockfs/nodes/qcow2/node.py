@@ -1,10 +1,11 @@
-"""The ``qcow2`` format node: QEMU's copy-on-write image format, read and written in place.
+"""The qcow2 node: QEMU's copy-on-write image format, read and written in place.
 
 What lives here: opening (header, extensions, tables, backing chain), the one mapping function
-(:meth:`Qcow2Node._lookup`) that serves read, write and block_status, cluster allocation with
-exact refcounts, and the write-through L2 / refcount-block caches. On-disk structures are in
-``qcow2_format.py``; internal snapshots in ``qcow2_snapshot.py``; image creation in
-``qcow2_create.py``.
+(:meth:`Qcow2Node._lookup`) that serves read, write and block_status with its fast path, the L2
+tables (claims, copy-on-write of shared tables, zeroes and discard), the failsafe, and the small
+interface the snapshot code (``snapshot.py``) and jobs use to rewrite tables and the header.
+Refcounts and allocation are in ``refcount.py``, the table cache in ``cache.py``, compressed
+clusters in ``compressed.py``, on-disk structures in ``format.py``, creation in ``create.py``.
 
 Invariants that the code relies on (write them down, since a new ``await`` breaks them):
 
@@ -17,29 +18,34 @@ Invariants that the code relies on (write them down, since a new ``await`` break
   data before the L2 entry that points to it; L2 entry before the refcount decrement of the
   cluster it stopped pointing to. A kill at any instant leaves at worst leaked clusters
   (``qemu-img check -r leaks`` repairs those), never a reference to a free cluster.
-* Refcounts are always exact (no lazy refcounts, the dirty bit is never set).
-* Only metadata updates are serialised (``_meta_lock``: allocation, refcounts, L1 changes). A
-  guest cluster being allocated, zeroed or discarded is *claimed* (``_claims``) so that two
-  requests never allocate it twice; reads and in-place writes take no lock at all.
+* Refcounts are always exact (no lazy refcounts, the dirty bit is never set; ``refcount.py``).
+* Only metadata updates are serialised (``_meta_lock``: allocation, refcounts, L1 changes, the
+  compressed area, the header). A guest cluster being allocated, zeroed or discarded is
+  *claimed* (``_claims``) so that two requests never allocate it twice; reads and in-place
+  writes take no lock at all.
 * A freed host cluster is not reused while a read or an in-place write that may have looked it
   up is in flight (``_io_active``): decrements wait in ``_pending_decref`` until none is.
 * L2 tables that a task is about to change are pinned in the cache (never evicted), so that a
-  reload can never bring back a stale copy.
-* Compressed clusters (:meth:`Qcow2Node.write_compressed`) are packed into an area of host
-  clusters whose refcounts were raised, and flushed, beforehand to the most references they can
-  get; the surplus is given back when the area is left. A kill leaves leaks, never too few.
-* Failsafe: every metadata write passes :meth:`Qcow2Node._meta_write` and every flush of the
-  child :meth:`Qcow2Node._flush_child`. When one fails (EIO, ENOSPC, an injected fault), the
-  in-memory tables may no longer match the disk (a refcount block is changed in memory before
-  it is written; after a failed fsync the kernel may have dropped dirty metadata pages), so
-  the node stops there, as if the process had been killed at that instant, which the order
-  above makes safe: every later write, zero, discard and metadata write fails with EIO (one
-  log line names the image), reads go on, close writes no metadata, and after a failed flush
-  every later flush fails too. Reopening the image starts afresh from what is on disk (leaks
-  at most). A failed data write (in place, or into clusters not yet referenced) changes no
-  metadata and needs no failsafe.
+  reload can never bring back a stale copy (``cache.py``).
+* Compressed clusters (:meth:`Qcow2Node.write_compressed`) are packed into an area whose
+  refcounts were raised, and flushed, beforehand (``compressed.py``). A kill leaves leaks.
+* Failsafe: every metadata write passes :meth:`Qcow2Node.write_metadata` and every flush of the
+  child :meth:`Qcow2Node.flush_child` (``refcount.py`` and ``snapshot.py`` write only through
+  them). When one fails (EIO, ENOSPC, an injected fault), the in-memory tables may no longer
+  match the disk (a refcount block is changed in memory before it is written; after a failed
+  fsync the kernel may have dropped dirty metadata pages), so the node stops there, as if the
+  process had been killed at that instant, which the order above makes safe: every later
+  write, zero, discard and metadata write fails with EIO (one log line names the image), reads
+  go on, close writes no metadata, and after a failed flush every later flush fails too.
+  Reopening the image starts afresh from what is on disk (leaks at most). A failed data write
+  (in place, or into clusters not yet referenced) changes no metadata and needs no failsafe.
 * Each metadata write is announced to the child first (``debug_event``: the error-injection
-  filter's hook, a no-op on a file); a mapped read or write announces nothing.
+  filter's hook, a no-op on a file; the names are :data:`blockfs.nodes.inject.EVENTS`, plus
+  ``l1_alloc`` and ``snapshot_table`` from snapshot operations, which never run on a mount); a
+  mapped read or write announces nothing.
+* The fast path (:meth:`Qcow2Node.read`, :meth:`Qcow2Node.write` of an allocated cluster) is
+  one cached lookup and one child call: it holds the cache's dict itself (``_l2``) and must not
+  gain a call, an await or an attribute hop.
 
 Not done here: lazy refcounts, extended L2 entries, external data files, encryption (refused
 at open with a clear error), resizing.
@@ -47,32 +53,39 @@ at open with a clear error), resizing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import struct
-import sys
-import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import AsyncIterator, Iterable
 
 import trio
 
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UsageError
-from blockfs.nodes.base import Extent, Limits, Node, Status
-from blockfs.nodes.qcow2_create import create_qcow2  # re-exported for block jobs
-from blockfs.nodes.qcow2_format import (
+from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
+from blockfs.nodes.qcow2.cache import TableCache
+from blockfs.nodes.qcow2.compressed import (
+    SECTOR,
+    CompressedArea,
+    CompressedEntry,
+    compress_cluster,
+    decompress_cluster,
+)
+from blockfs.nodes.qcow2.format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    MAGIC,
     OFF_AUTOCLEAR,
-    OFF_REFCOUNT_TABLE,
+    OFF_L1,
+    OFF_SNAPSHOTS,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     REFT_OFFSET_MASK,
+    SNAPSHOT_ENTRY,
     Autoclear,
     Compatible,
     CompressionType,
@@ -82,17 +95,18 @@ from blockfs.nodes.qcow2_format import (
     Snapshot,
     check_l2_table,
     check_metadata_layout,
-    decompress_cluster,
+    header_cluster_with_backing,
     metadata_regions,
+    pack_u64_table,
     parse_extensions,
     parse_header,
     parse_snapshots,
     snapshot_table_bound,
+    unpack_u64_table,
 )
+from blockfs.nodes.qcow2.refcount import Refcounts
 
 log = logging.getLogger(__name__)
-
-FORMAT_NAME = "qcow2"
 
 # Kinds of run the mapping function returns.
 K_UNALLOC = 0  # not allocated in this layer: the backing file answers (or zeroes)
@@ -101,59 +115,22 @@ K_DATA = 2  # a standard cluster with refcount 1 (COPIED): may be rewritten in p
 K_COW = 3  # a standard cluster without COPIED (shared with a snapshot): copy before writing
 K_COMP = 4  # a compressed cluster (one cluster per run; ``host`` is the raw L2 entry)
 
-_LITTLE = sys.byteorder == "little"
-_RC_TYPECODES: dict[int, Literal["B", "H", "I", "Q"]] = {3: "B", 4: "H", 5: "I", 6: "Q"}
 _BE_U64 = struct.Struct(">Q")
-SNAPSHOT_ENTRY_MIN = 40  # fixed part of a snapshot table entry
 
-#: budget of the L2 and refcount-block caches, in bytes of tables (at least a few tables each)
+#: budget of the L2 cache, in bytes of tables (at least a few tables)
 L2_CACHE_BYTES = 8 * 1024 * 1024
-REFBLOCK_CACHE_BYTES = 2 * 1024 * 1024
 DECOMPRESSED_CACHE_ENTRIES = 8
-#: the most host clusters reserved at once (refcount 1, flushed, handed out without I/O). Each
-#: reservation costs one flush; a kill leaks what was reserved and unused (repairable leaks).
-RESERVATION_BYTES = 32 * 1024 * 1024
-#: the most host clusters taken at once for compressed data (one flush each, see _cz_alloc); a
-#: close leaves the unused rest as a hole, a kill as repairable leaks
-COMPRESSED_AREA_BYTES = 4 * 1024 * 1024
-#: a compressed cluster must save at least one sector, or it is written uncompressed
-COMPRESSED_SECTOR = 512
 #: compressing a cluster this big is worth a hop to a worker thread (zlib/zstd release the GIL)
 COMPRESS_IN_THREAD_BYTES = 64 * 1024
-
-
-def probe(header: bytes) -> bool:
-    # Any version: an image with qcow2's magic is never handed out as raw (its header would
-    # become guest data); an unsupported version is refused by the qcow2 driver instead.
-    return header[:4] == MAGIC
-
-
-async def open_node(child: Node, ctx: object) -> Node:
-    """Open a qcow2 image over ``child`` (the opener's entry point)."""
-    return await Qcow2Node.open(child, ctx)
-
-
-def _u64_table(raw: bytes) -> array[int]:
-    t = array("Q")
-    t.frombytes(raw)
-    if _LITTLE:
-        t.byteswap()
-    return t
-
-
-def _be_bytes(t: array[int]) -> bytes:
-    if _LITTLE:
-        t = array("Q", t)
-        t.byteswap()
-    return t.tobytes()
 
 
 class Qcow2Node(Node):
     """A qcow2 image over one child node (normally a ``file`` node)."""
 
     format_name = "qcow2"
-    #: :meth:`write_compressed` exists (backup with compress=on checks this)
-    supports_compressed_writes = True
+    capabilities = (
+        Capability.ZERO | Capability.DISCARD | Capability.EXTENTS | Capability.COMPRESSED_WRITES
+    )
 
     def __init__(
         self,
@@ -175,8 +152,8 @@ class Qcow2Node(Node):
         self.filename = child.filename
         self.snapshots = snapshots
         cb = header.cluster_bits
-        self._cb = cb
-        self._cs = cs = 1 << cb
+        self.cluster_bits = self._cb = cb
+        self.cluster_size = self._cs = cs = 1 << cb
         self._cmask = cs - 1
         self.limits = Limits(cluster_size=cs)
         self._l2_bits = cb - 3
@@ -185,47 +162,28 @@ class Qcow2Node(Node):
         self._zero_flag = OFLAG_ZERO if header.version >= 3 else 0
         self._l1 = l1
         self._l1_off = header.l1_table_offset
-        # refcounts
-        self._rt = refcount_table
-        self._rt_off = header.refcount_table_offset
-        self._rt_clusters = header.refcount_table_clusters
-        self._rc_order = header.refcount_order
-        self._rc_bits = 1 << header.refcount_order
-        self._rc_max = (1 << self._rc_bits) - 1
-        self._rb_bits = cb + 3 - header.refcount_order  # log2(entries per refcount block)
-        self._rb_mask = (1 << self._rb_bits) - 1
-        # caches
-        self._l2: OrderedDict[int, array[int]] = OrderedDict()
-        self._l2_cap = max(4, L2_CACHE_BYTES >> cb)
-        self._l2_pins: dict[int, int] = {}
-        self._l2_loading: dict[int, trio.Event] = {}
-        self._rb: OrderedDict[int, bytearray] = OrderedDict()
-        self._rb_cap = max(4, REFBLOCK_CACHE_BYTES >> cb)
+        #: the L2 tables by host offset; ``_l2`` is its dict, held for the fast path
+        self.l2_cache: TableCache[array[int]] = TableCache(max(4, L2_CACHE_BYTES >> cb))
+        self._l2 = self.l2_cache.tables
         self._dcache: OrderedDict[int, bytes] = OrderedDict()
-        # allocation state
         self._meta_lock = trio.Lock()
         self._claims: dict[int, trio.Event] = {}
         self._io_active = 0
         self._pending_decref: list[int] = []
-        self._free_hint = 1
-        self._resv = (0, 0)  # reserved clusters [start, end): refcount 1, not yet used
-        self._resv_chunk = 1
-        self._resv_max = max(1, RESERVATION_BYTES >> cb)
-        self._hwm = (child.size + cs - 1) >> cb  # clusters at or above are not in the file yet
         self._data_clusters: int | None = None
         self._closed = False
         #: why the node stopped accepting writes (see "Failsafe" above); None while healthy
         self._broken: str | None = None
         self._broken_by_flush = False
-        # compressed writing (see _cz_alloc): the area [_cz_pos, _cz_end) of host clusters
-        # _cz_first.. whose refcounts were raised to _cz_cap; _cz_refs counts the compressed
-        # clusters placed in each. _cz_pos == 0: no area.
-        self._cz_pos = 0
-        self._cz_end = 0
-        self._cz_first = 0
-        self._cz_refs: dict[int, int] = {}
-        self._cz_cap = min(self._rc_max, max(1, cs // COMPRESSED_SECTOR))
-        self._cz_chunk = 1
+        self.refcounts = Refcounts(
+            child,
+            self,
+            header,
+            refcount_table,
+            other_tables=self._table_in,
+            before_search=self._apply_pending,
+        )
+        self._compressed = CompressedArea(self.refcounts, self.flush_child, cb)
         self._cz_limiter = trio.CapacityLimiter(os.cpu_count() or 1)
 
     # -- opening -------------------------------------------------------------------------------
@@ -268,12 +226,12 @@ class Qcow2Node(Node):
                 raise ImageError(f"{where}: backing file name is invalid")
         # L1 table (bounded by parse_header: <= 32 MiB, inside the file)
         l1 = (
-            _u64_table(await child.read(header.l1_table_offset, header.l1_size * 8))
+            unpack_u64_table(await child.read(header.l1_table_offset, header.l1_size * 8))
             if (header.l1_size)
             else array("Q")
         )
         _check_entries(l1, L1E_OFFSET_MASK, cs, fsize, where, "L1 table")
-        rt = _u64_table(
+        rt = unpack_u64_table(
             await child.read(header.refcount_table_offset, header.refcount_table_clusters * cs)
         )
         _check_entries(rt, REFT_OFFSET_MASK, cs, fsize, where, "refcount table")
@@ -301,16 +259,16 @@ class Qcow2Node(Node):
         for off, n in (
             (0, 1),
             (self._l1_off, (self.header.l1_size * 8 + self._cmask) >> self._cb),
-            (self._rt_off, self._rt_clusters),
+            (self.refcounts.table_offset, self.refcounts.table_clusters),
         ):
             for c in range(off >> self._cb, (off >> self._cb) + n):
-                if await self._refcount(c) == 0:
+                if await self.refcounts.get(c) == 0:
                     raise ImageError(
                         f"{where}: metadata cluster {c} has refcount 0; run 'qemu-img check -r all'"
                     )
         if self.header.autoclear:
             # We do not maintain bitmaps: an implementation that writes must clear the bits.
-            await self._meta_write("header_update", OFF_AUTOCLEAR, _BE_U64.pack(0))
+            await self.write_metadata("header_update", OFF_AUTOCLEAR, _BE_U64.pack(0))
 
     # -- the mapping function ------------------------------------------------------------------
 
@@ -391,55 +349,22 @@ class Qcow2Node(Node):
             await self._load_l2(self._l1[offset >> (self._cb + self._l2_bits)] & L1E_OFFSET_MASK)
 
     async def _load_l2(self, off: int) -> array[int]:
-        while True:
-            t = self._l2.get(off)
-            if t is not None:
-                return t
-            ev = self._l2_loading.get(off)
-            if ev is not None:
-                await ev.wait()
-                continue
-            ev = self._l2_loading[off] = trio.Event()
-            try:
-                raw = await self.child.read(off, self._cs)
-                t = _u64_table(raw)
-                h = self.header
-                regions = metadata_regions(
-                    self._cb,
-                    self._l1_off,
-                    len(self._l1),
-                    self._rt_off,
-                    self._rt_clusters,
-                    h.snapshots_offset,
-                    h.nb_snapshots,
-                )
-                check_l2_table(self.filename, off, t, self._cb, regions)
-                self._cache_l2(off, t)
-                return t
-            finally:
-                del self._l2_loading[off]
-                ev.set()
+        return await self.l2_cache.load(off, self._read_l2)
 
-    def _cache_l2(self, off: int, t: array[int]) -> None:
-        cache = self._l2
-        cache[off] = t
-        if len(cache) > self._l2_cap:
-            pins = self._l2_pins
-            for k in list(cache):
-                if len(cache) <= self._l2_cap:
-                    break
-                if k not in pins and k != off:
-                    del cache[k]
-
-    def _pin(self, off: int) -> None:
-        self._l2_pins[off] = self._l2_pins.get(off, 0) + 1
-
-    def _unpin(self, off: int) -> None:
-        n = self._l2_pins[off] - 1
-        if n:
-            self._l2_pins[off] = n
-        else:
-            del self._l2_pins[off]
+    async def _read_l2(self, off: int) -> array[int]:
+        t = unpack_u64_table(await self.child.read(off, self._cs))
+        h = self.header
+        regions = metadata_regions(
+            self._cb,
+            self._l1_off,
+            len(self._l1),
+            self.refcounts.table_offset,
+            self.refcounts.table_clusters,
+            h.snapshots_offset,
+            h.nb_snapshots,
+        )
+        check_l2_table(self.filename, off, t, self._cb, regions)
+        return t
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -484,15 +409,12 @@ class Qcow2Node(Node):
         d = self._dcache.get(entry)
         if d is not None:
             return d
-        cb = self._cb
-        x = 62 - (cb - 8)
-        coff = entry & ((1 << x) - 1)
-        nsec = ((entry >> x) & ((1 << (cb - 8)) - 1)) + 1
-        clen = nsec * 512 - (coff & 511)
+        ce = CompressedEntry.decode(entry, self._cb)
+        coff = ce.host_offset
         fsize = self.child.size
         if coff >= fsize:
             raise ImageError(f"{self.filename}: compressed cluster at {coff:#x} is past the end")
-        raw = await self.child.read(coff, min(clen, fsize - coff))
+        raw = await self.child.read(coff, min(ce.length, fsize - coff))
         out = decompress_cluster(
             raw,
             self.header.compression_type,
@@ -601,7 +523,7 @@ class Qcow2Node(Node):
                     head = offset - (g0 << cb)
                     tail = (g1 << cb) - end
                     async with self._meta_lock:
-                        host = await self._alloc_clusters(n)
+                        host = await self.refcounts.alloc(n)
                     if head or tail:
                         parts = []
                         if head:
@@ -616,13 +538,13 @@ class Qcow2Node(Node):
                     await self.child.write(host, buf)
                     new = array("Q", [(host + (i << cb)) | OFLAG_COPIED for i in range(n)])
                     # disk first, then the table other tasks read without a lock
-                    await self._meta_write("l2_update", l2off + l2i * 8, _be_bytes(new))
+                    await self.write_metadata("l2_update", l2off + l2i * 8, pack_u64_table(new))
                     table[l2i : l2i + n] = new
                     self._forget(olds)
                     if self._data_clusters is not None:
                         self._data_clusters += n - sum(1 for e in olds if self._has_storage(e))
             finally:
-                self._unpin(l2off)
+                self.l2_cache.unpin(l2off)
         finally:
             self._release(g0, g1, ev)
         if retry:
@@ -637,11 +559,7 @@ class Qcow2Node(Node):
         pend = self._pending_decref
         for e in entries:
             if e & OFLAG_COMPRESSED:
-                x = 62 - (cb - 8)
-                coff = e & ((1 << x) - 1)
-                nsec = ((e >> x) & ((1 << (cb - 8)) - 1)) + 1
-                last = coff + nsec * 512 - (coff & 511) - 1
-                pend.extend(range(coff >> cb, (last >> cb) + 1))
+                pend.extend(CompressedEntry.decode(e, cb).host_clusters(cb))
             elif e & L2E_OFFSET_MASK:
                 pend.append((e & L2E_OFFSET_MASK) >> cb)
 
@@ -654,19 +572,11 @@ class Qcow2Node(Node):
         self._pending_decref = []
         # The L1/L2 writes that dropped these references must be on disk before a refcount
         # falls; otherwise a power loss could leave an entry pointing at a free cluster.
-        await self._flush_child()
+        await self.flush_child()
         deltas: dict[int, int] = {}
         for c in pend:
             deltas[c] = deltas.get(c, 0) - 1
-        freed = await self._change_refcounts(deltas)
-        if freed:
-            self._dcache.clear()
-            cs = self._cs
-            for c in freed:
-                try:
-                    await self.child.discard(c << self._cb, cs)
-                except BlockfsError:  # a hint only
-                    log.debug("discard of freed cluster %d failed", c)
+        await self.drop_references(deltas)
 
     async def _writable_l2(self, l1i: int) -> tuple[array[int], int]:
         """The L2 table for L1 index ``l1i``, allocated or copied so that this image alone
@@ -675,53 +585,40 @@ class Qcow2Node(Node):
         off = l1e & L1E_OFFSET_MASK
         if off and l1e & OFLAG_COPIED:
             t = await self._load_l2(off)
-            self._pin(off)
+            self.l2_cache.pin(off)
             return t, off
         cb = self._cb
-        host = await self._alloc_clusters(1)
+        host = await self.refcounts.alloc(1)
         if off:
             src = await self._load_l2(off)
             new = array("Q", src)
             # the table is shared: its clusters are referenced twice now, except when the
             # old table's COPIED flag was merely missing (then recompute from refcounts)
-            old_rc = await self._refcount(off >> cb)
+            old_rc = await self.refcounts.get(off >> cb)
             for i, e in enumerate(new):
                 if e & OFLAG_COMPRESSED:
                     new[i] = e & ~OFLAG_COPIED
                 elif e & L2E_OFFSET_MASK:
-                    rc = await self._refcount((e & L2E_OFFSET_MASK) >> cb)
+                    rc = await self.refcounts.get((e & L2E_OFFSET_MASK) >> cb)
                     if old_rc <= 1 and rc == 1:
                         new[i] = e | OFLAG_COPIED
                     else:
                         new[i] = e & ~OFLAG_COPIED
         else:
             new = array("Q", bytes(self._cs))
-        await self._meta_write("l2_alloc", host, _be_bytes(new))
-        self._cache_l2(host, new)
-        self._pin(host)
+        await self.write_metadata("l2_alloc", host, pack_u64_table(new))
+        self.l2_cache.put(host, new)
+        self.l2_cache.pin(host)
         entry = host | OFLAG_COPIED
-        await self._meta_write("l1_update", self._l1_off + l1i * 8, _BE_U64.pack(entry))
+        await self.write_metadata("l1_update", self._l1_off + l1i * 8, _BE_U64.pack(entry))
         self._l1[l1i] = entry
         if off:
-            freed = await self._change_refcounts({off >> cb: -1})
+            freed = await self.refcounts.change({off >> cb: -1})
             if freed:
-                self._l2.pop(off, None)
+                self.l2_cache.pop(off)
         return new, host
 
-    # -- compressed writing --------------------------------------------------------------------
-    #
-    # Compressed clusters are packed one after another, on sector (512 B) boundaries, in an
-    # *area* of host clusters taken from the allocator. A host cluster is referenced once by
-    # every compressed cluster whose sectors touch it (so a refcount may exceed 1 without any
-    # snapshot), and freed through the same pending decrements as any other cluster.
-    #
-    # Refcounts must be durable before an L2 entry that relies on them, yet a flush per
-    # compressed cluster would be ruinous. So the area works like the reservation: when it is
-    # taken, every cluster's refcount is raised at once to ``_cz_cap`` (the most compressed
-    # clusters that can touch one host cluster) and flushed; placements only count in memory
-    # (``_cz_refs``); when the area is left behind, the surplus ``_cz_cap - placed`` is given
-    # back. A kill in between leaves refcounts too high: leaks, never a reference to a free
-    # cluster. All ``_cz_*`` state is changed only under ``_meta_lock``.
+    # -- compressed writing (the area and the descriptor: compressed.py) ----------------------
 
     async def write_compressed(self, offset: int, data: bytes) -> None:
         """Overwrite the guest cluster at ``offset`` with ``data``, stored compressed with the
@@ -753,9 +650,11 @@ class Qcow2Node(Node):
             )
         buf = data if n == cs else data + bytes(cs - n)
         if cs >= COMPRESS_IN_THREAD_BYTES:
-            comp = await trio.to_thread.run_sync(self._compress, buf, limiter=self._cz_limiter)
+            comp = await trio.to_thread.run_sync(
+                compress_cluster, buf, self.header.compression_type, limiter=self._cz_limiter
+            )
         else:
-            comp = self._compress(buf)
+            comp = compress_cluster(buf, self.header.compression_type)
         if comp is None:
             await self.write(offset, data)
             return
@@ -763,393 +662,54 @@ class Qcow2Node(Node):
         g = offset >> cb
         l1i = g >> self._l2_bits
         l2i = g & self._l2_mask
-        size = -(-len(comp) // COMPRESSED_SECTOR) * COMPRESSED_SECTOR
-        x = 62 - (cb - 8)
+        size = -(-len(comp) // SECTOR) * SECTOR
         ev = await self._claim(g, g + 1)
         try:
             async with self._meta_lock:
                 table, l2off = await self._writable_l2(l1i)
             try:
                 async with self._meta_lock:
-                    coff = await self._cz_alloc(size)
-                assert coff < 1 << x and not coff % COMPRESSED_SECTOR
+                    coff = await self._compressed.place(size)
+                assert coff < 1 << (62 - (cb - 8)) and not coff % SECTOR
                 # whole sectors: the file never ends inside one, and a stale tail is never read
                 self.child.debug_event("cluster_alloc")
                 await self.child.write(coff, comp + bytes(size - len(comp)))
-                entry = OFLAG_COMPRESSED | ((size // COMPRESSED_SECTOR - 1) << x) | coff
+                entry = CompressedEntry(coff, size // SECTOR).encode(cb)
                 old = table[l2i]  # the claim keeps it; no await between here and the swap
                 # data before the entry, disk before the table other tasks read without a lock
-                await self._meta_write("l2_update", l2off + l2i * 8, _BE_U64.pack(entry))
+                await self.write_metadata("l2_update", l2off + l2i * 8, _BE_U64.pack(entry))
                 table[l2i] = entry
                 self._forget((old,))
                 if self._data_clusters is not None and not self._has_storage(old):
                     self._data_clusters += 1
             finally:
-                self._unpin(l2off)
+                self.l2_cache.unpin(l2off)
         finally:
             self._release(g, g + 1, ev)
         if self._pending_decref and not self._io_active:
             async with self._meta_lock:
                 await self._apply_pending()
 
-    def _compress(self, buf: bytes) -> bytes | None:
-        """``buf`` (one cluster) compressed as the image says, or None when that saves less
-        than a sector. zlib is raw deflate with a 4 KiB window, as readers of qcow2 expect."""
-        if self.header.compression_type == CompressionType.ZSTD:
-            import zstandard
+    # -- what the allocator must not hand out ------------------------------------------------
 
-            out = zstandard.ZstdCompressor().compress(buf)
-        else:
-            z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
-            out = z.compress(buf) + z.flush()
-        return out if len(out) <= self._cs - COMPRESSED_SECTOR else None
-
-    async def _cz_alloc(self, size: int) -> int:
-        """Hand out ``size`` bytes (whole sectors, at most a cluster) of compressed space and
-        count the reference in every host cluster they touch. Caller holds ``_meta_lock``."""
+    def _table_in(self, start: int, end: int) -> str | None:
+        """The table (other than refcount structures) in host clusters [start, end), if any:
+        the header, the active L1 table, the snapshot table (its fixed part) or an L2 table."""
         cb = self._cb
-        refs = self._cz_refs
-        while True:
-            pos = self._cz_pos
-            if pos and pos + size <= self._cz_end:
-                c = pos >> cb
-                if refs.get(c, 0) < self._cz_cap:
-                    # any further cluster touched starts at a boundary: nothing placed in it yet
-                    for t in range(c, ((pos + size - 1) >> cb) + 1):
-                        refs[t] = refs.get(t, 0) + 1
-                    self._cz_pos = pos + size
-                    return pos
-                self._cz_pos = (c + 1) << cb  # its refcount cannot count one more
-                continue
-            await self._cz_grow(size)
-
-    async def _cz_grow(self, size: int) -> None:
-        """Take more host clusters for compressed data; if they follow the area directly, it
-        goes on (a compressed cluster may then span the boundary), else a new area starts."""
-        cb = self._cb
-        n = max(self._cz_chunk, (size + self._cmask) >> cb)
-        self._cz_chunk = min(self._cz_chunk * 2, max(1, COMPRESSED_AREA_BYTES >> cb))
-        start = await self._alloc_clusters(n)  # refcount 1, durable
-        c0 = start >> cb
-        if self._cz_cap > 1:
-            await self._change_refcounts({c: self._cz_cap - 1 for c in range(c0, c0 + n)})
-            await self._flush_child()  # before any L2 entry relies on them
-        if self._cz_pos and start == self._cz_end:
-            self._cz_end = start + (n << cb)
-            await self._cz_settle(self._cz_pos >> cb)
-        else:
-            await self._cz_release()
-            self._cz_pos = start
-            self._cz_end = start + (n << cb)
-            self._cz_first = c0
-
-    async def _cz_settle(self, upto: int) -> None:
-        """Give back the surplus references of area clusters below ``upto`` (nothing more can
-        be placed there). Caller holds ``_meta_lock``."""
-        deltas = {c: self._cz_refs.pop(c, 0) - self._cz_cap for c in range(self._cz_first, upto)}
-        self._cz_first = max(self._cz_first, upto)
-        if deltas:
-            # A cluster only drops to 0 here when nothing was ever placed in it.
-            await self._change_refcounts(deltas)
-
-    async def _cz_release(self) -> None:
-        """Leave the compressed area (before a new one, and at close)."""
-        if not self._cz_pos:
-            return
-        end = self._cz_end >> self._cb
-        self._cz_pos = self._cz_end = 0
-        await self._cz_settle(end)
-
-    # -- refcounts and allocation (all under _meta_lock) ---------------------------------------
-
-    def _rc_get(self, blk: bytearray, j: int) -> int:
-        w = self._rc_bits
-        if w >= 8:
-            nb = w >> 3
-            return int.from_bytes(blk[j * nb : (j + 1) * nb], "big")
-        bit = j * w
-        return (blk[bit >> 3] >> (bit & 7)) & self._rc_max
-
-    def _rc_set(self, blk: bytearray, j: int, v: int) -> tuple[int, int]:
-        """Set entry ``j``; returns the byte range written."""
-        w = self._rc_bits
-        if w >= 8:
-            nb = w >> 3
-            blk[j * nb : (j + 1) * nb] = v.to_bytes(nb, "big")
-            return j * nb, (j + 1) * nb
-        bit = j * w
-        i = bit >> 3
-        sh = bit & 7
-        blk[i] = (blk[i] & ~(self._rc_max << sh)) | (v << sh)
-        return i, i + 1
-
-    async def _refblock(self, off: int) -> bytearray:
-        blk = self._rb.get(off)
-        if blk is None:
-            blk = bytearray(await self.child.read(off, self._cs))
-            self._rb[off] = blk
-            while len(self._rb) > self._rb_cap:
-                self._rb.popitem(last=False)
-        else:
-            self._rb.move_to_end(off)
-        return blk
-
-    async def _refcount(self, c: int) -> int:
-        rti = c >> self._rb_bits
-        if rti >= len(self._rt):
-            return 0
-        off = self._rt[rti] & REFT_OFFSET_MASK
-        if not off:
-            return 0
-        return self._rc_get(await self._refblock(off), c & self._rb_mask)
-
-    async def _change_refcounts(self, deltas: dict[int, int]) -> list[int]:
-        """Add ``deltas`` (cluster index -> delta) to refcounts, one write per refcount block.
-        Blocks must exist for increments (see :meth:`_alloc_clusters`). Returns the clusters
-        whose refcount dropped to 0.
-
-        :raise ImageError: a refcount would overflow or go negative (a corrupt image).
-        """
-        by_block: dict[int, list[tuple[int, int]]] = {}
-        for c, d in deltas.items():
-            if d:
-                by_block.setdefault(c >> self._rb_bits, []).append((c, d))
-        freed: list[int] = []
-        for rti, items in sorted(by_block.items()):
-            off = self._rt[rti] & REFT_OFFSET_MASK if rti < len(self._rt) else 0
-            if not off:
-                raise ImageError(
-                    f"{self.filename}: refcount block for cluster "
-                    f"{items[0][0]} is missing; run 'qemu-img check -r all'"
-                )
-            blk = await self._refblock(off)
-            lo, hi = self._cs, 0
-            for c, d in items:
-                j = c & self._rb_mask
-                v = self._rc_get(blk, j) + d
-                if v < 0 or v > self._rc_max:
-                    raise ImageError(
-                        f"{self.filename}: refcount of cluster {c} would become "
-                        f"{v}; run 'qemu-img check -r all'"
-                    )
-                a, b = self._rc_set(blk, j, v)
-                lo = min(lo, a)
-                hi = max(hi, b)
-                if v == 0:
-                    freed.append(c)
-            await self._meta_write("refblock_update", off + lo, bytes(blk[lo:hi]))
-        if freed:
-            self._free_hint = max(1, min(self._free_hint, min(freed)))
-        return freed
-
-    async def _alloc_clusters(self, n: int) -> int:
-        """Allocate ``n`` contiguous free host clusters and return the host offset of the
-        first. Caller holds ``_meta_lock``.
-
-        Clusters come from a reservation: a run whose refcounts were already written as 1, so
-        that most allocations cost no I/O under the lock. A kill leaves the unused rest of the
-        reservation as leaked clusters (never as referenced free ones); ``aclose`` returns it.
-        """
-        r0, r1 = self._resv
-        if r1 - r0 >= n:
-            self._resv = (r0 + n, r1)
-            return r0 << self._cb
-        await self._release_reservation()
-        want = max(n, self._resv_chunk)
-        self._resv_chunk = min(self._resv_chunk * 2, self._resv_max)
-        start = await self._alloc_now(want) >> self._cb
-        # Refcounts before the L2/L1 entries that use them, across a power loss too (QEMU's
-        # cache dependency): one flush per reservation, not per allocation.
-        await self._flush_child()
-        self._resv = (start + n, start + want)
-        return start << self._cb
-
-    async def _release_reservation(self) -> None:
-        r0, r1 = self._resv
-        self._resv = (0, 0)
-        if r1 > r0:
-            await self._change_refcounts({c: -1 for c in range(r0, r1)})
-
-    async def _alloc_now(self, n: int) -> int:
-        await self._apply_pending()
-        while True:
-            start = await self._find_free(n)
-            if await self._ensure_refblocks(start, n):
-                break
-        self._check_not_metadata(start, n)
-        await self._change_refcounts({c: 1 for c in range(start, start + n)})
-        self._free_hint = start + n
-        self._hwm = max(self._hwm, start + n)
-        return start << self._cb
-
-    def _check_not_metadata(self, start: int, n: int) -> None:
-        """Refuse to hand out clusters that the image's own tables use: a refcount of 0 there
-        means corrupt refcounts, and writing would destroy metadata (QEMU's overlap check)."""
-        cb = self._cb
-        end = start + n
-
-        def overlaps(off: int, length: int) -> bool:
-            first = off >> cb
-            return first < end and (off + length + self._cmask) >> cb > start
-
         h = self.header
-        spans = [
-            (0, self._cs),
-            (self._l1_off, len(self._l1) * 8),
-            (self._rt_off, self._rt_clusters * self._cs),
-        ]
+        spans = [("the header", 0, self._cs), ("the L1 table", self._l1_off, len(self._l1) * 8)]
         if h.nb_snapshots:
-            spans.append((h.snapshots_offset, SNAPSHOT_ENTRY_MIN * h.nb_snapshots))
-        bad = any(overlaps(o, ln) for o, ln in spans if ln)
-        if not bad:
-            for table, mask in ((self._l1, L1E_OFFSET_MASK), (self._rt, REFT_OFFSET_MASK)):
-                for e in table:
-                    c = (e & mask) >> cb
-                    if c and start <= c < end:
-                        bad = True
-                        break
-        if bad:
-            raise ImageError(
-                f"{self.filename}: refcounts are corrupt (metadata in clusters {start}..{end - 1} "
-                "counted free); run 'qemu-img check -r all'"
+            spans.append(
+                ("the snapshot table", h.snapshots_offset, SNAPSHOT_ENTRY.size * h.nb_snapshots)
             )
-
-    async def _find_free(self, n: int) -> int:
-        """The first cluster of a run of ``n`` free clusters at or after the free hint. Scans
-        whole refcount blocks without an await per entry (first allocation in a big image)."""
-        i = max(1, self._free_hint)
-        start = i
-        run = 0
-        rbb = self._rb_bits
-        typecode: Literal["B", "H", "I", "Q"] | None = _RC_TYPECODES.get(self._rc_order)
-        while run < n:
-            rti = i >> rbb
-            if rti >= len(self._rt):
-                return start if run else i  # everything past the table is free
-            off = self._rt[rti] & REFT_OFFSET_MASK
-            end = (rti + 1) << rbb
-            if not off:  # no block: the whole range is free
-                if run == 0:
-                    start = i
-                take = min(n - run, end - i)
-                run += take
-                i += take
-                continue
-            blk = await self._refblock(off)
-            j = i & self._rb_mask
-            # a zero entry is zero in any byte order, so a native-endian view finds free ones
-            view = memoryview(blk).cast(typecode) if typecode else None
-            while i < end and run < n:
-                if (view[j] if view is not None else self._rc_get(blk, j)) == 0:
-                    if run == 0:
-                        start = i
-                    run += 1
-                else:
-                    run = 0
-                i += 1
-                j += 1
-            if view is not None:
-                view.release()
-        return start
-
-    async def _ensure_refblocks(self, start: int, n: int) -> bool:
-        """Make sure refcount blocks cover clusters [start, start+n), placing missing blocks
-        outside that run. Returns False when the refcount table had to grow (then the caller
-        searches again, as the new table may sit where the run was)."""
-        rbb = self._rb_bits
-        for rti in range(start >> rbb, ((start + n - 1) >> rbb) + 1):
-            if rti >= len(self._rt):
-                await self._grow_refcount_table(rti + 1)
-                return False
-            c = start + n
-            while not self._rt[rti] & REFT_OFFSET_MASK:
-                while await self._refcount(c):
-                    c += 1
-                r = c >> rbb
-                if r >= len(self._rt):
-                    await self._grow_refcount_table(r + 1)
-                    return False
-                if not self._rt[r] & REFT_OFFSET_MASK:
-                    # every cluster of range r is free: its block lives in it and counts itself
-                    await self._new_refblock(r, c, self_counted=True)
-                else:
-                    await self._new_refblock(rti, c, self_counted=False)
-                c += 1
-        return True
-
-    async def _new_refblock(self, rti: int, c: int, self_counted: bool) -> None:
-        blk = bytearray(self._cs)
-        if self_counted:
-            self._rc_set(blk, c & self._rb_mask, 1)
-        else:
-            await self._change_refcounts({c: 1})  # counted by the existing block covering c
-        entry = c << self._cb
-        await self._meta_write("refblock_alloc", entry, bytes(blk))
-        await self._meta_write("reftable_update", self._rt_off + rti * 8, _BE_U64.pack(entry))
-        self._rt[rti] = entry
-        self._rb[entry] = blk
-        self._hwm = max(self._hwm, c + 1)
-
-    async def _grow_refcount_table(self, min_entries: int) -> None:
-        """Move the refcount table to a bigger one at the end of the file, with the refcount
-        blocks that cover the new table itself."""
-        cb = self._cb
-        cs = self._cs
-        rbb = self._rb_bits
-        old = self._rt
-        old_len = len(old)
-        end = max((self.child.size + cs - 1) >> cb, self._hwm)
-        new_len = max(min_entries, old_len * 2)
-        while True:
-            tc = (new_len * 8 + cs - 1) >> cb
-            nb = 0
-            while True:
-                last = end + tc + nb - 1
-                missing = [
-                    r
-                    for r in range((end >> rbb), (last >> rbb) + 1)
-                    if r >= old_len or not old[r] & REFT_OFFSET_MASK
-                ]
-                if len(missing) == nb:
-                    break
-                nb = len(missing)
-            if missing and missing[-1] >= new_len:
-                new_len = missing[-1] + 1
-                continue
-            break
-        if tc * cs > 8 * 1024 * 1024 * 8:
-            raise ImageError(f"{self.filename}: refcount table would grow too large")
-        new_rt = array("Q", old)
-        new_rt.extend([0] * (new_len - old_len))
-        blocks: dict[int, bytearray] = {}
-        for k, r in enumerate(missing):
-            new_rt[r] = (end + tc + k) << cb
-            blocks[r] = bytearray(cs)
-        existing: dict[int, int] = {}
-        for c in range(end, end + tc + nb):
-            r = c >> rbb
-            if r in blocks:
-                self._rc_set(blocks[r], c & self._rb_mask, 1)
-            else:
-                existing[c] = 1
-        for r, blk in blocks.items():
-            await self._meta_write("refblock_alloc", new_rt[r], bytes(blk))
-        if existing:
-            await self._change_refcounts(existing)
-        await self._meta_write("reftable_grow", end << cb, _be_bytes(new_rt))
-        await self._meta_write(
-            "header_update", OFF_REFCOUNT_TABLE, struct.pack(">QI", end << cb, tc)
-        )
-        old_off, old_clusters = self._rt_off, self._rt_clusters
-        self._rt = new_rt
-        self._rt_off = end << cb
-        self._rt_clusters = tc
-        for r, blk in blocks.items():
-            self._rb[new_rt[r]] = blk
-        self._hwm = max(self._hwm, end + tc + nb)
-        await self._change_refcounts(
-            {c: -1 for c in range(old_off >> cb, (old_off >> cb) + old_clusters)}
-        )
+        for what, off, length in spans:
+            if length and off >> cb < end and (off + length + self._cmask) >> cb > start:
+                return what
+        for e in self._l1:
+            c = (e & L1E_OFFSET_MASK) >> cb
+            if c and start <= c < end:
+                return "an L2 table"
+        return None
 
     # -- zeroes and discard --------------------------------------------------------------------
 
@@ -1235,7 +795,7 @@ class Qcow2Node(Node):
                         new[i] = zf
                 if new == olds:
                     return
-                await self._meta_write("l2_update", l2off + l2i * 8, _be_bytes(new))
+                await self.write_metadata("l2_update", l2off + l2i * 8, pack_u64_table(new))
                 table[l2i : l2i + n] = new
                 dropped = [
                     o
@@ -1246,7 +806,7 @@ class Qcow2Node(Node):
                 if self._data_clusters is not None:
                     self._data_clusters -= len(dropped)
             finally:
-                self._unpin(l2off)
+                self.l2_cache.unpin(l2off)
         finally:
             self._release(g0, g1, ev)
         if self._pending_decref and not self._io_active:
@@ -1273,7 +833,7 @@ class Qcow2Node(Node):
                 if off:
                     t = self._l2.get(off)
                     if t is None:
-                        t = _u64_table(await self.child.read(off, self._cs))
+                        t = unpack_u64_table(await self.child.read(off, self._cs))
                     count += sum(1 for e in t if e & (OFLAG_COMPRESSED | L2E_OFFSET_MASK))
             if self._data_clusters is None:
                 self._data_clusters = count
@@ -1288,11 +848,11 @@ class Qcow2Node(Node):
             async with self._meta_lock:
                 await self._apply_pending()
         # Broken by a failed write, the node still makes what it acknowledged durable.
-        await self._flush_child()
+        await self.flush_child()
 
     # -- failsafe (see the module docstring) ---------------------------------------------------
 
-    async def _meta_write(self, event: str, offset: int, data: bytes) -> None:
+    async def write_metadata(self, event: str, offset: int, data: bytes) -> None:
         """The one way metadata reaches the child: announced first as ``event``; a failure
         stops the node (:meth:`_break`) before the error goes on to the caller."""
         if self._broken is not None:
@@ -1304,7 +864,7 @@ class Qcow2Node(Node):
             self._break(f"{event} write failed", exc)
             raise
 
-    async def _flush_child(self) -> None:
+    async def flush_child(self) -> None:
         """Flush the child; a failure stops the node and makes every later flush fail (the
         kernel may have dropped the dirty pages whose write-back failed)."""
         try:
@@ -1342,6 +902,99 @@ class Qcow2Node(Node):
     def children(self) -> list[Node]:
         return [self.child]
 
+    # -- tables and header as a whole: the interface of snapshot.py (and of jobs) ---------------
+
+    @contextlib.asynccontextmanager
+    async def rewriting_tables(self) -> AsyncIterator[None]:
+        """Hold the metadata lock for an operation that rewrites tables wholesale (a snapshot
+        operation); every cache is dropped on entry and on exit, so nothing stale is acted on
+        or kept. Requests must not be in flight (snapshots run on an image nothing else uses)."""
+        async with self._meta_lock:
+            self.drop_caches()
+            try:
+                yield
+            finally:
+                self.drop_caches()
+
+    @property
+    def active_l1(self) -> array[int]:
+        """The active L1 table. Read it; change it only through :meth:`set_l1_entry` and
+        :meth:`switch_active_l1` (the disk first, then this copy)."""
+        return self._l1
+
+    async def read_table(self, offset: int, entries: int) -> array[int]:
+        """A table of ``entries`` 64-bit entries at ``offset``, read from the image (not from
+        the cache: for walks of whole trees, e.g. a snapshot's)."""
+        if not entries:
+            return array("Q")
+        return unpack_u64_table(await self.child.read(offset, entries * 8))
+
+    async def set_l1_entry(self, index: int, entry: int) -> None:
+        """Write entry ``index`` of the active L1 table. Caller is in :meth:`rewriting_tables`."""
+        await self.write_metadata("l1_update", self._l1_off + index * 8, _BE_U64.pack(entry))
+        self._l1[index] = entry
+
+    async def switch_active_l1(self, l1: array[int], offset: int) -> None:
+        """Make ``l1``, already written at ``offset``, the active L1 table (one header write).
+        The old table's clusters are the caller's to free. Caller is in
+        :meth:`rewriting_tables`."""
+        await self.write_metadata("header_update", OFF_L1, struct.pack(">IQ", len(l1), offset))
+        self._l1 = l1
+        self._l1_off = offset
+        self.header = dataclasses.replace(self.header, l1_size=len(l1), l1_table_offset=offset)
+
+    async def switch_snapshot_table(self, snapshots: list[Snapshot], offset: int) -> None:
+        """Make the snapshot table written at ``offset`` (0: none) the image's (one header
+        write). The old table's clusters are the caller's to free. Caller is in
+        :meth:`rewriting_tables`."""
+        await self.write_metadata(
+            "header_update", OFF_SNAPSHOTS, struct.pack(">IQ", len(snapshots), offset)
+        )
+        self.header = dataclasses.replace(
+            self.header, nb_snapshots=len(snapshots), snapshots_offset=offset
+        )
+        self.snapshots = list(snapshots)
+
+    async def drop_references(self, deltas: dict[int, int]) -> None:
+        """Apply refcount decrements (host cluster -> negative delta); clusters that become
+        free are discarded in the child (a hint). Caller holds the metadata lock (or is in
+        :meth:`rewriting_tables`), and no entry still points to what it frees."""
+        freed = await self.refcounts.change(deltas)
+        if freed:
+            self._dcache.clear()
+            cs = self._cs
+            for c in freed:
+                try:
+                    await self.child.discard(c << self._cb, cs)
+                except BlockfsError:  # a hint only
+                    log.debug("discard of freed cluster %d failed", c)
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record ``name`` (format ``fmt``) as the backing file in the image header, or no
+        backing file with None. Changes what the image says, not the open chain: ``backing``
+        is the caller's to swap (a commit does so at a quiescent point).
+
+        The whole of cluster 0 (header, extensions, name) is rebuilt from what is on disk now
+        and written in one write, then flushed: a crash leaves the old header or the new one,
+        and the name is never read without the header fields that point to it.
+
+        :raise ReadOnlyError: the image is open read-only.
+        :raise UsageError: a bad name or format, or a name too long for cluster 0.
+        """
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        async with self._meta_lock:
+            cs = self._cs
+            first = await self.child.read(0, min(cs, self.child.size))
+            first += bytes(cs - len(first))
+            ext = parse_extensions(first, self.header, self.filename)
+            cluster, header = header_cluster_with_backing(first, self.header, ext, name, fmt)
+            await self.write_metadata("header_update", 0, cluster)
+            await self.flush_child()
+            self.header = header
+            self.ext = parse_extensions(cluster, header, self.filename)
+            self.backing_name = name
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -1351,15 +1004,15 @@ class Qcow2Node(Node):
             if not self.read_only and self._broken is None:
                 async with self._meta_lock:
                     await self._apply_pending(force=True)
-                    await self._cz_release()
-                    await self._release_reservation()
+                    await self._compressed.release()
+                    await self.refcounts.release_reservation()
         finally:
             await self.child.aclose()
 
     def drop_caches(self) -> None:
         """Forget cached tables (after snapshot operations rewrote them)."""
-        self._l2.clear()
-        self._rb.clear()
+        self.l2_cache.clear()
+        self.refcounts.clear_cache()
         self._dcache.clear()
         self._data_clusters = None
 
@@ -1375,7 +1028,7 @@ class Qcow2Node(Node):
                 "dirty-flag": bool(h.incompatible & Incompatible.DIRTY),
                 "corrupt": bool(h.incompatible & Incompatible.CORRUPT),
                 "lazy-refcounts": bool(h.compatible & Compatible.LAZY_REFCOUNTS),
-                "refcount-bits": self._rc_bits,
+                "refcount-bits": self.refcounts.bits,
                 "compression-type": "zstd"
                 if h.compression_type == CompressionType.ZSTD
                 else "zlib",
@@ -1409,6 +1062,3 @@ def _check_entries(
                 raise ImageError(f"{where}: {what} entry {e:#x} points outside the image")
             if off == 0 and e & ~(1 << 63):
                 raise ImageError(f"{where}: {what} entry {e:#x} points to the header")
-
-
-__all__ = ["FORMAT_NAME", "Qcow2Node", "create_qcow2", "open_node", "probe"]

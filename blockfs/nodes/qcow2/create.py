@@ -3,21 +3,21 @@
 The layout written is: header (+ extensions + backing file name) in cluster 0, then the refcount
 table, the L1 table, the refcount blocks and, with ``preallocation=metadata``, the L2 tables and
 the (sparse) data clusters. Refcounts are exact from the start, so ``qemu-img check`` is clean.
-The file is built by plain positional writes in a worker thread; this module opens no node for
-the new image (it opens the backing file once, to check it and learn its size).
+The image is written through a protocol node the caller opened (anything with ``write``,
+``truncate`` and ``flush``: a local file today, a remote one tomorrow); this module opens no file
+for the new image and never removes one (the caller made it, the caller cleans up). It opens the
+backing file once, to check it and learn its size.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import stat
 import struct
 
-import trio
-
-from blockfs.errors import UsageError
-from blockfs.nodes.qcow2_format import (
+from blockfs.errors import BlockfsError, UsageError
+from blockfs.nodes.base import Node
+from blockfs.nodes.qcow2.format import (
     HEADER_V2_LEN,
     HEADER_V3_WRITTEN_LEN,
     MAX_BACKING_NAME,
@@ -41,7 +41,7 @@ def _div_up(a: int, b: int) -> int:
 
 
 async def create_qcow2(
-    path: str,
+    target: Node,
     size: int | None,
     *,
     cluster_size: int = 65536,
@@ -49,16 +49,15 @@ async def create_qcow2(
     backing: str | None = None,
     backing_fmt: str | None = None,
     preallocation: str = "off",
-    overwrite: bool = False,
-    fd: int | None = None,
 ) -> None:
-    """Create a qcow2 image at ``path``. ``size`` may be None when ``backing`` is given (the
-    backing file's size is used). A relative ``backing`` is stored as given and resolved
-    against the folder of ``path``, as qemu-img does. With ``fd`` the image is written into
-    that open, empty file instead (``path`` then only names it), which is not removed on error.
+    """Write a new qcow2 image into ``target``, an open, writable, empty protocol node (what
+    it held is overwritten; the image is flushed before this returns). ``size`` may be None
+    when ``backing`` is given (the backing file's size is used). A relative ``backing`` is
+    stored as given and resolved against the folder of ``target.filename``, as qemu-img does.
+    Every option is checked, and the backing file opened, before the first write.
 
-    :raise UsageError: bad options, an existing file (unless ``overwrite``), a backing file
-        that cannot be opened.
+    :raise UsageError: bad options, a backing file that cannot be opened, a write that failed
+        (with its errno: ENOSPC, EFBIG, ...).
     """
     if (
         cluster_size <= 0
@@ -75,8 +74,9 @@ async def create_qcow2(
     if backing is not None:
         if not backing or len(backing.encode()) > MAX_BACKING_NAME:
             raise UsageError(f"backing file name must be 1..{MAX_BACKING_NAME} bytes")
-        from blockfs.nodes.opener import close_chain, open_image
+        from blockfs.nodes.registry import close_chain, open_image
 
+        path = target.filename
         where = backing
         if not os.path.isabs(backing) and "://" not in backing:
             where = os.path.join(os.path.dirname(path) or ".", backing)
@@ -101,7 +101,7 @@ async def create_qcow2(
     if l1_entries_needed(size, cb) * 8 > MAX_L1_BYTES:
         raise UsageError(f"image size {size} is too large for {cluster_size}-byte clusters")
     image = _layout(size, cb, version, backing, backing_fmt, preallocation)
-    await _write(path, image, overwrite, fd)
+    await _write(target, image)
 
 
 class _Image:
@@ -186,58 +186,28 @@ def _layout(
     return img
 
 
-async def _write(path: str, img: _Image, overwrite: bool, fd: int | None) -> None:
-    if fd is None:
-        await trio.to_thread.run_sync(_write_file, path, img, overwrite)
-    else:
-        await trio.to_thread.run_sync(_write_fd, fd, path, img)
-
-
-def _write_fd(fd: int, path: str, img: _Image) -> None:
+async def _write(target: Node, img: _Image) -> None:
+    what = target.filename
     try:
         for off, data in img.chunks:
             if data:
-                os.pwrite(fd, data, off)
-        os.ftruncate(fd, img.length)
-        os.fsync(fd)
+                await target.write(off, data)
+        await target.truncate(img.length)
+        await target.flush()
+    except BlockfsError as exc:
+        raise UsageError(str(exc), errno=exc.errno) from None
     except OSError as exc:
-        code = exc.errno or errno.EIO
-        raise UsageError(f"{path}: {exc.strerror}", errno=code) from None
+        raise UsageError(f"{what}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
     except OverflowError:  # a size no file can have
-        raise UsageError(f"{path}: file too large", errno=errno.EFBIG) from None
+        raise UsageError(f"{what}: file too large", errno=errno.EFBIG) from None
 
 
-def _write_file(path: str, img: _Image, overwrite: bool) -> None:
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
-    flags |= os.O_NONBLOCK | os.O_NOCTTY  # --force on a FIFO must not hang
-    try:
-        fd = os.open(path, flags, 0o644)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UsageError(f"{path}: not a regular file")
-    except FileExistsError:
-        raise UsageError(
-            f"{path}: file exists (use --force to overwrite)", errno=errno.EEXIST
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
-    try:
-        _write_fd(fd, path, img)
-    except UsageError:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-
-
-async def create_raw(
-    path: str, size: int, *, overwrite: bool = False, fd: int | None = None
-) -> None:
-    """Create a sparse raw image of ``size`` bytes (into ``fd`` if given, as
-    :func:`create_qcow2`). :raise UsageError:"""
+async def create_raw(target: Node, size: int) -> None:
+    """Make ``target`` (as for :func:`create_qcow2`) a sparse raw image of ``size`` bytes.
+    :raise UsageError:"""
     if size < 0:
         raise UsageError(f"image size {size} must not be negative")
-    await _write(path, _raw_image(size), overwrite, fd)
+    await _write(target, _raw_image(size))
 
 
 def _raw_image(size: int) -> _Image:
