@@ -1,0 +1,135 @@
+"""Protocol drivers: how a location names storage, and how a node over it is opened.
+
+A location is a plain path (the ``file`` protocol) or a URI whose scheme names a driver
+(``file:///srv/a.img``; ``ssh://host/path`` and ``gluster://host/volume/path`` once their
+drivers exist). Each driver is an object in :data:`PROTOCOLS`, registered by name in that one
+table: adding ssh is one class and one entry, and an unknown scheme is refused in one line that
+names the known ones.
+
+A driver owes four answers (:class:`ProtocolDriver`): open a protocol node, resolve a backing
+name found inside an image relative to that image (qemu-img's rule: relative to the image's
+folder, on the same storage), give the real location of an open node (for the confinement rule
+of probed images), and, cheaply, the identity of a named location (the files a user named on the
+command line). Remote drivers also give the :class:`~blockfs.nodes.retry.RetryPolicy` that the
+registry wraps their nodes in.
+
+This module knows no image format and nothing of FUSE.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+from collections.abc import Hashable
+from typing import ClassVar
+
+from blockfs.errors import UsageError
+from blockfs.nodes.base import Node
+from blockfs.nodes.file import FileNode
+from blockfs.nodes.retry import RetryPolicy
+
+#: ``scheme://`` at the start of a location (RFC 3986 scheme characters)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme_of(location: str) -> str | None:
+    """The URI scheme of ``location`` (lower case), or None for a plain path."""
+    m = _SCHEME.match(location)
+    return m.group(1).lower() if m else None
+
+
+class ProtocolDriver(abc.ABC):
+    """One protocol: a scheme, and how to open, resolve and identify what it names."""
+
+    #: the URI scheme, also the driver's name in :data:`PROTOCOLS`
+    name: ClassVar[str]
+    #: how the registry retries this protocol's transient errors; None: its errors are final
+    retry: ClassVar[RetryPolicy | None] = None
+
+    @abc.abstractmethod
+    async def open(self, location: str, *, read_only: bool) -> Node:
+        """Open the protocol node for ``location`` (a URI of this scheme, or a plain path for
+        ``file``). :raise UsageError: it cannot be opened as an image."""
+
+    @abc.abstractmethod
+    def resolve(self, relative_to: str, name: str) -> str:
+        """The location of ``name`` (a backing name without a scheme, found inside the image
+        at ``relative_to``, a location of this protocol): absolute names as they are, relative
+        ones against the folder of ``relative_to``, on the same storage. No I/O."""
+
+    @abc.abstractmethod
+    def real_location(self, node: Node) -> str:
+        """Where the open ``node`` (made by :meth:`open`) really is, after every link, as a
+        location whose folders nest as prefixes ("/a/b" lies in "/a"). No I/O."""
+
+    def named_identity(self, location: str) -> Hashable | None:
+        """The identity (as :meth:`Node.identity` will answer) of the storage a user named,
+        if it can be learnt cheaply and without a connection; None otherwise."""
+        return None
+
+
+class FileProtocol(ProtocolDriver):
+    """Local files and block devices: plain paths, or ``file:///ABSOLUTE/PATH`` (taken as
+    written: no percent-decoding)."""
+
+    name = "file"
+
+    @staticmethod
+    def local_path(location: str) -> str:
+        """The path a ``file`` location names. :raise UsageError: a ``file://`` URI whose path
+        is not absolute (``file://host/...`` names a host, which local files have not)."""
+        if scheme_of(location) != "file":
+            return location
+        path = location[len("file://") :]
+        if not path.startswith("/"):
+            raise UsageError(f"{location}: a file:// location takes an absolute path (file:///…)")
+        return path
+
+    async def open(self, location: str, *, read_only: bool) -> Node:
+        return await FileNode.open(self.local_path(location), read_only=read_only)
+
+    def resolve(self, relative_to: str, name: str) -> str:
+        if os.path.isabs(name):
+            return name
+        return os.path.join(os.path.dirname(self.local_path(relative_to)) or ".", name)
+
+    def real_location(self, node: Node) -> str:
+        assert isinstance(node, FileNode), node
+        return node.real_path
+
+    def named_identity(self, location: str) -> Hashable | None:
+        try:
+            st = os.stat(self.local_path(location))
+        except (OSError, ValueError, UsageError):
+            return None
+        return (st.st_dev, st.st_ino)
+
+
+#: every protocol, by scheme (a plain path is ``file``)
+PROTOCOLS: dict[str, ProtocolDriver] = {d.name: d for d in (FileProtocol(),)}
+
+
+def protocol_for(location: str) -> ProtocolDriver:
+    """The driver of ``location``'s scheme (``file`` for a plain path).
+
+    :raise UsageError: an unknown scheme (one line naming the known ones).
+    """
+    scheme = scheme_of(location) or "file"
+    driver = PROTOCOLS.get(scheme)
+    if driver is None:
+        raise UsageError(
+            f"{location}: unknown protocol {scheme!r} (known: {', '.join(sorted(PROTOCOLS))})"
+        )
+    return driver
+
+
+def resolve_backing(relative_to: str, name: str) -> str:
+    """The location of backing name ``name`` found in the image at ``relative_to``: a name
+    with a scheme stands alone; any other is resolved by the overlay's own protocol.
+
+    :raise UsageError: the overlay's scheme is unknown.
+    """
+    if scheme_of(name) is not None:
+        return name
+    return protocol_for(relative_to).resolve(relative_to, name)
