@@ -132,8 +132,7 @@ async def _write_sample(node: Any, rng: random.Random) -> None:
 
 
 async def _snapshot_cycle(node: Any, rng: random.Random) -> None:
-    from blockfs.nodes.qcow2 import Qcow2Node
-    from blockfs.nodes.qcow2_snapshot import apply_snapshot, create_snapshot, delete_snapshot
+    from blockfs.nodes.qcow2 import Qcow2Node, apply_snapshot, create_snapshot, delete_snapshot
 
     if not isinstance(node, Qcow2Node):
         return
@@ -150,7 +149,7 @@ async def exercise(
     """Steps 1-3 above; ``snapshot`` says whether step 3 takes a snapshot (None: sometimes).
     Returns (kind, detail, notes). :raise ContractBroken:"""
     from blockfs.errors import BlockfsError
-    from blockfs.nodes.opener import close_chain, open_image
+    from blockfs.nodes.registry import close_chain, open_image
 
     rng = random.Random(seed)
     notes: list[str] = []
@@ -343,8 +342,8 @@ def _judge_cli(status: int, out: str, timeout: float) -> str:
 def serve() -> None:
     """The fork server: one JSON request per line in, one JSON verdict per line out."""
     import blockfs.cli.main
-    import blockfs.nodes.opener
-    import blockfs.nodes.qcow2_snapshot  # noqa: F401 (imported once, before any fork)
+    import blockfs.nodes.qcow2
+    import blockfs.nodes.registry  # noqa: F401 (imported once, before any fork)
 
     for line in sys.stdin:
         v = run_request(json.loads(line))

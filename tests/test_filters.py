@@ -13,10 +13,11 @@ import pytest
 
 from blockfs.jobs.backup import CopyBeforeWriteFilter
 from blockfs.nodes.base import Node
-from blockfs.nodes.filter import NODE_OPERATIONS, FilterNode
+from blockfs.nodes.filter import NODE_OPERATIONS, FilterNode, WriteNotifyFilter
 from blockfs.nodes.inject import InjectFilter
+from blockfs.nodes.retry import RetryFilter
 
-FILTERS = [CopyBeforeWriteFilter, InjectFilter]
+FILTERS = [CopyBeforeWriteFilter, InjectFilter, RetryFilter, WriteNotifyFilter]
 
 
 def test_operation_list_matches_the_node_interface() -> None:

@@ -13,8 +13,8 @@ from blockfs.cli.imagespec import parse_image_spec
 from blockfs.errors import UsageError
 from blockfs.nodes.base import Status, chain_block_status
 from blockfs.nodes.file import FileNode
+from blockfs.nodes.registry import close_chain, open_image
 from blockfs.nodes.threads import IoThreadPool
-from blockfs.nodes.opener import close_chain, open_image
 from blockfs.values import parse_size
 
 

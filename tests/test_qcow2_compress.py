@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from blockfs.errors import ReadOnlyError, UsageError
-from blockfs.nodes.opener import close_chain, open_image
+from blockfs.nodes.base import Capability
 from blockfs.nodes.qcow2 import Qcow2Node
+from blockfs.nodes.registry import close_chain, open_image
 from conftest import qemu_img
 
 KiB = 1024
@@ -111,7 +112,7 @@ async def test_mixed_clusters_are_packed_and_qemu_reads_them(
     random.Random(cs).shuffle(order)
     node = await open_qcow2(img)
     try:
-        assert node.supports_compressed_writes
+        assert Capability.COMPRESSED_WRITES in node.capabilities
         for i in order:
             off = i * cs
             data = cluster_data(kinds[i], i, min(cs, size - off))

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from blockfs.errors import ImageError
-from blockfs.nodes.opener import close_chain, open_image
+from blockfs.nodes.registry import close_chain, open_image
 from conftest import blockfs, qemu_img, run
 
 MiB = 1024 * 1024

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from blockfs.errors import UsageError
-from blockfs.nodes import qcow2_snapshot as snaps
-from blockfs.nodes.opener import close_chain, open_image
 from blockfs.nodes.qcow2 import Qcow2Node
+from blockfs.nodes.qcow2 import snapshot as snaps
+from blockfs.nodes.registry import close_chain, open_image
 from conftest import blockfs, qemu_img, run
 
 MiB = 1024 * 1024

@@ -1,27 +1,33 @@
-"""Opening an image: protocol node at the bottom, format node on top, backing chain below it.
+"""The registry of protocols and formats, and opening an image through them.
 
-Formats register here (:data:`FORMATS`); ``fs.py`` and the daemon only ever see the top node,
-so a new format slots in by adding one entry, without touching them. Each format module offers
-``probe(header: bytes) -> bool`` and ``async open(child, ctx) -> Node``.
+An image opens bottom up: the location's scheme picks a protocol driver
+(:data:`blockfs.nodes.protocols.PROTOCOLS`: ``file`` for a plain path), which opens the protocol
+node; the format (given, or probed from the first bytes) picks a format driver from
+:data:`FORMATS`, which opens the format node over it and, through :class:`OpenContext`, its
+backing chain. ``fs.py`` and the daemon only ever see the top node, so a new protocol or format
+is one driver object and one table entry, and never touches them.
 
-Backing chains are opened through :meth:`OpenContext.open_backing`, which guards against loops
-(an image that is its own backing file, A -> B -> A) and absurd depths.
+Nodes are told apart by :meth:`Node.identity`, not by their names: the loop check of backing
+chains (an image that is its own backing file, A -> B -> A, through any link) and the shared-file
+check (two users of one file, one writing) compare identities.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from blockfs.errors import ImageError, UsageError
+from blockfs.nodes import qcow2
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode
 from blockfs.nodes.inject import InjectFilter
+from blockfs.nodes.protocols import protocol_for, resolve_backing
 from blockfs.nodes.raw import RawNode
+from blockfs.nodes.retry import RetryFilter
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,9 @@ PROBE_BYTES = 4096
 @dataclass(frozen=True)
 class FormatDriver:
     name: str
+    #: does a header (the first :data:`PROBE_BYTES`) say this format?
     probe: Callable[[bytes], bool]
+    #: open the format node over an open child; the backing chain through the context
     open: Callable[[Node, OpenContext], Awaitable[Node]]
 
 
@@ -48,25 +56,14 @@ def _probe_raw(header: bytes) -> bool:
     return False  # raw is what is left when nothing else matches
 
 
-FORMATS: dict[str, FormatDriver] = {"raw": FormatDriver("raw", _probe_raw, _open_raw)}
-
-# Format modules that register themselves into FORMATS when imported, in probe order.
-_FORMAT_MODULES = ("blockfs.nodes.qcow2",)
-
-
-def _load_formats() -> None:
-    for name in _FORMAT_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        driver = FormatDriver(mod.FORMAT_NAME, mod.probe, mod.open_node)
-        FORMATS.setdefault(driver.name, driver)
-
-
-_load_formats()
+#: every format, in probe order (raw last: it is what is left)
+FORMATS: dict[str, FormatDriver] = {
+    d.name: d
+    for d in (
+        FormatDriver(qcow2.FORMAT_NAME, qcow2.probe, qcow2.open_node),
+        FormatDriver("raw", _probe_raw, _open_raw),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -76,15 +73,15 @@ class OpenPolicy:
     The rule (QEMU learned it the hard way): a guest owns the bytes of its disk, so an image
     whose format was *probed* may be a raw disk whose guest wrote a qcow2 header naming a host
     file as its backing file. Such an image follows a backing file only when the file lies
-    inside the image's own folder tree (real paths, after every symlink), inside one of
-    ``backing_dirs``, or is one of the files named on the command line (``named``: (st_dev,
-    st_ino) identities). An image whose format was given is trusted as QEMU trusts it.
+    inside the image's own folder tree (real locations, after every symlink), inside one of
+    ``backing_dirs``, or is one of the files named on the command line (``named``: their
+    identities). An image whose format was given is trusted as QEMU trusts it.
     """
 
     #: folders (real paths) whose files any image may use as backing files
     backing_dirs: tuple[str, ...] = ()
     #: identities of the files the user named (command line, spec)
-    named: frozenset[tuple[int, int]] = frozenset()
+    named: frozenset[Hashable] = frozenset()
     #: where a probed format is reported (the daemon sends these to the mounting user)
     warn: Callable[[str], None] | None = None
 
@@ -98,10 +95,11 @@ class OpenPolicy:
         named = set()
         for p in paths:
             try:
-                st = os.stat(p)
-            except (OSError, ValueError):
-                continue
-            named.add((st.st_dev, st.st_ino))
+                ident = protocol_for(p).named_identity(p)
+            except UsageError:
+                continue  # an unknown scheme: refused when it is opened
+            if ident is not None:
+                named.add(ident)
         dirs = tuple(os.path.realpath(d) for d in backing_dirs)
         return cls(backing_dirs=dirs, named=frozenset(named), warn=warn)
 
@@ -113,20 +111,22 @@ class OpenPolicy:
         else:  # a look (blockfs info): nothing is written, so nothing to warn of
             log.info("%s", msg)
 
-    def check_backing(self, overlay_name: str, overlay_real: str, backing: FileNode) -> None:
-        """:raise ImageError: (EACCES) a probed overlay (whose file's real path is
-        ``overlay_real``) names a backing file outside the folders it may use."""
-        if backing.identity in self.named:
+    def check_backing(
+        self, overlay_name: str, overlay_real: str, backing: Node, backing_real: str
+    ) -> None:
+        """:raise ImageError: (EACCES) a probed overlay (whose real location is
+        ``overlay_real``) names a backing file (open as ``backing``, really at
+        ``backing_real``) outside the folders it may use."""
+        if backing.identity() in self.named:
             return
-        real = backing.real_path
         roots = (os.path.dirname(overlay_real), *self.backing_dirs)
         for root in roots:
-            if real == root or real.startswith(root.rstrip("/") + "/"):
+            if backing_real == root or backing_real.startswith(root.rstrip("/") + "/"):
                 return
         raise ImageError(
-            f"{overlay_name}: backing file {real} lies outside {roots[0]}; the image's format "
-            "was probed, so it may be a guest's raw disk: give format= to trust it, or allow "
-            "the folder with backing-dirs=",
+            f"{overlay_name}: backing file {backing_real} lies outside {roots[0]}; the image's "
+            "format was probed, so it may be a guest's raw disk: give format= to trust it, or "
+            "allow the folder with backing-dirs=",
             errno=errno.EACCES,
         )
 
@@ -136,32 +136,32 @@ class OpenContext:
     """What a format needs to open the rest of its chain."""
 
     read_only: bool
-    #: identities (st_dev, st_ino) of the images above, top first (loop detection)
-    chain: tuple[tuple[int, int], ...] = ()
+    #: identities of the images above, top first (loop detection)
+    chain: tuple[Hashable, ...] = ()
     #: options given in the image spec, passed down to the top format only
     options: dict[str, str] = field(default_factory=dict)
     #: the format of this image was probed, not given: paths in it are not trusted
     probed: bool = False
     policy: OpenPolicy = field(default_factory=OpenPolicy)
-    #: the real path of the image's own file (its folder is where a probed image may look)
+    #: the real location of the image's own storage (its folder is where a probed image may
+    #: look for backing files)
     real_path: str = ""
 
     async def open_backing(self, location: str, fmt: str | None, relative_to: str) -> Node:
-        """Open a backing image read-only. A relative ``location`` is resolved against the
-        folder of ``relative_to`` (the overlay's filename), as qemu-img does. A probed overlay
-        follows it only under :class:`OpenPolicy`'s rule.
+        """Open a backing image read-only. A ``location`` without a scheme is resolved by the
+        protocol of ``relative_to`` (the overlay's filename): a relative file name against the
+        overlay's folder, as qemu-img does. A probed overlay follows it only under
+        :class:`OpenPolicy`'s rule.
 
-        :raise ImageError: a loop, a chain too deep, a backing file the rule refuses, or one
-            that cannot be opened.
+        :raise ImageError: a loop, a chain too deep, a backing file the rule refuses, an unknown
+            protocol, or one that cannot be opened.
         """
         if "\0" in location:
             raise ImageError(f"{relative_to}: backing file name holds a NUL byte")
-        if not os.path.isabs(location) and "://" not in location:
-            location = os.path.join(os.path.dirname(relative_to) or ".", location)
         confine = self.real_path if self.probed else None
         try:
             return await open_image(
-                location,
+                resolve_backing(relative_to, location),
                 fmt=fmt,
                 read_only=True,
                 policy=self.policy,
@@ -181,35 +181,49 @@ async def open_image(
     options: dict[str, str] | None = None,
     policy: OpenPolicy | None = None,
     inject: bool = False,
-    _chain: tuple[tuple[int, int], ...] = (),
+    _chain: tuple[Hashable, ...] = (),
     _confine: str | None = None,
     _overlay_name: str | None = None,
 ) -> Node:
-    """Open ``location`` as a format node over its protocol node; probe the format unless
-    ``fmt`` names it. Everything opened is closed again when this raises. ``inject`` puts an
-    error-injection filter between the two (this image only, not its backing chain).
+    """Open ``location`` (a path, or a URI of a known protocol) as a format node over its
+    protocol node; probe the format unless ``fmt`` names it. Everything opened is closed again
+    when this raises. ``inject`` puts an error-injection filter between the two (this image
+    only, not its backing chain); a protocol whose driver has a retry policy gets a
+    :class:`~blockfs.nodes.retry.RetryFilter` right above its node.
 
-    :raise UsageError: no such file, not a regular file or block device, unknown format.
-    :raise ImageError: the image is corrupt, hostile or unsupported.
+    :raise UsageError: no such file, not a regular file or block device, unknown protocol or
+        format.
+    :raise ImageError: the image is corrupt, hostile or unsupported; its chain loops.
     """
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
     if len(_chain) >= MAX_CHAIN_DEPTH:
         raise ImageError(f"{location}: backing chain deeper than {MAX_CHAIN_DEPTH} images")
+    driver = protocol_for(location)
     if policy is None:
         policy = OpenPolicy.for_paths([location])
-    child = await FileNode.open(location, read_only=read_only)
+    child = await driver.open(location, read_only=read_only)
     try:
+        real = driver.real_location(child)
         if _confine is not None:
-            policy.check_backing(_overlay_name or location, _confine, child)
-        if child.identity in _chain:
+            policy.check_backing(_overlay_name or location, _confine, child, real)
+        if child.identity() in _chain:
             raise ImageError(
-                f"{_overlay_name or location}: backing chain loops back to {child.real_path}",
+                f"{_overlay_name or location}: backing chain loops back to {real}",
                 errno=errno.ELOOP,
             )
-        protocol: Node = InjectFilter(child) if inject else child
+        if driver.retry is not None:
+            child = RetryFilter(child, driver.retry)
+        if inject:
+            child = InjectFilter(child)
         return await open_format(
-            protocol, fmt=fmt, read_only=read_only, options=options, policy=policy, _chain=_chain
+            child,
+            fmt=fmt,
+            read_only=read_only,
+            options=options,
+            policy=policy,
+            _chain=_chain,
+            _real_location=real,
         )
     except BaseException:
         await child.aclose()
@@ -223,7 +237,8 @@ async def open_format(
     read_only: bool,
     options: dict[str, str] | None = None,
     policy: OpenPolicy | None = None,
-    _chain: tuple[tuple[int, int], ...] = (),
+    _chain: tuple[Hashable, ...] = (),
+    _real_location: str | None = None,
 ) -> Node:
     """Open a format node over an open protocol node (which the caller still owns and closes
     when this raises). ``fmt`` None probes, and says so through the policy.
@@ -238,7 +253,7 @@ async def open_format(
         header = await child.read(0, min(PROBE_BYTES, child.size)) if child.size else b""
         fmt = probe_format(header)
         policy.report_probe(child.filename, fmt)
-    ident = getattr(child, "identity", None)
+    ident = child.identity()
     chain = (*_chain, ident) if ident is not None else _chain
     ctx = OpenContext(
         read_only=read_only,
@@ -246,7 +261,7 @@ async def open_format(
         options=options or {},
         probed=probed,
         policy=policy,
-        real_path=getattr(child, "real_path", "") or os.path.realpath(child.filename),
+        real_path=_real_location or child.filename,
     )
     return await FORMATS[fmt].open(child, ctx)
 
@@ -277,20 +292,20 @@ async def close_chain(node: Node) -> None:
         await close_chain(backing)
 
 
-def chain_files(
-    node: Node, *, with_backing: bool = True
-) -> list[tuple[tuple[int, int], bool, str]]:
-    """Every file under ``node`` (and its backing chain): ((st_dev, st_ino), writable, name).
-    Used to refuse two users of one file where one of them writes it."""
+def chain_files(node: Node, *, with_backing: bool = True) -> list[tuple[Hashable, bool, str]]:
+    """Every piece of storage under ``node`` (and its backing chain): (identity, writable,
+    name), one per protocol node (a node that owns no other; views, which have no identity,
+    are left out). Used to refuse two users of one file where one of them writes it."""
     found = []
     stack: list[Node] = [node]
     while stack:
         n = stack.pop()
-        if isinstance(n, FileNode):
-            st = os.fstat(n.fd)
-            found.append(((st.st_dev, st.st_ino), not n.read_only, n.filename))
-            continue
-        stack.extend(n.children())
+        children = n.children()
+        if not children:
+            ident = n.identity()
+            if ident is not None:
+                found.append((ident, not n.read_only, n.filename))
+        stack.extend(children)
         if with_backing and n.backing is not None:
             stack.append(n.backing)
     return found
