@@ -902,6 +902,38 @@ class Qcow2Node(Node):
     def children(self) -> list[Node]:
         return [self.child]
 
+    async def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write (see :meth:`Node.reopen`). A writer holds
+        state a reader must not: going read-only applies the pending decrements, gives back the
+        compressed area and the reservation (else they would stay as leaks) and flushes; going
+        read-write checks the image as opening it read-write would (corrupt and dirty flags,
+        metadata refcounts, autoclear bits), and stays read-only when that fails.
+
+        :raise ImageError: the image may not be written (read-write only).
+        :raise BlockfsError: the child cannot be reopened; the node keeps its old mode.
+        """
+        if read_only == self.read_only:
+            return
+        if read_only:
+            if self._broken is None:
+                async with self._meta_lock:
+                    await self._apply_pending(force=True)
+                    await self._compressed.release()
+                    await self.refcounts.release_reservation()
+                await self.flush_child()
+            await super().reopen(True)
+            return
+        where = self.filename
+        if self.header.incompatible & (Incompatible.CORRUPT | Incompatible.DIRTY):
+            raise ImageError(f"{where}: image is marked corrupt or dirty; it cannot be written")
+        await super().reopen(False)
+        try:
+            await self._check_for_writing()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await super().reopen(True)
+            raise
+
     # -- tables and header as a whole: the interface of snapshot.py (and of jobs) ---------------
 
     @contextlib.asynccontextmanager
