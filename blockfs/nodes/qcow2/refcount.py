@@ -46,7 +46,7 @@ REFBLOCK_CACHE_BYTES = 2 * 1024 * 1024
 #: the most host clusters reserved at once (refcount 1, flushed, handed out without I/O). Each
 #: reservation costs one flush; a kill leaks what was reserved and unused (repairable leaks).
 RESERVATION_BYTES = 32 * 1024 * 1024
-#: QEMU's limit on the refcount table (the table may not grow beyond it)
+#: the largest refcount table growth may make (an image may bring at most 8 MiB at open)
 MAX_TABLE_BYTES = 8 * 1024 * 1024 * 8
 
 
