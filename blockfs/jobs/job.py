@@ -5,8 +5,9 @@ concluded -> null, with aborting on the way from any live state to concluded whe
 or is cancelled. Verbs are gated by state (:data:`VERBS`); a verb in the wrong state is refused
 with EBUSY and a one-line reason.
 
-A job's body (:meth:`Job.run`) calls :meth:`Job.checkpoint` between units of work: that is where
-pause takes effect. Cancel cancels the body's trio scope; :meth:`Job.finalize` then runs shielded
+A job is started by :mod:`blockfs.jobs.registry` (:meth:`Job.start`, then :meth:`Job.main` in
+the host's nursery). Its body (:meth:`Job.run`) calls :meth:`Job.checkpoint` between units of
+work: that is where pause takes effect. Cancel cancels the body's trio scope; :meth:`Job.finalize` then runs shielded
 (a filter is removed from the graph whatever happened). A concluded job stays (its status can be
 read) until ``dismiss``.
 """
@@ -41,7 +42,10 @@ class JobState(enum.Enum):
 
 
 S = JobState
-LIVE = {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING}
+#: the states of a job that has not concluded yet and still accepts verbs
+LIVE = frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING})
+#: the states in which a job holds its device (no second job may start on it)
+BUSY = LIVE | {S.ABORTING}
 #: the states in which each verb is accepted
 VERBS: dict[str, set[JobState]] = {
     "pause": {S.CREATED, S.RUNNING, S.READY, S.PAUSED, S.STANDBY},
@@ -158,6 +162,11 @@ class Job:
 
     # -- what subclasses provide ------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Before the body runs, while the job is being started: change the graph (insert a
+        filter), publish files. Raising fails the start (the job is then forgotten, and
+        whatever this did must be undone here)."""
+
     async def run(self) -> None:
         """The body: copy until done. Raise JobFailed to fail; return to succeed."""
         raise NotImplementedError
@@ -225,6 +234,11 @@ class Job:
         self._set_state(JobState.CONCLUDED)
         self._concluded.set()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the job still holds its device (see :data:`BUSY`)."""
+        return self.state in BUSY
+
     def _set_state(self, state: JobState) -> None:
         if state is not self.state:
             self.state = state
@@ -245,6 +259,12 @@ class Job:
                 await self._resumed.wait()
         finally:
             self._parked -= 1
+
+    def set_body_tasks(self, tasks: int) -> None:
+        """How many tasks run the body now (an engine's workers; at least the body itself):
+        the job is PAUSED once every one of them is parked."""
+        self.body_tasks = max(1, tasks)
+        self.update_paused_state()
 
     def update_paused_state(self) -> None:
         """Enter PAUSED/STANDBY once every body task is parked (call when body_tasks drops)."""
@@ -332,34 +352,3 @@ class Job:
             "io-status": self.io_status.value,
             "error": self.error,
         }
-
-
-class RateLimiter:
-    """Bytes per second for background copying (0 = unlimited); CBW traffic never waits here.
-
-    A worker reserves its next chunk before it claims clusters (so it never sleeps holding a
-    claim a guest write might wait for) and gives back what it did not move."""
-
-    def __init__(self, job: Job) -> None:
-        self._job = job
-        self._start = trio.current_time()
-        self._bytes = 0
-
-    async def reserve(self, nbytes: int) -> None:
-        speed = self._job.speed
-        if not speed:
-            self._start = trio.current_time()
-            self._bytes = 0
-            return
-        now = trio.current_time()
-        if self._bytes > speed * 10 or self._start + self._bytes / speed < now - 1.0:
-            # forget the far past (or an idle spell), so a speed change acts soon
-            self._start = now
-            self._bytes = 0
-        self._bytes += nbytes
-        delay = self._start + (self._bytes - nbytes) / speed - now
-        if delay > 0:
-            await trio.sleep(min(delay, 5.0))
-
-    def refund(self, nbytes: int) -> None:
-        self._bytes = max(0, self._bytes - nbytes)
