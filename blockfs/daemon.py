@@ -1,6 +1,7 @@
 """The life of one mount: open and check every image, mount, serve, and shut down cleanly.
 
-One trio nursery holds the FUSE loop, the signal watcher and (later) the jobs. Shutdown, whatever
+One trio nursery holds the FUSE loop, the signal watcher and the jobs. The daemon is the jobs'
+host (:class:`blockfs.jobs.host.JobHost`): jobs reach the mount only through that seam. Shutdown, whatever
 starts it (SIGTERM, SIGINT, ``blockfs umount``, ``fusermount3 -u``), runs in this order: the FUSE
 loop stops taking requests and lets the in-flight ones finish; jobs are cancelled; every image is
 flushed and closed; the mountpoint is released. Nothing is mounted until every image opened, so a
@@ -25,11 +26,14 @@ from blockfs.control import ControlTree
 from blockfs.control.tree import VirtualTree
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.export import Export
-from blockfs.fs import BlockfsOperations
-from blockfs.nodes.opener import OpenPolicy, check_shared_files, close_chain, open_image
+from blockfs.fs import BlockfsOperations, ImageFile
+from blockfs.jobs.host import PublishedFile
+from blockfs.jobs.job import EventLog
+from blockfs.jobs.registry import JobRegistry
+from blockfs.nodes.base import Node
+from blockfs.nodes.registry import OpenPolicy, check_shared_files, close_chain, open_image
 
 log = logging.getLogger(__name__)
-
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -92,7 +96,7 @@ def check_mountpoint(path: str) -> None:
 
 
 class Daemon:
-    """Everything one mount owns. Jobs and the control tree reach the images through it."""
+    """Everything one mount owns; the host of its jobs (:class:`JobHost`)."""
 
     def __init__(self, config: MountConfig) -> None:
         self.config = config
@@ -105,8 +109,10 @@ class Daemon:
             image_gid=config.image_gid,
         )
         self.exports: dict[str, Export] = {}
+        self._events = EventLog()
+        self.jobs = JobRegistry(self)
         self.control: ControlTree | None = None
-        self.nursery: trio.Nursery | None = None
+        self._nursery: trio.Nursery | None = None
         #: warnings for the user who mounts (a probed format), sent with the ready answer
         self.warnings: list[str] = []
 
@@ -140,6 +146,44 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.close_images()
             raise
+
+    # -- the jobs' host (blockfs.jobs.host.JobHost) ------------------------------------------
+
+    @property
+    def events(self) -> EventLog:
+        return self._events
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("the mount is not serving yet")
+        return self._nursery
+
+    @nursery.setter
+    def nursery(self, nursery: trio.Nursery | None) -> None:
+        self._nursery = nursery
+
+    def export(self, name: str) -> Export | None:
+        return self.exports.get(name)
+
+    def publish_view(self, export: Export) -> PublishedFile:
+        return self.ops.add_image(self.tree.root, export)
+
+    def withdraw_view(self, file: PublishedFile) -> None:
+        assert isinstance(file, ImageFile)
+        self.ops.remove_image(file)
+
+    def check_not_in_use(self, what: str, node: Node, *, with_backing: bool = False) -> None:
+        others: dict[str, Node] = {n: e.root for n, e in self.exports.items()}
+        check_shared_files(what, node, others, with_backing=with_backing)
+
+    # -- the tree ------------------------------------------------------------------------------
+
+    def build_tree(self) -> None:
+        """One file per image and the control tree (once the images are open)."""
+        for export in self.exports.values():
+            self.ops.add_image(self.tree.root, export)
+        self.control = ControlTree(self.tree, self.exports, self.events, self.jobs)
 
     def _warn(self, image: str, message: str) -> None:
         self.warnings.append(f"image {image}: {message}")
@@ -176,9 +220,7 @@ class Daemon:
         try:
             check_mountpoint(self.mountpoint)
             await self.open_images()
-            for export in self.exports.values():
-                self.ops.add_image(self.tree.root, export)
-            self.control = ControlTree(self)
+            self.build_tree()
             try:
                 pyfuse3.init(self.ops, self.mountpoint, self._fuse_options())
             except RuntimeError as exc:
@@ -203,8 +245,9 @@ class Daemon:
                     # Jobs end first (their filters leave the graph), while the nursery that
                     # runs them is still alive; then the watcher goes.
                     with trio.CancelScope(shield=True):
-                        await self.control.aclose()
+                        await self.jobs.aclose()
                     nursery.cancel_scope.cancel()
+                    self.nursery = None
         finally:
             with trio.CancelScope(shield=True):
                 await self.close_images()

@@ -41,6 +41,7 @@ import pyfuse3
 from blockfs.control.tree import (
     MAX_CONTROL_BYTES,
     MAX_CONTROL_HANDLES,
+    ROOT_INODE,
     VDir,
     VFile,
     VirtualTree,
@@ -52,6 +53,8 @@ from blockfs.nodes.file import FileNode
 from blockfs.values import MAX_SPEC_BYTES
 
 log = logging.getLogger(__name__)
+
+assert ROOT_INODE == pyfuse3.ROOT_INODE, "the control tree's root inode must be FUSE's"
 
 _T = TypeVar("_T")
 

@@ -18,14 +18,10 @@ reveal host paths (events, info, status) are readable by the mount's owner only.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
-
-import trio
+from collections.abc import Awaitable, Callable, Mapping
 
 from blockfs.control.tree import (
     MAX_CONTROL_BYTES,
@@ -33,17 +29,15 @@ from blockfs.control.tree import (
     TextFile,
     VDir,
     VFile,
+    VirtualTree,
 )
-from blockfs.errors import BlockfsError, JobError, UsageError
+from blockfs.errors import UsageError
+from blockfs.export import Export
 from blockfs.info import export_info
-from blockfs.jobs.job import EventLog, Job, JobState
+from blockfs.jobs.job import EventLog, Job
+from blockfs.jobs.registry import JobRegistry
 from blockfs.nodes.inject import InjectFilter, find_inject_filter
-from blockfs.nodes.opener import check_shared_files, close_chain
 from blockfs.values import MAX_SPEC_BYTES, parse_size
-
-if TYPE_CHECKING:
-    from blockfs.daemon import Daemon
-    from blockfs.export import Export
 
 CONTROL_DIR = ".control"
 
@@ -142,28 +136,42 @@ class _InjectFile(VFile):
 
 
 class ControlTree:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.events = EventLog()
-        self.jobs: dict[str, Job] = {}
+    """The files under ``MNT/.control``. Job files route to the :class:`JobRegistry`; the tree
+    knows nothing of the daemon."""
+
+    def __init__(
+        self,
+        tree: VirtualTree,
+        exports: Mapping[str, Export],
+        events: EventLog,
+        jobs: JobRegistry,
+    ) -> None:
+        self.tree = tree
+        self.events = events
+        self.registry = jobs
         self._job_dirs: dict[str, VDir] = {}
-        tree = daemon.tree
         self.dir: VDir = tree.mkdirs(tree.root, CONTROL_DIR)
         tree.add(self.dir, TextFile("README", lambda: README, version=lambda: 0))
         tree.add(self.dir, TextFile("pid", lambda: f"{os.getpid()}\n", version=lambda: 0))
-        events = self.events
         tree.add(
             self.dir,
             TextFile("events", self._render_events, version=lambda: events.version, private=True),
         )
         self.images_dir = tree.mkdirs(self.dir, "images")
-        for export in daemon.exports.values():
+        for export in exports.values():
             self.add_image(export)
         self.jobs_dir = tree.mkdirs(self.dir, "jobs")
-        tree.add(self.jobs_dir, _WritableFile("backup", self._start_backup))
+        for kind in jobs.kinds:
+            tree.add(self.jobs_dir, _WritableFile(kind, functools.partial(self._start_job, kind)))
+        jobs.on_added = self._add_job
+        jobs.on_removed = self._remove_job
+
+    @property
+    def jobs(self) -> dict[str, Job]:
+        return self.registry.jobs
 
     def add_image(self, export: Export) -> None:
-        tree = self.daemon.tree
+        tree = self.tree
         d = tree.mkdirs(self.images_dir, export.name)
         tree.add(
             d,
@@ -183,77 +191,14 @@ class ControlTree:
         # (a full log is ~1 MB, and handles may hold several renderings of it).
         return b"".join([(json.dumps(e) + "\n").encode() for e in self.events])
 
-    # -- jobs ---------------------------------------------------------------------------------
+    # -- jobs: routed to the registry ---------------------------------------------------------
 
-    def _device(self, name: str) -> Export:
-        export = self.daemon.exports.get(name)
-        if export is None:
-            raise UsageError(f"no device {name!r}", errno=errno.ENOENT)
-        for job in self.jobs.values():
-            if job.device == name and job.state in _BUSY_STATES:
-                raise JobError(f"device {name!r} is busy with job {job.id!r}", errno=errno.EBUSY)
-        return export
-
-    def _check_new_id(self, job_id: str) -> None:
-        if job_id in self.jobs:
-            raise JobError(f"a job with id {job_id!r} exists already", errno=errno.EEXIST)
-
-    async def _start_backup(self, data: bytes) -> bytes:
-        from blockfs.jobs.backup import BackupJob, BackupSpec, open_backup_target
-
-        try:
-            spec = BackupSpec.parse(data)
-            export = self._device(spec.device)
-            self._check_new_id(spec.id)
-            target, zero_init, tfile = await open_backup_target(spec, export)
-            job: BackupJob | None = None
-            try:
-                # Check again: another spec may have started a job while the target was made.
-                # The target file itself must not be a file a mounted image uses (its backing
-                # file may be: fleecing reads the device's file through it).
-                self._device(spec.device)
-                self._check_new_id(spec.id)
-                check_shared_files(
-                    f"target {spec.target}",
-                    target,
-                    {n: e.root for n, e in self.daemon.exports.items()},
-                    with_backing=False,
-                )
-                job = BackupJob(
-                    spec,
-                    self.daemon,
-                    export,
-                    target,
-                    self.events,
-                    target_zero_init=zero_init,
-                    target_file=tfile,
-                )
-                self._add_job(job)
-                await job.start()
-            except BaseException:
-                # One cleanup for every way a start can fail: nothing is left behind.
-                if job is not None:
-                    self._remove_job(job)
-                with trio.CancelScope(shield=True):
-                    await close_chain(target)
-                    tfile.discard(even_named=True)
-                    tfile.close()
-                raise
-        except BlockfsError as exc:
-            self.events.emit(
-                "JOB_START_FAILED",
-                type="backup",
-                spec=data.decode(errors="replace").strip()[:1000],
-                error=str(exc),
-            )
-            raise
-        assert self.daemon.nursery is not None
-        self.daemon.nursery.start_soon(job.main)
+    async def _start_job(self, kind: str, data: bytes) -> bytes:
+        job = await self.registry.start(kind, data)
         return f"{job.id}\n".encode()
 
     def _add_job(self, job: Job) -> None:
-        tree = self.daemon.tree
-        self.jobs[job.id] = job
+        tree = self.tree
         d = VDir(job.id)
         tree.add(self.jobs_dir, d)
         tree.add(d, TextFile("status", job.status, private=True))
@@ -263,8 +208,7 @@ class ControlTree:
     def _remove_job(self, job: Job) -> None:
         d = self._job_dirs.pop(job.id, None)
         if d is not None:
-            self.daemon.tree.remove(d)
-        self.jobs.pop(job.id, None)
+            self.tree.remove(d)
 
     async def _job_verb(self, job: Job, data: bytes) -> bytes:
         verb = data.decode(errors="replace").strip()
@@ -279,34 +223,9 @@ class ControlTree:
         elif verb == "complete":
             job.complete()
         elif verb == "dismiss":
-            job.dismiss()
-            self._remove_job(job)
+            self.registry.dismiss(job)
         else:
             raise UsageError(
                 f"unknown verb {verb[:40]!r} (pause, resume, cancel, complete, dismiss, speed=N)"
             )
         return b"ok\n"
-
-    async def aclose(self) -> None:
-        """Cancel every live job and wait for each to conclude (filters leave the graph)."""
-        for job in list(self.jobs.values()):
-            if job.state in _BUSY_STATES:
-                try:
-                    job.cancel()
-                except BlockfsError:
-                    pass
-        for job in list(self.jobs.values()):
-            if job.state is not JobState.NULL and job.state is not JobState.CONCLUDED:
-                await job.wait_concluded()
-
-
-_BUSY_STATES = {
-    JobState.CREATED,
-    JobState.RUNNING,
-    JobState.PAUSED,
-    JobState.READY,
-    JobState.STANDBY,
-    JobState.WAITING,
-    JobState.PENDING,
-    JobState.ABORTING,
-}

@@ -21,11 +21,11 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pyfuse3
-
 from blockfs.errors import BlockfsError
 
-ROOT_INODE = pyfuse3.ROOT_INODE
+#: FUSE's root inode (FUSE_ROOT_ID, pyfuse3.ROOT_INODE; fs.py checks they agree): only fs.py
+#: and daemon.py know pyfuse3
+ROOT_INODE = 1
 
 #: open control handles one uid may hold (far above what scripts and `blockfs job watch` use)
 MAX_CONTROL_HANDLES = 4096

@@ -29,7 +29,11 @@ import secrets
 import stat
 from typing import Any
 
+import trio
+
 from blockfs.errors import UsageError
+from blockfs.nodes.base import Node
+from blockfs.nodes.registry import close_chain
 
 _RENAME_NOREPLACE = 1
 _libc: Any = None
@@ -289,3 +293,25 @@ def _rename_noreplace(dir_fd: int, old: str, new: str) -> None:
     # No renameat2 here: a hard link fails on an existing name just as well.
     os.link(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     os.unlink(old, dir_fd=dir_fd)
+
+
+class OpenedTarget:
+    """A job's target, opened: its node, whether it reads as zeroes where nothing was written,
+    and the file under it (None where the job did not create or open one itself)."""
+
+    def __init__(self, node: Node, *, zero_init: bool, file: TargetFile | None, path: str) -> None:
+        self.node = node
+        #: the target as the spec named it (for messages)
+        self.path = path
+        self.zero_init = zero_init
+        self.file = file
+
+    async def discard(self) -> None:
+        """Undo the opening: close the node; a file the job made goes (a failed start)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await close_chain(self.node)
+            finally:
+                if self.file is not None:
+                    self.file.discard(even_named=True)
+                    self.file.close()
