@@ -5,8 +5,10 @@ Every FUSE request on an image passes :meth:`Export.read` / :meth:`Export.write`
 below then trust their arguments), counted for the ``stats`` file, and admitted or held back while
 a job changes the graph (:meth:`Export.quiesced`).
 
-The root node may be replaced (a job inserts a filter, mirror switches to its target) only inside
-``quiesced()``: no request is in flight then, and none starts until the block ends.
+The graph changes only through the verbs :meth:`Export.insert_filter`,
+:meth:`Export.remove_filter` and :meth:`Export.replace_root` (a job inserts a filter, mirror
+switches to its target), each inside ``quiesced()``: no request is in flight then, and none
+starts until the change is made. Jobs never assign ``root`` themselves.
 
 Invariant kept without locks: between reading ``self.root`` and calling into it there is no
 ``await``, so a request runs entirely against one graph.
@@ -22,15 +24,19 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import trio
 
 from blockfs.errors import BlockfsError, NoSpaceError, ReadOnlyError
 from blockfs.nodes.base import Node
+from blockfs.nodes.filter import FilterNode
 
 log = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=FilterNode)
 
 _now = time.perf_counter_ns
 
@@ -210,6 +216,43 @@ class Export:
         finally:
             self._gate = None
             gate.set()
+
+    async def insert_filter(self, make: Callable[[Node], Awaitable[_F]]) -> _F:
+        """Put a filter above the root at a quiescent point. ``make`` gets the root and
+        returns the filter over it; it runs inside the quiesced section, so whatever it
+        records (a backup's bitmap) holds for the graph the filter goes on. If it raises,
+        the graph is unchanged."""
+        async with self.quiesced():
+            filt = await make(self.root)
+            if filt.child is not self.root:
+                raise ValueError("the new filter must sit on the export's root")
+            self.root = filt
+        return filt
+
+    async def remove_filter(self, filt: FilterNode) -> bool:
+        """Take ``filt`` out of the graph (its parent, or the export, points to its child
+        again) at a quiescent point. False if it is not in the graph (removed already)."""
+        async with self.quiesced():
+            if self.root is filt:
+                self.root = filt.child
+                return True
+            above = self.root
+            while isinstance(above, FilterNode):
+                if above.child is filt:
+                    above.set_child(filt.child)
+                    return True
+                above = above.child
+            return False
+
+    async def replace_root(self, new_root: Node) -> Node:
+        """Serve ``new_root`` from now on (mirror's switch-over); returns the old root, which
+        the caller owns. ``new_root`` must have the same size."""
+        async with self.quiesced():
+            old = self.root
+            if new_root.size != old.size:
+                raise ValueError(f"new root is {new_root.size} bytes, the export {old.size}")
+            self.root = new_root
+        return old
 
     async def allocated_bytes(self) -> int:
         """Bytes that hold data, over the whole chain, capped at the virtual size."""
