@@ -284,6 +284,40 @@ class FileNode(Node):
             return self.size
         return os.fstat(self.fd).st_blocks * 512
 
+    async def reopen(self, read_only: bool) -> None:
+        """Open the same file again in the other mode and put it in place of the old
+        descriptor (``dup2``: the number stays, so requests and pool threads never see a
+        closed one); the new open file description takes over the image lock.
+
+        :raise UsageError: the file cannot be opened so (EACCES), or another process forbids
+            writers (EBUSY); the node keeps its old mode.
+        """
+        if read_only == self.read_only:
+            return
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
+        try:
+            # Through the descriptor, not the name: the same file even if it was renamed.
+            new = os.open(f"/proc/self/fd/{self.fd}", flags)
+        except OSError as exc:
+            raise _path_error(exc, self.filename) from None
+        try:
+            st = os.fstat(new)
+            if (st.st_dev, st.st_ino) != self._identity:
+                raise UsageError(f"{self.filename}: changed while reopening", errno=errno.EBUSY)
+            if stat.S_ISREG(st.st_mode):
+                # The old description's lock would refuse the new one: it goes first, and
+                # comes back if the new one is refused.
+                _unlock(self.fd)
+                try:
+                    _lock_against_writers(new, self.filename, read_only)
+                except BaseException:
+                    _lock_against_writers(self.fd, self.filename, self.read_only)
+                    raise
+            os.dup2(new, self.fd, inheritable=False)
+        finally:
+            os.close(new)
+        self.read_only = read_only
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
@@ -332,6 +366,15 @@ def _lock_held(fd: int, byte: int) -> bool:
     query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
     answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
     return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
+
+
+def _unlock(fd: int) -> None:
+    """Drop the lock :func:`_lock_against_writers` took on ``fd``'s open file description."""
+    byte = _LOCK_SHARED_BASE + _PERM_WRITE_BIT
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0))
+    except OSError:
+        pass  # no OFD locks here: nothing was taken
 
 
 def _lock_against_writers(fd: int, path: str, read_only: bool) -> None:
