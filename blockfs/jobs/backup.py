@@ -1,12 +1,16 @@
-"""Backup: a point-in-time copy of a disk in use.
+"""Backup: a point-in-time copy of a disk in use, a thin driver of the copy engine.
 
-At start a :class:`CopyBeforeWriteFilter` goes above the device's root node (at a quiescent
-point). From then on every write, write_zeroes and discard that reaches the device first has the
-old contents of the clusters it touches copied to the target (the :class:`BlockCopy` engine makes
-sure each cluster is copied once: a write over a cluster a worker is copying waits for it).
-Meanwhile the job's workers copy the remaining clusters in order, skipping what reads as zero
-(or, with ``sync=top``, what the top image does not hold). With ``sync=none`` nothing is copied
-in the background: the target only receives what guest writes would destroy ("fleecing").
+At start a :class:`CopyBeforeWriteFilter` goes above the device's root node
+(:meth:`Export.insert_filter`: the start bitmap is built at that same quiescent point). From
+then on every write, write_zeroes and discard that reaches the device first has the old contents
+of the clusters it touches copied to the target (:meth:`BlockCopy.copy_before_write`: a cluster
+is copied once; a write over a cluster a worker is copying waits for it). Meanwhile
+:meth:`BlockCopy.run` copies the remaining clusters in order, skipping what reads as zero (with
+``sync=top``, the bitmap holds only what the top image holds). With ``sync=none`` nothing is
+copied in the background: the target only receives what guest writes would destroy
+("fleecing"). Nothing re-dirties a cluster here, so the engine's "not pending" is "copied".
+
+What is backup's own: the stash and the error policy.
 
 Guest writes come first: when the target fails, the old data goes to a bounded in-memory stash
 (``stop``/``ignore`` policies: the job pauses or carries on, and writes the stash out when it can)
@@ -21,7 +25,6 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,22 +32,21 @@ from blockfs.errors import BlockfsError, ReadOnlyError, UnsupportedFeature, Usag
 from blockfs.export import Export
 from blockfs.jobs.blockcopy import (
     BlockCopy,
+    CopyError,
+    RateLimiter,
     SourceError,
     TargetError,
     fill_bytes,
     job_cluster_size,
 )
-from blockfs.jobs.job import ErrorAction, EventLog, Job, JobFailed, RateLimiter
-from blockfs.jobs.target import TargetFile
-from blockfs.nodes.base import Extent, Node, Status, chain_block_status
+from blockfs.jobs.host import JobHost, PublishedFile
+from blockfs.jobs.job import ErrorAction, Job, JobFailed
+from blockfs.jobs.target import OpenedTarget, TargetFile
+from blockfs.nodes.base import Capability, Extent, Node, Status
 from blockfs.nodes.file import FileNode
 from blockfs.nodes.filter import FilterNode
-from blockfs.nodes.opener import OpenPolicy, close_chain, open_format, protocol_file
+from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
 from blockfs.values import bool_value, choice, job_id, parse_words, size_value
-
-if TYPE_CHECKING:
-    from blockfs.daemon import Daemon
-    from blockfs.fs import ImageFile
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,17 @@ class CopyBeforeWriteFilter(FilterNode):
     """Above the device while a backup runs: old data reaches the target before new data
     reaches the device."""
 
-    passes_through = frozenset({"read", "flush", "block_status", "allocated_bytes"})
+    passes_through = frozenset(
+        {
+            "read",
+            "flush",
+            "block_status",
+            "allocated_bytes",
+            "reopen",
+            "reconnect",
+            "change_backing_file",
+        }
+    )
 
     def __init__(self, child: Node, job: BackupJob) -> None:
         super().__init__(child)
@@ -222,17 +234,16 @@ class BackupJob(Job):
     def __init__(
         self,
         spec: BackupSpec,
-        daemon: Daemon,
+        host: JobHost,
         export: Export,
         target: Node,
-        events: EventLog,
         *,
         target_zero_init: bool,
         target_file: TargetFile | None = None,
     ) -> None:
-        super().__init__(spec.id, export.name, events)
+        super().__init__(spec.id, export.name, host.events)
         self.spec = spec
-        self.daemon = daemon
+        self.host = host
         self.export = export
         self.target = target
         #: the file under the target: renamed into place on success, removed on failure
@@ -252,8 +263,23 @@ class BackupJob(Job):
         self.stash: dict[int, bytes] = {}
         self.stash_bytes = 0
         self.outside: bytearray | None = None  # sync=top: clusters the top did not hold
-        self.view_file: ImageFile | None = None
+        self.view_file: PublishedFile | None = None
         self._stash_lock = trio.Lock()
+
+    @classmethod
+    def make(
+        cls, spec: BackupSpec, host: JobHost, export: Export, target: OpenedTarget | None
+    ) -> BackupJob:
+        """The registry's factory (:data:`blockfs.jobs.registry.JOB_KINDS`)."""
+        assert target is not None
+        return cls(
+            spec,
+            host,
+            export,
+            target.node,
+            target_zero_init=target.zero_init,
+            target_file=target.file,
+        )
 
     def _progress(self, nbytes: int) -> None:
         self.offset = min(self.len, self.offset + nbytes)
@@ -261,15 +287,16 @@ class BackupJob(Job):
     # -- start: insert the filter at a quiescent point ------------------------------------------
 
     async def start(self) -> None:
-        async with self.export.quiesced():
-            self.source = self.export.root
-            self.copy.source = self.source
-            await self._initial_bitmap()
-            self.filter = CopyBeforeWriteFilter(self.source, self)
-            self.export.root = self.filter
+        self.filter = await self.export.insert_filter(self._make_filter)
         if self.spec.view:
             view = Export(f"{self.export.name}@{self.id}", BackupViewNode(self), read_only=True)
-            self.view_file = self.daemon.ops.add_image(self.daemon.tree.root, view)
+            self.view_file = self.host.publish_view(view)
+
+    async def _make_filter(self, root: Node) -> CopyBeforeWriteFilter:
+        """Inside the quiesced section: the point in time is now."""
+        self.source = self.copy.source = root
+        await self._initial_bitmap()
+        return CopyBeforeWriteFilter(root, self)
 
     async def _initial_bitmap(self) -> None:
         """Mark what the job copies. Built in slices with checkpoints between them, so a
@@ -298,45 +325,34 @@ class BackupJob(Job):
 
     # -- the copy-before-write hook --------------------------------------------------------------
 
+    def _cbw_active(self) -> bool:
+        filt = self.filter
+        return filt is not None and filt.active
+
     async def before_write(self, offset: int, length: int) -> None:
         """Copy the old contents of every cluster in the range that is not copied yet."""
-        copy = self.copy
-        first, last = copy.clusters_of(offset, length)
-        for _ in range(1000):  # each round copies or waits for progress; bounded anyway
-            filt = self.filter
-            if filt is None or not filt.active:
-                return
-            i = first
-            while i <= last:
-                if copy.bitmap.get(i) and not copy.is_inflight(i):
-                    start, n = copy.claim_run(i, last - i + 1)
-                    await self._cbw_copy(start, n)
-                    i = start + n
-                else:
-                    i += 1
-            await copy.wait_inflight(first, last)
-            if all(not copy.bitmap.get(k) for k in range(first, last + 1)):
-                return
-        self._break("copy-before-write made no progress")
+        if not await self.copy.copy_before_write(
+            offset, length, self._cbw_failed, self._cbw_active
+        ):
+            self._break("copy-before-write made no progress")
 
-    async def _cbw_copy(self, first: int, count: int) -> None:
-        try:
-            await self.copy.copy_claimed(first, count)
-        except TargetError as exc:
-            action = self.spec.on_target_error.decide(exc.cause)
-            self.report_error("write", action)
-            if action is ErrorAction.REPORT:
-                self._break(str(exc))
-                return
-            # Keep the old data in memory; the guest write goes on, the target gets it later.
-            if not self._stash_put(first, count, exc.data):
-                self._break(f"{exc}; more than {MAX_STASH_BYTES >> 20} MiB waits for the target")
-                return
-            if action is ErrorAction.STOP:
-                self.pause_for_error(exc.cause)
-        except SourceError as exc:
+    def _cbw_failed(self, exc: CopyError, first: int, count: int) -> None:
+        """A copy-before-write copy failed; no ``await`` since: the clusters are still ours."""
+        if isinstance(exc, SourceError):
             self.report_error("read", ErrorAction.REPORT)
             self._break(f"copy-before-write: {exc}")
+            return
+        action = self.spec.on_target_error.decide(exc.cause)
+        self.report_error("write", action)
+        if action is ErrorAction.REPORT:
+            self._break(str(exc))
+            return
+        # Keep the old data in memory; the guest write goes on, the target gets it later.
+        if not self._stash_put(first, count, exc.data):
+            self._break(f"{exc}; more than {MAX_STASH_BYTES >> 20} MiB waits for the target")
+            return
+        if action is ErrorAction.STOP:
+            self.pause_for_error(exc.cause)
 
     def _stash_put(self, first: int, count: int, data: bytes) -> bool:
         """Keep clusters [first, first+count) in memory (no await: the claim is atomic)."""
@@ -384,7 +400,7 @@ class BackupJob(Job):
             self.pause_for_error(exc)
         await trio.sleep(0.05)  # ignore: do not spin on a failing target
 
-    # -- the background copy ---------------------------------------------------------------------
+    # -- the background copy: the engine's, with backup's policy --------------------------------
 
     async def run(self) -> None:
         if self.spec.sync == "none":
@@ -399,33 +415,20 @@ class BackupJob(Job):
             await self._drain_stash()
             await self.target.flush()
             return
-        limiter = RateLimiter(self)
-        cursor = [0]
-        failures = [0]
-        for _ in range(100):  # passes; a pass only repeats for ranges that failed
-            cursor[0] = 0
-            try:
-                self.body_tasks = WORKERS
-                async with trio.open_nursery() as nursery:
-                    for _w in range(WORKERS):
-                        nursery.start_soon(self._worker, cursor, limiter, failures)
-            except BaseExceptionGroup as group:
-                # Several workers may fail at once on the same cause: report the first.
-                first = _first_blockfs_error(group)
-                if first is None:
-                    raise
-                raise first from None
-            finally:
-                self.body_tasks = 1
-            if self.copy.bitmap.count == 0:
-                await self.copy.wait_idle()  # copy-before-write copies still under way
+        limiter = RateLimiter(lambda: self.speed)
+        for _ in range(100):  # rounds; one only repeats while the stash cannot be written
+            await self.copy.run(
+                workers=WORKERS,
+                limiter=limiter,
+                on_error=self._copy_failed,
+                checkpoint=self._worker_checkpoint,
+                on_workers=self.set_body_tasks,
+            )
             await self.checkpoint()
             if self.stash:
                 await self._drain_stash()
-            if self.copy.bitmap.count == 0 and not self.stash and not self.copy.busy:
+            if self.copy.dirty_count == 0 and not self.stash and not self.copy.busy:
                 break
-            if failures[0] > 10 * self.copy.clusters + 100:
-                raise JobFailed("the same ranges keep failing")
         else:
             raise JobFailed("copy did not converge")
         try:
@@ -433,74 +436,26 @@ class BackupJob(Job):
         except BlockfsError as exc:
             raise JobFailed(f"flushing the target failed: {exc}", errno=exc.errno) from None
 
-    async def _worker(self, cursor: list[int], limiter: RateLimiter, failures: list[int]) -> None:
-        chunk = self.copy.max_run * self.copy.cluster_size
-        while True:
-            await self.checkpoint()
-            if self.stash:
-                await self._drain_stash()
-            await limiter.reserve(chunk)
-            moved = await self._copy_next(cursor, failures)
-            if moved < 0:
-                self.body_tasks -= 1  # this worker is done: the others may all be parked
-                self.update_paused_state()
-                return
-            limiter.refund(chunk - moved)
+    async def _worker_checkpoint(self) -> None:
+        """Each worker, before each run: the pause point, then old data waiting in memory."""
+        await self.checkpoint()
+        if self.stash:
+            await self._drain_stash()
 
-    async def _copy_next(self, cursor: list[int], failures: list[int]) -> int:
-        """Copy (or skip) the next run of dirty clusters. Returns the bytes read and written,
-        or -1 when no dirty cluster is left for this pass."""
-        copy = self.copy
-        cs = copy.cluster_size
-        i = copy.bitmap.next_dirty(cursor[0])
-        while i >= 0 and copy.is_inflight(i):
-            i = copy.bitmap.next_dirty(i + 1)
-        if i < 0:
-            return -1
-        first, n = copy.claim_run(i, copy.max_run)
-        cursor[0] = first + n
-        offset = first * cs
-        length = min(n * cs, copy.size - offset)
-        # What reads as zeroes is not read: written as zeroes, or not at all on a new target.
-        try:
-            ext = await chain_block_status(self.source, offset, length)
-        except BlockfsError:
-            ext = None
-        if ext is not None and ext.status & Status.ZERO:
-            k = n if ext.length >= length else ext.length // cs
-            if k > 0:
-                zero_len = min(k * cs, copy.size - offset)
-                try:
-                    await copy.zero_target(offset, zero_len)
-                except BlockfsError as exc:
-                    copy.release_claim(first, n)
-                    failures[0] += 1
-                    await self._target_failed(exc)
-                    return 0
-                copy.mark_done(first, k)
-                self._progress(zero_len)
-                if k < n:
-                    copy.release_claim(first + k, n - k)
-                    cursor[0] = first + k
-                return 0
-        try:
-            return await copy.copy_claimed(first, n)
-        except TargetError as exc:
-            failures[0] += 1
-            cursor[0] = min(cursor[0], first)
+    async def _copy_failed(self, exc: CopyError) -> bool:
+        """Backup's policy for a failed background copy; True: retry the range now."""
+        if isinstance(exc, TargetError):
             await self._target_failed(exc.cause)
-        except SourceError as exc:
-            failures[0] += 1
-            action = self.spec.on_source_error.decide(exc.cause)
-            self.report_error("read", action)
-            if action is ErrorAction.REPORT:
-                raise JobFailed(str(exc), errno=exc.errno) from None
-            if action is ErrorAction.STOP:
-                self.pause_for_error(exc.cause)
-                cursor[0] = min(cursor[0], first)
-            else:
-                await trio.sleep(0.05)
-        return 0
+            return True
+        action = self.spec.on_source_error.decide(exc.cause)
+        self.report_error("read", action)
+        if action is ErrorAction.REPORT:
+            raise JobFailed(str(exc), errno=exc.errno)
+        if action is ErrorAction.STOP:
+            self.pause_for_error(exc.cause)
+            return True
+        await trio.sleep(0.05)
+        return False
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -516,12 +471,10 @@ class BackupJob(Job):
         filt = self.filter
         if filt is not None:
             filt.active = False
-            async with self.export.quiesced():
-                if self.export.root is filt:
-                    self.export.root = filt.child
+            await self.export.remove_filter(filt)
             self.filter = None
         if self.view_file is not None:
-            self.daemon.ops.remove_image(self.view_file)
+            self.host.withdraw_view(self.view_file)
             self.view_file = None
         if self.stash and ok:
             log.error(
@@ -565,13 +518,11 @@ class BackupJob(Job):
         return st
 
 
-async def open_backup_target(
-    spec: BackupSpec, device: Export
-) -> tuple[Node, bool, TargetFile]:
+async def open_backup_target(spec: BackupSpec, device: Export) -> OpenedTarget:
     """Create (mode=new) or open (mode=existing) the target, as :mod:`blockfs.jobs.target`
     says: no second open by name, no symlink of another user's, no FIFO. A new target is
     made under a temporary name (but with sync=none, whose target is read while the job runs)
-    with the source's permission bits. Returns (node, zero_init, file).
+    with the source's permission bits.
 
     :raise UsageError: EEXIST, ENOENT, EACCES, EINVAL, EFBIG as fits.
     """
@@ -594,27 +545,26 @@ async def open_backup_target(
     child: FileNode | None = None
     node: Node | None = None
     try:
+        child = FileNode.from_fd(tfile.fd, tfile.path)
         if spec.mode == "new":
-            from blockfs.nodes.qcow2_create import create_qcow2, create_raw
+            from blockfs.nodes.qcow2 import create_qcow2, create_raw
 
             if fmt == "raw":
-                await create_raw(tfile.path, size, fd=tfile.fd)
+                await create_raw(child, size)
             else:
                 backing, backing_fmt = _target_backing(spec, device)
                 await create_qcow2(
-                    tfile.path,
+                    child,
                     size,
                     cluster_size=65536,
                     backing=backing,
                     backing_fmt=backing_fmt,
-                    fd=tfile.fd,
                 )
-        child = FileNode.from_fd(tfile.fd, tfile.path)
         policy = OpenPolicy.for_paths([tfile.path])
         node = await open_format(child, fmt=fmt, read_only=False, policy=policy)
         if node.size != size:
             raise UsageError(f"target is {node.size} bytes, the device {size}")
-        if spec.compress and not getattr(node, "supports_compressed_writes", False):
+        if spec.compress and Capability.COMPRESSED_WRITES not in node.capabilities:
             raise UsageError(f"compress=on needs a qcow2 target, not {node.format_name}")
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -630,18 +580,7 @@ async def open_backup_target(
     # A new target reads as zeroes where nothing was written: zeroes need not be copied.
     # (Not so with a backing file: there, unwritten clusters read from the backing.)
     zero_init = spec.mode == "new" and node.backing is None
-    return node, zero_init, tfile
-
-
-def _first_blockfs_error(group: BaseExceptionGroup[BaseException]) -> BlockfsError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, BlockfsError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_blockfs_error(exc)
-            if found is not None:
-                return found
-    return None
+    return OpenedTarget(node, zero_init=zero_init, file=tfile, path=spec.target)
 
 
 def _target_backing(spec: BackupSpec, device: Export) -> tuple[str | None, str | None]:

@@ -17,6 +17,24 @@ Contracts (what the caller guarantees, what the node owes), in the manner of QEM
   acknowledged before it is durable on stable storage.
 - Concurrent requests are allowed; a node serialises internally only what it must (metadata
   updates), never whole requests.
+- **Cancellation.** A request once submitted to a thread or a remote cannot be taken back (a
+  pread in a pool thread, an SFTP write on the wire). Cancelling the task that awaits a node
+  operation therefore does one of two things, and the node's docstring says which:
+  *wait* (the task's ``Cancelled`` arrives only after the submitted work ended:
+  :class:`blockfs.nodes.threads.IoThreadPool` does this) or *abandon* (``Cancelled`` arrives at
+  once; the work goes on and its result is dropped). Either way the caller must treat a
+  cancelled ``write``/``write_zeroes``/``discard``/``truncate`` as "may or may not have
+  happened" (like a write whose reply was lost) and a cancelled ``flush`` as failed; and a node
+  frees nothing that abandoned work still uses (buffers, descriptors, the connection) before
+  that work ended: ``aclose`` waits for it. Before submission (while waiting for a lock or a
+  slot) cancellation simply cancels.
+- **Transient errors.** A protocol node raises :class:`blockfs.errors.TransientError` only when
+  the way to the storage failed (a connection reset, a timeout) and sending the same request
+  again after :meth:`Node.reconnect` is safe; every other error is final. Nodes never retry on
+  their own: one filter, :class:`blockfs.nodes.retry.RetryFilter`, reconnects and retries.
+- ``describe()`` and the ``identity()`` and ``capabilities`` answers do no I/O: they report
+  what the node learnt when it was opened (``info`` awaits :meth:`Node.allocated_bytes` for
+  what must be asked).
 
 Opening is done by async factories (``await FileNode.open(...)``); ``__init__`` does no I/O.
 This module must not import anything that touches FUSE or trio's threads: it is pure interface.
@@ -26,6 +44,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -47,12 +66,38 @@ class Extent:
     depth: int = 0  # in a chain: 0 = the node asked, 1 = its backing node, ...
 
 
+class Capability(enum.IntFlag):
+    """What a node declares it can do, beyond the operations every node has (nbdkit's
+    ``can_zero``, ``can_trim``, ``can_extents``): callers read ``node.capabilities`` instead of
+    probing for attributes."""
+
+    #: ``write_zeroes`` zeroes without writing zero buffers (a hole punch, a zero cluster)
+    ZERO = 1
+    #: ``discard`` frees space (otherwise it is the default no-op)
+    DISCARD = 2
+    #: ``block_status`` tells holes and zeroes apart (otherwise: "all data, allocated")
+    EXTENTS = 4
+    #: ``truncate`` changes the size (otherwise it raises UnsupportedFeature)
+    RESIZE = 8
+    #: ``write_compressed(offset, data)`` stores whole clusters compressed (qcow2). A method
+    #: outside the node operations, so a node never inherits it from its child.
+    COMPRESSED_WRITES = 16
+
+
+#: the capabilities that name node operations: what a node passing its operations straight to
+#: its child (a filter, raw) inherits from it
+PASSED_CAPABILITIES = Capability.ZERO | Capability.DISCARD | Capability.EXTENTS | Capability.RESIZE
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Hints a node gives to its callers (jobs size their chunks by them)."""
+    """Hints a node gives to its callers (jobs size their chunks and workers by them)."""
 
     cluster_size: int = 65536  # the unit in which this node allocates
     max_transfer: int = 16 * 1024 * 1024
+    #: most requests the node works on at once (its thread pool, a remote's request window);
+    #: more are accepted and wait in line. None: no bound of its own (it never blocks a thread).
+    max_inflight: int | None = None
 
 
 class Node(abc.ABC):
@@ -119,6 +164,21 @@ class Node(abc.ABC):
         """Bytes of this layer's own storage that hold data (for st_blocks and ``du``)."""
         return self.size
 
+    async def reconnect(self) -> None:
+        """Re-establish the way to the storage after a :class:`blockfs.errors.TransientError`
+        (a new connection and new remote handles, in the same mode), so that requests may be
+        sent again. Called by :class:`blockfs.nodes.retry.RetryFilter` only, never while the
+        node is being closed; requests may still be in flight (they fail or finish).
+
+        The default passes it to the children: a local file has nothing to re-establish, a
+        format or filter node keeps its state and reconnects what lies beneath.
+
+        :raise TransientError: not yet (the retry filter backs off and tries again).
+        :raise BlockfsError: never will (the retry filter gives up at once).
+        """
+        for child in self.children():
+            await child.reconnect()
+
     def debug_event(self, name: str) -> None:  # noqa: B027 (a hook, empty by design)
         """A format node announces ``name``, a kind of metadata write (``l2_update``, ...; see
         :mod:`blockfs.nodes.inject`), to its child right before it makes that write. Only the
@@ -128,6 +188,48 @@ class Node(abc.ABC):
     def children(self) -> list[Node]:
         """Nodes this node owns and closes (not its backing chain, which is listed apart)."""
         return []
+
+    def identity(self) -> Hashable | None:
+        """What storage this node is, whatever name reached it: equal for two nodes over the
+        same file (through a hard link, a symlink, another path), so that the loop and
+        shared-file checks compare these. A protocol node answers (the file node: ``(st_dev,
+        st_ino)``; a remote: its host and the remote file's identity); a format or filter node
+        answers for its first child; None: no storage of its own (a view). No I/O."""
+        children = self.children()
+        return children[0].identity() if children else None
+
+    @property
+    def capabilities(self) -> Capability:
+        """What this node can do beyond the common operations (see :class:`Capability`).
+        A node with children passes on its first child's operation capabilities (right for
+        filters and raw); protocol and format nodes declare theirs as a class attribute."""
+        children = self.children()
+        return children[0].capabilities & PASSED_CAPABILITIES if children else Capability(0)
+
+    async def reopen(self, read_only: bool) -> None:
+        """Switch this node between read-only and read-write (commit and stream write into a
+        backing file, which is opened read-only). The caller holds the export quiesced: no
+        request is in flight. The default passes the change down to the nodes this node owns,
+        then takes it: right for format nodes that keep no per-mode state; a protocol node
+        reopens its file.
+
+        :raise BlockfsError: the file cannot be reopened so; the node keeps its old mode.
+        """
+        for child in self.children():
+            await child.reopen(read_only)
+        self.read_only = read_only
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record ``name`` (in format ``fmt``) as this image's backing file in its own
+        metadata, or no backing file with None (commit and stream, once the data is in place).
+        Changes what the image says, not the open chain: ``backing`` is the caller's to swap.
+        Crash-safe: afterwards the image says either the old name or the new one.
+
+        :raise UnsupportedFeature: a node whose format records no backing file (the default).
+        """
+        from blockfs.errors import UnsupportedFeature
+
+        raise UnsupportedFeature(f"{self.format_name} nodes have no backing file to change")
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -143,13 +245,21 @@ class Node(abc.ABC):
         }
 
 
-async def chain_block_status(node: Node, offset: int, length: int) -> Extent:
+async def chain_block_status(
+    node: Node, offset: int, length: int, *, base: Node | None = None
+) -> Extent:
     """What a read of ``node`` returns at ``offset``: follows unallocated ranges down the
     backing chain. The answer always has ALLOCATED set somewhere in the chain, or ZERO when no
     layer holds the range (past a short backing file's end, or no backing file at all).
-    ``depth`` says which layer answered."""
+    ``depth`` says which layer answered.
+
+    With ``base`` (a node of the chain), the walk stops above it: a range no layer above
+    ``base`` holds comes back with neither ALLOCATED nor ZERO ("allocated above base" is what
+    commit and stream copy; the rest is already in ``base``)."""
     depth = 0
     while True:
+        if node is base:
+            return Extent(offset, length, Status(0), depth)
         ext = await node.block_status(offset, length)
         if ext.status & Status.ALLOCATED:
             return Extent(ext.offset, ext.length, ext.status, depth)

@@ -4,13 +4,24 @@ A filter names every operation it passes through unchanged (``passes_through``) 
 the others itself. :data:`NODE_OPERATIONS` is the full list; a test checks that each filter covers
 every one of them, so the day an operation is added to :class:`Node`, every filter must decide
 what to do with it instead of silently passing it through (which would corrupt a backup).
+
+What a filter shows of its child (``size``, ``backing``, ``read_only``, names, limits) is read
+from the child each time, never copied: a chain change below (commit drops a backing file, a
+reopen makes it writable) shows through at once. Passed-through operations are the child's
+bound methods, taken when the child is set (:meth:`FilterNode.set_child`), so they cost one call.
+
+:class:`WriteNotifyFilter` tells a callback about every range written below it (after the write
+landed): what a mirror or an active commit needs to re-dirty its copy bitmap.
 """
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from typing import ClassVar
 
-from blockfs.nodes.base import Node
+from blockfs.errors import BlockfsError
+from blockfs.nodes.base import Limits, Node
 
 #: every operation of the node interface that a request or a job can call
 NODE_OPERATIONS = frozenset(
@@ -23,28 +34,79 @@ NODE_OPERATIONS = frozenset(
         "block_status",
         "truncate",
         "allocated_bytes",
+        "reopen",
+        "reconnect",
+        "change_backing_file",
         "aclose",
     }
 )
 
 
 class FilterNode(Node):
-    """Base of filters. The child's bound methods are taken once, so a passed-through request
-    costs one call, as if the filter were not there."""
+    """Base of filters. The child's bound methods are taken when the child is set, so a
+    passed-through request costs one call, as if the filter were not there."""
 
     passes_through: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, child: Node) -> None:
+        self.set_child(child)
+
+    def set_child(self, child: Node) -> None:
+        """Put this filter above ``child`` (a graph change: the export is quiesced)."""
         self.child = child
-        self.size = child.size
-        self.read_only = child.read_only
-        self.filename = child.filename
-        self.format_name = child.format_name
-        self.limits = child.limits
-        # block_status answers for the child's layer, so the chain goes on below the child.
-        self.backing = child.backing
         for name in self.passes_through:
             setattr(self, name, getattr(child, name))
+
+    # What the filter shows is its child's, read live (see the module docstring). The setters
+    # exist for Node's declared attributes; a filter has no size or chain of its own.
+    @property
+    def size(self) -> int:
+        return self.child.size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        pass
+
+    @property
+    def read_only(self) -> bool:
+        return self.child.read_only
+
+    @read_only.setter
+    def read_only(self, value: bool) -> None:
+        pass
+
+    # block_status answers for the child's layer, so the chain goes on below the child.
+    @property
+    def backing(self) -> Node | None:
+        return self.child.backing
+
+    @backing.setter
+    def backing(self, value: Node | None) -> None:
+        pass
+
+    @property
+    def filename(self) -> str:
+        return self.child.filename
+
+    @filename.setter
+    def filename(self, value: str) -> None:
+        pass
+
+    @property
+    def format_name(self) -> str:
+        return self.child.format_name
+
+    @format_name.setter
+    def format_name(self, value: str) -> None:
+        pass
+
+    @property
+    def limits(self) -> Limits:
+        return self.child.limits
+
+    @limits.setter
+    def limits(self, value: Limits) -> None:
+        pass
 
     # The abstract operations, for filters that neither handle nor pass them: refusing loudly
     # beats guessing. Each instance replaces the ones it passes through.
@@ -57,6 +119,10 @@ class FilterNode(Node):
     async def flush(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not handle flush")
 
+    async def reopen(self, read_only: bool) -> None:
+        # A filter holds no file: the mode is its child's (read live above).
+        await self.child.reopen(read_only)
+
     def children(self) -> list[Node]:
         return [self.child]
 
@@ -65,6 +131,52 @@ class FilterNode(Node):
 
     def describe(self) -> dict[str, object]:
         return self.child.describe()
+
+    async def aclose(self) -> None:
+        await self.child.aclose()
+
+
+class WriteNotifyFilter(FilterNode):
+    """Calls ``notify(offset, length)`` for every range a write, write_zeroes or discard
+    reached below, once the request ended (succeeded or not: a failed write may have changed
+    part of the range). A copy that read the range before then is followed by a new one."""
+
+    passes_through: ClassVar[frozenset[str]] = frozenset(
+        {
+            "read",
+            "flush",
+            "block_status",
+            "allocated_bytes",
+            "reopen",
+            "reconnect",
+            "change_backing_file",
+        }
+    )
+
+    def __init__(self, child: Node, notify: Callable[[int, int], None]) -> None:
+        super().__init__(child)
+        self.notify = notify
+
+    async def write(self, offset: int, data: bytes) -> None:
+        try:
+            await self.child.write(offset, data)
+        finally:
+            self.notify(offset, len(data))
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        try:
+            await self.child.write_zeroes(offset, length, may_unmap)
+        finally:
+            self.notify(offset, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await self.child.discard(offset, length)
+        finally:
+            self.notify(offset, length)
+
+    async def truncate(self, size: int) -> None:
+        raise BlockfsError("cannot resize a disk while a job tracks its writes", errno=errno.EBUSY)
 
     async def aclose(self) -> None:
         await self.child.aclose()

@@ -126,15 +126,12 @@ class InjectFilter(FilterNode):
     """Fails requests to its child as its rules say; otherwise passes them on unchanged."""
 
     passes_through: ClassVar[frozenset[str]] = frozenset(
-        {"block_status", "allocated_bytes", "aclose"}
+        {"block_status", "allocated_bytes", "reopen", "reconnect", "change_backing_file", "aclose"}
     )
 
     def __init__(self, child: Node) -> None:
         super().__init__(child)
         self.rules: list[InjectRule] = []
-        # What the opener and the sharing checks ask of a protocol node.
-        self.identity: tuple[int, int] | None = getattr(child, "identity", None)
-        self.real_path: str = getattr(child, "real_path", "") or child.filename
 
     # The format node reads its child's size as the file grows: always the child's.
     @property
