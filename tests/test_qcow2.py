@@ -5,20 +5,34 @@ no leaks) and ``qemu-img compare`` agrees with a raw file that got the same writ
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from blockfs.errors import ImageError, UnsupportedFeature, UsageError
-from blockfs.nodes.base import Status, chain_block_status
-from blockfs.nodes.opener import close_chain, open_image
+from blockfs.cli.images import create_image_file
+from blockfs.errors import ImageError, ReadOnlyError, UnsupportedFeature, UsageError
+from blockfs.nodes.base import Node, Status, chain_block_status
 from blockfs.nodes.qcow2 import Qcow2Node, create_qcow2
+from blockfs.nodes.registry import close_chain, open_image
 from conftest import qemu_img, run
 
 MiB = 1024 * 1024
+
+
+async def create_at(
+    path: Path | str, size: int | None, overwrite: bool = False, **kwargs: Any
+) -> None:
+    """``create_qcow2`` into a new file node at ``path``, as ``blockfs create`` does."""
+
+    async def write(target: Node) -> None:
+        await create_qcow2(target, size, **kwargs)
+
+    await create_image_file(str(path), overwrite, write)
 
 
 def qemu_io(img: Path, *cmds: str, fmt: str = "qcow2") -> None:
@@ -198,7 +212,7 @@ async def test_backing_format_probed_when_header_has_none(tmp_path: Path) -> Non
     qemu_img("create", "-q", "-f", "qcow2", str(base), "2M")
     qemu_io(base, "write -P 0x61 0 1M")
     top = tmp_path / "top.qcow2"
-    await create_qcow2(str(top), None, backing="base.qcow2")  # format probed, then recorded
+    await create_at(top, None, backing="base.qcow2")  # format probed, then recorded
     raw = bytearray(top.read_bytes())
     at = raw.index(bytes.fromhex("e2792aca"))  # turn the backing format extension into an
     raw[at : at + 4] = bytes.fromhex("12345678")  # unknown one, which readers must ignore
@@ -378,7 +392,7 @@ async def test_concurrent_writes_to_same_and_different_clusters(tmp_path: Path) 
 async def test_refcount_table_grows(tmp_path: Path) -> None:
     # 512-byte clusters: one refcount block covers 128 KiB, one table cluster 64 blocks
     img = tmp_path / "g.qcow2"
-    await create_qcow2(str(img), 32 * MiB, cluster_size=512)
+    await create_at(img, 32 * MiB, cluster_size=512)
     rnd = random.Random(9)
     ref = bytearray(32 * MiB)
     node = await open_image(str(img))
@@ -425,7 +439,7 @@ async def test_write_through_survives_without_close(tmp_path: Path) -> None:
 )
 async def test_create_is_accepted_by_qemu_img(tmp_path: Path, kwargs: dict, expect: dict) -> None:  # type: ignore[type-arg]
     img = tmp_path / "n.qcow2"
-    await create_qcow2(str(img), 100 * MiB + 512, **kwargs)
+    await create_at(img, 100 * MiB + 512, **kwargs)
     check_clean(img)
     info = json.loads(qemu_img("info", "--output=json", str(img)).stdout)
     assert info["virtual-size"] == 100 * MiB + 512
@@ -448,9 +462,9 @@ async def test_create_is_accepted_by_qemu_img(tmp_path: Path, kwargs: dict, expe
 
 async def test_create_overlay_takes_size_from_backing(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
-    await create_qcow2(str(base), 10 * MiB)
+    await create_at(base, 10 * MiB)
     top = tmp_path / "top.qcow2"
-    await create_qcow2(str(top), None, backing="base.qcow2", backing_fmt="qcow2")
+    await create_at(top, None, backing="base.qcow2", backing_fmt="qcow2")
     info = json.loads(qemu_img("info", "--output=json", str(top)).stdout)
     assert info["virtual-size"] == 10 * MiB
     assert info["backing-filename"] == "base.qcow2"
@@ -479,7 +493,7 @@ async def test_create_refuses_bad_requests(
     message: str,
 ) -> None:
     with pytest.raises(UsageError, match=message):
-        await create_qcow2(str(tmp_path / "x.qcow2"), size, **kwargs)
+        await create_at(tmp_path / "x.qcow2", size, **kwargs)
     assert not (tmp_path / "x.qcow2").exists()
 
 
@@ -487,10 +501,121 @@ async def test_create_refuses_existing_file_unless_asked(tmp_path: Path) -> None
     img = tmp_path / "e.qcow2"
     img.write_bytes(b"precious")
     with pytest.raises(UsageError, match="exists"):
-        await create_qcow2(str(img), MiB)
+        await create_at(img, MiB)
     assert img.read_bytes() == b"precious"
-    await create_qcow2(str(img), MiB, overwrite=True)
+    await create_at(img, MiB, overwrite=True)
     check_clean(img)
+
+
+async def test_create_with_force_leaves_the_file_alone_until_the_options_hold(
+    tmp_path: Path,
+) -> None:
+    img = tmp_path / "e.qcow2"
+    img.write_bytes(b"precious")
+    with pytest.raises(UsageError, match="cluster size"):
+        await create_at(img, MiB, overwrite=True, cluster_size=3000)
+    assert img.read_bytes() == b"precious"
+    fifo = tmp_path / "f.qcow2"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a regular file"):
+        await create_at(fifo, MiB, overwrite=True)
+    assert fifo.exists()
+
+
+# -- changing the backing file ------------------------------------------------------------------
+
+
+def info(img: Path) -> dict[str, object]:
+    res = qemu_img("info", "--output=json", str(img))
+    return dict(json.loads(res.stdout))
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+async def test_change_backing_file_rewrites_the_header(tmp_path: Path, compat: str) -> None:
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 0x11 0 4M")
+    qemu_img("convert", "-O", "raw", str(base), str(tmp_path / "base2.raw"))
+    create(top, 4 * MiB, 65536, compat, backing=base)
+    qemu_io(top, "write -P 0x22 1M 64k")
+    want = to_raw(top, tmp_path)
+    node = await open_image(str(top))
+    assert isinstance(node, Qcow2Node)
+    try:
+        with pytest.raises(UsageError, match="backing format needs"):
+            await node.change_backing_file(None, "raw")
+        await node.change_backing_file("base2.raw", "raw")
+        assert node.describe()["backing-filename"] == "base2.raw"
+        assert node.describe()["backing-format"] == "raw"
+    finally:
+        await close_chain(node)
+    got = info(top)
+    assert got["backing-filename"] == "base2.raw"
+    assert got["backing-filename-format"] == "raw"
+    check_clean(top)
+    assert to_raw(top, tmp_path) == want  # the same disk, through the new backing file
+    # and back to no backing file at all: unallocated clusters read as zeroes now
+    node = await open_image(str(top))
+    assert isinstance(node, Qcow2Node)
+    try:
+        await node.change_backing_file(None, None)
+    finally:
+        await close_chain(node)
+    got = info(top)
+    assert "backing-filename" not in got and "backing-filename-format" not in got
+    check_clean(top)
+    raw = to_raw(top, tmp_path)
+    assert raw[MiB : MiB + 65536] == b"\x22" * 65536 and raw[:MiB] == bytes(MiB)
+
+
+async def test_change_backing_file_is_refused_where_there_is_none_to_change(
+    tmp_path: Path,
+) -> None:
+    img = tmp_path / "r.raw"
+    img.write_bytes(bytes(MiB))
+    node = await open_image(str(img), fmt="raw")
+    try:
+        with pytest.raises(UnsupportedFeature):
+            await node.change_backing_file("x.qcow2", "qcow2")
+    finally:
+        await close_chain(node)
+    q = tmp_path / "q.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(q), "1M")
+    node = await open_image(str(q), read_only=True)
+    try:
+        with pytest.raises(ReadOnlyError):
+            await node.change_backing_file("x.qcow2", "qcow2")
+    finally:
+        await close_chain(node)
+    node = await open_image(str(q))
+    try:
+        with pytest.raises(UsageError, match="do not fit"):
+            await node.change_backing_file("x" * 1023, None)
+    finally:
+        await close_chain(node)
+    check_clean(q)
+
+
+async def test_reopen_of_a_backing_file_writes_and_leaves_no_leaks(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    create(top, 4 * MiB, 65536, "1.1", backing=base)
+    node = await open_image(str(top))
+    try:
+        below = node.backing
+        assert isinstance(below, Qcow2Node) and below.read_only
+        await below.reopen(False)
+        await below.write(MiB, b"\x33" * 70000)  # allocates: a reservation is taken
+        await below.reopen(True)
+        with pytest.raises(ReadOnlyError):
+            await below.write(3 * MiB, b"\x44" * 4096)
+        assert await node.read(MiB, 70000) == b"\x33" * 70000
+    finally:
+        await close_chain(node)
+    check_clean(base)  # the unused rest of the reservation was given back at the reopen
+    assert to_raw(base, tmp_path)[MiB : MiB + 70000] == b"\x33" * 70000
 
 
 # -- features we refuse -----------------------------------------------------------------------
@@ -546,10 +671,11 @@ async def test_dirty_image_opens_read_only_but_not_read_write(tmp_path: Path) ->
 async def test_small_l2_cache_evicts_and_stays_exact(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # 512-byte clusters: one L2 table maps 32 KiB, so this image has 256 of them; a cache of
     # four tables must evict constantly while reads and writes stay exact.
-    import blockfs.nodes.qcow2 as qcow2_mod
+    import blockfs.nodes.qcow2.node as qcow2_node
+    import blockfs.nodes.qcow2.refcount as qcow2_refcount
 
-    monkeypatch.setattr(qcow2_mod, "L2_CACHE_BYTES", 0)
-    monkeypatch.setattr(qcow2_mod, "REFBLOCK_CACHE_BYTES", 0)
+    monkeypatch.setattr(qcow2_node, "L2_CACHE_BYTES", 0)
+    monkeypatch.setattr(qcow2_refcount, "REFBLOCK_CACHE_BYTES", 0)
     rnd = random.Random(77)
     size = 8 * MiB
     img = tmp_path / "e.qcow2"
@@ -566,13 +692,13 @@ async def test_small_l2_cache_evicts_and_stays_exact(tmp_path: Path, monkeypatch
                 data = rnd.randbytes(rnd.randrange(1, 70000))
                 await node.write(off, data)
                 ref[off : off + len(data)] = data
-                assert len(node._l2) <= 4 + 8  # cap, plus tables pinned by writers
+                assert len(node.l2_cache) <= 4 + 8  # cap, plus tables pinned by writers
 
         async with trio.open_nursery() as nursery:
             for k in range(8):
                 nursery.start_soon(writer, k)
         assert await read_all(node, size, rnd) == bytes(ref)
-        assert len(node._l2) <= 4
+        assert len(node.l2_cache) <= 4
     finally:
         await close_chain(node)
     judge(img, ref, tmp_path)

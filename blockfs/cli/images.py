@@ -7,15 +7,19 @@ ImageError for a user's mistake; ``blockfs.cli.main`` prints those as one line.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import stat
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from blockfs.errors import UsageError
 from blockfs.info import chain_info
+from blockfs.nodes.base import Node
 from blockfs.values import parse_size
 
 
@@ -73,7 +77,7 @@ def _parse_options(items: list[str]) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from blockfs.nodes.qcow2_create import create_qcow2, create_raw
+    from blockfs.nodes.qcow2 import create_qcow2, create_raw
 
     opts = _parse_options(args.options)
     backing = args.backing or opts.pop("backing_file", None)
@@ -84,35 +88,88 @@ def cmd_create(args: argparse.Namespace) -> int:
             raise UsageError("raw images take no backing file and no options")
         if size is None:
             raise UsageError("image size is required")
-        trio.run(lambda: create_raw(args.filename, size, overwrite=args.force))
+        raw_size = size
+
+        async def write_raw(target: Node) -> None:
+            await create_raw(target, raw_size)
+
+        trio.run(create_image_file, args.filename, args.force, write_raw)
         return 0
     if args.fmt != "qcow2":
         raise UsageError(f"cannot create format {args.fmt!r} (qcow2, raw)")
     cluster_size = parse_size(opts.pop("cluster_size", "65536"), "cluster size")
 
-    async def run() -> None:
+    async def write_qcow2(target: Node) -> None:
         await create_qcow2(
-            args.filename,
+            target,
             size,
             cluster_size=cluster_size,
             compat=opts.pop("compat", "1.1"),
             backing=backing,
             backing_fmt=backing_fmt,
             preallocation=opts.pop("preallocation", "off"),
-            overwrite=args.force,
         )
 
-    trio.run(run)
+    trio.run(create_image_file, args.filename, args.force, write_qcow2)
     return 0
+
+
+async def create_image_file(
+    path: str, overwrite: bool, write: Callable[[Node], Awaitable[None]]
+) -> None:
+    """Open a file node for a new image at ``path`` and let ``write`` make the image in it.
+
+    The file is made with O_EXCL; with ``overwrite`` an existing regular file is used instead
+    (``write`` truncates it, once the file is known not to be in use). Anything but a regular
+    file is refused, and a FIFO never hangs the open. When ``write`` fails, a file made here,
+    or an existing one it had begun to change, is removed.
+
+    :raise UsageError: the file exists (without ``overwrite``), is not a regular file, is in
+        use; whatever ``write`` raises.
+    """
+    from blockfs.nodes.file import FileNode
+
+    base = os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # --force on a FIFO: no hang
+    created = True
+    try:
+        try:
+            fd = os.open(path, base | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if not overwrite:
+                raise UsageError(
+                    f"{path}: file exists (use --force to overwrite)", errno=errno.EEXIST
+                ) from None
+            created = False
+            fd = os.open(path, base)
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise UsageError(f"{path}: not a regular file")
+        target = FileNode.from_fd(fd, path)
+    except BaseException:
+        os.close(fd)
+        if created:
+            os.unlink(path)
+        raise
+    try:
+        await write(target)
+    except BaseException:
+        after = os.fstat(target.fd)
+        if created or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            os.unlink(path)
+        raise
+    finally:
+        await target.aclose()
 
 
 # -- snapshot ---------------------------------------------------------------------------------
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from blockfs.nodes import qcow2_snapshot as snaps
-    from blockfs.nodes.opener import close_chain, open_image
-    from blockfs.nodes.qcow2 import Qcow2Node
+    from blockfs.nodes.qcow2 import Qcow2Node, apply_snapshot, create_snapshot, delete_snapshot
+    from blockfs.nodes.registry import close_chain, open_image
 
     async def run() -> None:
         node = await open_image(args.filename, read_only=bool(args.list))
@@ -122,11 +179,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             if args.list:
                 print(format_snapshots(node.describe()["snapshots"]), end="")  # type: ignore[arg-type]
             elif args.create is not None:
-                await snaps.create_snapshot(node, args.create)
+                await create_snapshot(node, args.create)
             elif args.apply is not None:
-                await snaps.apply_snapshot(node, args.apply)
+                await apply_snapshot(node, args.apply)
             else:
-                await snaps.delete_snapshot(node, args.delete)
+                await delete_snapshot(node, args.delete)
         finally:
             await close_chain(node)
 
@@ -162,19 +219,14 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from blockfs.nodes.opener import close_chain, open_image
+    from blockfs.nodes.registry import close_chain, open_image
 
     async def run() -> list[dict[str, Any]]:
         node = await open_image(args.filename, read_only=True)
         try:
-            layers = chain_info(node)
+            layers = await chain_info(node)
         finally:
             await close_chain(node)
-        for layer in layers:
-            try:
-                layer["actual-size"] = os.stat(layer["filename"]).st_blocks * 512
-            except OSError:
-                layer["actual-size"] = None
         return layers
 
     layers = trio.run(run)
