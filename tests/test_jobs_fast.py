@@ -78,6 +78,8 @@ async def test_backup_keeps_the_point_in_time_while_the_guest_writes(
         nursery.start_soon(job.main)
         for k in range(40):  # the guest writes all over the disk while the job copies
             await export.write((k * 13 % 32) * CS + 4096, pattern(8192, 100 + k))
+            if job.state is not JobState.RUNNING:  # no await between this and the read
+                break
             assert await view.read(0, SIZE) == old  # the view stays the point in time
             await trio.sleep(0.02)
         await job.wait_concluded()
@@ -85,6 +87,10 @@ async def test_backup_keeps_the_point_in_time_while_the_guest_writes(
     assert target.data == old
     assert export.root is disk and not host.published  # the filter and the view are gone
     assert job.offset == job.len == SIZE
+    # A handle still open on the view once the job closed its target fails cleanly.
+    with pytest.raises(BlockfsError) as exc:
+        await view.read(0, 4096)
+    assert exc.value.errno == errno.ENODEV
 
 
 async def test_pausing_a_backup_with_four_workers(autojump_clock: trio.testing.MockClock) -> None:

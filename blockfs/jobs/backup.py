@@ -164,6 +164,9 @@ class BackupViewNode(Node):
         self.size = job.copy.size
         self.read_only = True
         self.filename = f"{job.export.name}@{job.id}"
+        #: set (at a quiescent point of the view) before the job closes its target: a handle
+        #: still open on the view then fails its reads instead of reading a closed descriptor
+        self.ended = False
 
     def _where(self, i: int) -> int:
         """0: target, 1: source (not copied yet), 2: stash, 3: below the top (sync=top)."""
@@ -177,6 +180,8 @@ class BackupViewNode(Node):
         return 0
 
     async def read(self, offset: int, length: int) -> bytes:
+        if self.ended:
+            raise BlockfsError(f"{self.filename}: the backup job has ended", errno=errno.ENODEV)
         job = self.job
         cs = job.copy.cluster_size
         parts: list[bytes] = []
@@ -264,6 +269,7 @@ class BackupJob(Job):
         self.stash_bytes = 0
         self.outside: bytearray | None = None  # sync=top: clusters the top did not hold
         self.view_file: PublishedFile | None = None
+        self.view: Export | None = None
         self._stash_lock = trio.Lock()
 
     @classmethod
@@ -289,8 +295,10 @@ class BackupJob(Job):
     async def start(self) -> None:
         self.filter = await self.export.insert_filter(self._make_filter)
         if self.spec.view:
-            view = Export(f"{self.export.name}@{self.id}", BackupViewNode(self), read_only=True)
-            self.view_file = self.host.publish_view(view)
+            self.view = Export(
+                f"{self.export.name}@{self.id}", BackupViewNode(self), read_only=True
+            )
+            self.view_file = self.host.publish_view(self.view)
 
     async def _make_filter(self, root: Node) -> CopyBeforeWriteFilter:
         """Inside the quiesced section: the point in time is now."""
@@ -476,6 +484,12 @@ class BackupJob(Job):
         if self.view_file is not None:
             self.host.withdraw_view(self.view_file)
             self.view_file = None
+        if self.view is not None:
+            # Reads in flight on the view finish first; later ones fail (ENODEV), so none
+            # reaches the target once it is closed.
+            async with self.view.quiesced():
+                assert isinstance(self.view.root, BackupViewNode)
+                self.view.root.ended = True
         if self.stash and ok:
             log.error(
                 "job %s: %d bytes of old data never reached the target", self.id, self.stash_bytes
