@@ -22,6 +22,8 @@ import pytest
 from blockfs.cli.jobs import write_control as _write_control
 
 REPO = Path(__file__).resolve().parent.parent
+#: the one opt-in flag for long runs: soak, fuzz and fault loops at full counts
+FULL = os.environ.get("BLOCKFS_FULL") == "1"
 SHARED = REPO.parent / "shared"
 BLOCKFS = [sys.executable, "-m", "blockfs"]
 

@@ -13,7 +13,6 @@ deterministic corpus; ``BLOCKFS_FULL=1`` runs 20,000 mutants.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import time
@@ -27,9 +26,8 @@ from fuzz_one import FuzzServer, Verdict, check_cli_output
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import blockfs, need_tool, qemu_img, run
+from conftest import FULL, blockfs, need_tool, qemu_img, run
 
-FULL = os.environ.get("BLOCKFS_FULL") == "1"
 #: mutants per test: (normal run, long mode)
 STRUCTURAL = 20000 * 3 // 4 if FULL else 200
 BYTES = 20000 // 4 if FULL else 80

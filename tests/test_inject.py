@@ -25,7 +25,7 @@ import pytest
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.nodes.base import Node
 from blockfs.nodes.inject import EVENTS, MAX_RULES, InjectFilter, parse_rule
-from conftest import blockfs, qemu_img
+from conftest import FULL, blockfs, qemu_img
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -33,7 +33,6 @@ CHUNK = 64 * KiB
 DISK = 8 * MiB
 #: regions written before the rule is set (data that must survive whatever follows)
 BEFORE = 8
-FULL = os.environ.get("BLOCKFS_FULL") == "1"
 
 
 # -- unit level: the rule parser and the filter over an in-memory node ----------------------------

@@ -35,10 +35,9 @@ from blockfs.control.tree import (
 from blockfs.fs import _spec_is_whole
 from blockfs.jobs.job import EventLog
 from blockfs.values import MAX_SPEC_BYTES
-from conftest import BLOCKFS, blockfs, force_unmount, have_fuse, is_mounted, random_file, run
+from conftest import BLOCKFS, FULL, blockfs, force_unmount, have_fuse, is_mounted, random_file, run
 
 MiB = 1 << 20
-FULL = os.environ.get("BLOCKFS_FULL") == "1"
 #: the issue's figure; 1,000 in the normal run (measured: see test_job_cycles_keep_rss_bounded)
 JOB_CYCLES = 10_000 if FULL else 1_000
 #: what job cycles and 10,000 opens of `events` may add to the daemon's RSS

@@ -44,7 +44,7 @@ from blockfs.jobs.job import ErrorAction, Job, JobFailed
 from blockfs.jobs.target import OpenedTarget, TargetFile
 from blockfs.nodes.base import Capability, Extent, Node, Status
 from blockfs.nodes.file import FileNode
-from blockfs.nodes.filter import FilterNode
+from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
 from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
 from blockfs.values import bool_value, choice, job_id, parse_words, size_value
 
@@ -114,17 +114,7 @@ class CopyBeforeWriteFilter(FilterNode):
     """Above the device while a backup runs: old data reaches the target before new data
     reaches the device."""
 
-    passes_through = frozenset(
-        {
-            "read",
-            "flush",
-            "block_status",
-            "allocated_bytes",
-            "reopen",
-            "reconnect",
-            "change_backing_file",
-        }
-    )
+    passes_through = WRITE_HOOK_PASSES
 
     def __init__(self, child: Node, job: BackupJob) -> None:
         super().__init__(child)

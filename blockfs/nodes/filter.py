@@ -42,6 +42,21 @@ NODE_OPERATIONS = frozenset(
 )
 
 
+#: what a filter that hooks only the writing operations (write, write_zeroes, discard,
+#: truncate) passes through unchanged
+WRITE_HOOK_PASSES = frozenset(
+    {
+        "read",
+        "flush",
+        "block_status",
+        "allocated_bytes",
+        "reopen",
+        "reconnect",
+        "change_backing_file",
+    }
+)
+
+
 class FilterNode(Node):
     """Base of filters. The child's bound methods are taken when the child is set, so a
     passed-through request costs one call, as if the filter were not there."""
@@ -141,17 +156,7 @@ class WriteNotifyFilter(FilterNode):
     reached below, once the request ended (succeeded or not: a failed write may have changed
     part of the range). A copy that read the range before then is followed by a new one."""
 
-    passes_through: ClassVar[frozenset[str]] = frozenset(
-        {
-            "read",
-            "flush",
-            "block_status",
-            "allocated_bytes",
-            "reopen",
-            "reconnect",
-            "change_backing_file",
-        }
-    )
+    passes_through: ClassVar[frozenset[str]] = WRITE_HOOK_PASSES
 
     def __init__(self, child: Node, notify: Callable[[int, int], None]) -> None:
         super().__init__(child)
