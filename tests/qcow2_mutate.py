@@ -277,8 +277,8 @@ def apply(data: bytes, lay: Layout, ops: list[Op]) -> bytes:
         elif kind == "ext" and lay.extensions:
             pos, _ = _pick(lay.extensions, op[1])
             _poke(buf, lay, pos + (0 if op[2] == "type" else 4), ">I", op[3])
-        elif kind == "backing" and lay.backing[0]:
-            off, n = lay.backing
+        elif kind == "backing" and lay.backing[0] and sum(lay.backing) <= len(buf):
+            off, n = lay.backing  # (not after a truncation that cut the name or header off)
             name = bytes(op[1])[: cs - off]
             buf[off : off + n] = bytes(n)
             buf[off : off + len(name)] = name
@@ -287,6 +287,8 @@ def apply(data: bytes, lay: Layout, ops: list[Op]) -> bytes:
             # the payload replaces the cluster's data, and the L2 entry's sector count grows
             # to cover as much of it as the format can express
             entry, off, n = _pick(lay.compressed, op[1])
+            if entry + 8 > len(buf) or off > len(buf):
+                continue  # cut off by a truncation
             cb = lay.cluster_bits
             x = 62 - (cb - 8)
             most = (1 << (cb - 8)) * 512 - (off & 511)

@@ -351,6 +351,7 @@ def test_structural_mutants_are_refused_or_served(fuzz: Fuzz, m: Mutant) -> None
 @_long
 @_settings(BYTES)
 @given(m=mutants(st.one_of(byte_ops, structural_ops), 4))
+@example(m=("v3-64k-backing", [("truncate", 0), ("backing", b"")]))  # the mutator, once
 def test_byte_mutants_are_refused_or_served(fuzz: Fuzz, m: Mutant) -> None:
     fuzz.check(m, seed=hash_ops(m))
 
