@@ -83,17 +83,23 @@ def parse_size(text: str, what: str = "size") -> int:
 MAX_SPEC_BYTES = 64 * 1024
 
 
-def parse_words(text: bytes | str, allowed: Iterable[str]) -> dict[str, str]:
-    """Parse a spec into a dict of strings. :raise UsageError:"""
+def spec_text(text: bytes | str, what: str = "spec") -> str:
+    """What was written to a control file, as text: at most :data:`MAX_SPEC_BYTES`, UTF-8,
+    no NUL byte, no lone surrogate. :raise UsageError:"""
     if isinstance(text, bytes):
         if len(text) > MAX_SPEC_BYTES:
-            raise UsageError(f"spec longer than {MAX_SPEC_BYTES} bytes")
+            raise UsageError(f"{what} longer than {MAX_SPEC_BYTES} bytes")
         try:
             text = text.decode()
         except UnicodeDecodeError:
-            raise UsageError("spec is not UTF-8 text") from None
-    _check_text(text, "spec")
-    text = text.strip()
+            raise UsageError(f"{what} is not UTF-8 text") from None
+    _check_text(text, what)
+    return text
+
+
+def parse_words(text: bytes | str, allowed: Iterable[str]) -> dict[str, str]:
+    """Parse a spec into a dict of strings. :raise UsageError:"""
+    text = spec_text(text).strip()
     if not text:
         raise UsageError("empty spec (write key=value words or a JSON object)")
     allowed = set(allowed)

@@ -28,7 +28,7 @@ from typing import ClassVar
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.nodes.base import Node
 from blockfs.nodes.filter import FilterNode
-from blockfs.values import MAX_SPEC_BYTES, bool_value, parse_words
+from blockfs.values import bool_value, parse_words, spec_text
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,7 @@ class InjectFilter(FilterNode):
 
         :raise UsageError: a bad rule (naming its line when there are several), or too many.
         """
-        if isinstance(text, bytes):
-            if len(text) > MAX_SPEC_BYTES:
-                raise UsageError(f"more than {MAX_SPEC_BYTES} bytes of rules")
-            try:
-                text = text.decode()
-            except UnicodeDecodeError:
-                raise UsageError("rules are not UTF-8 text") from None
+        text = spec_text(text, "rules")
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise UsageError("empty rule (write key=value words, or clear)")
