@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import trio
 import trio.testing
+from memnode import Gate, MemoryNode, pattern
 
 from blockfs.errors import BlockfsError
 from blockfs.jobs.blockcopy import BlockCopy, CopyError, RateLimiter
 from blockfs.jobs.job import EventLog, Job, JobState
 from blockfs.nodes.base import Status, chain_block_status
 from blockfs.nodes.filter import WriteNotifyFilter
-from tests.memnode import Gate, MemoryNode, pattern
 
 CS = 65536
 SIZE = 16 * CS

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 import trio.testing
+from memnode import Gate, MemoryNode, pattern
 
 from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.export import Export
@@ -21,7 +22,6 @@ from blockfs.jobs.target import OpenedTarget
 from blockfs.nodes.base import Node
 from blockfs.nodes.filter import WriteNotifyFilter
 from blockfs.nodes.registry import close_chain, open_image, protocol_file
-from tests.memnode import Gate, MemoryNode, pattern
 
 CS = 65536
 SIZE = 32 * CS

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+from memnode import MemoryNode, pattern
 
 from blockfs.config import MountConfig
 from blockfs.daemon import Daemon
 from blockfs.export import Export
 from blockfs.fs import BlockfsOperations
-from tests.memnode import MemoryNode, pattern
 
 CS = 65536
 SIZE = 16 * CS
