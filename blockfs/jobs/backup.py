@@ -27,6 +27,7 @@ import stat
 from dataclasses import dataclass
 
 import trio
+from bitarray import bitarray
 
 from blockfs.errors import BlockfsError, ReadOnlyError, UnsupportedFeature, UsageError
 from blockfs.export import Export
@@ -36,7 +37,6 @@ from blockfs.jobs.blockcopy import (
     RateLimiter,
     SourceError,
     TargetError,
-    fill_bytes,
     job_cluster_size,
 )
 from blockfs.jobs.host import JobHost, PublishedFile
@@ -257,7 +257,7 @@ class BackupJob(Job):
         self.filter: CopyBeforeWriteFilter | None = None
         self.stash: dict[int, bytes] = {}
         self.stash_bytes = 0
-        self.outside: bytearray | None = None  # sync=top: clusters the top did not hold
+        self.outside: bitarray | None = None  # sync=top: clusters the top did not hold
         self.view_file: PublishedFile | None = None
         self.view: Export | None = None
         self._stash_lock = trio.Lock()
@@ -297,15 +297,16 @@ class BackupJob(Job):
         return CopyBeforeWriteFilter(root, self)
 
     async def _initial_bitmap(self) -> None:
-        """Mark what the job copies. Built in slices with checkpoints between them, so a
+        """Mark what the job copies: whole-disk marks are one C call on a bit per cluster, and
+        the walk of a top image's extents yields every few milliseconds, so a
         backup of a huge disk never holds the event loop (other disks keep being served)."""
         bitmap, cs = self.copy.bitmap, self.copy.cluster_size
         if self.spec.sync != "top":
-            await bitmap.set_all()
+            bitmap.set_all()
             return
         # sync=top: only what the top image holds; the rest stays in the backing chain.
-        self.outside = bytearray(self.copy.clusters)
-        await fill_bytes(self.outside, 0, self.copy.clusters, 1)
+        self.outside = bitarray(self.copy.clusters)
+        self.outside.setall(1)
         size, pos = self.source.size, 0
         deadline = trio.current_time() + _SLICE_SECONDS
         while pos < size:
@@ -313,7 +314,7 @@ class BackupJob(Job):
             if ext.status & Status.ALLOCATED:
                 first, last = pos // cs, (pos + ext.length - 1) // cs
                 bitmap.set_range(first, last + 1 - first)
-                self.outside[first : last + 1] = bytes(last + 1 - first)
+                self.outside[first : last + 1] = 0
             pos += max(ext.length, 1)
             if trio.current_time() > deadline:  # block_status of cached tables never yields
                 await trio.lowlevel.checkpoint()
