@@ -166,8 +166,8 @@ class Daemon:
     def export(self, name: str) -> Export | None:
         return self.exports.get(name)
 
-    def publish_view(self, export: Export) -> PublishedFile:
-        return self.ops.add_image(self.tree.root, export)
+    def publish_view(self, export: Export, *, like: Export) -> PublishedFile:
+        return self.ops.add_image(self.tree.root, export, like=like)
 
     def withdraw_view(self, file: PublishedFile) -> None:
         assert isinstance(file, ImageFile)

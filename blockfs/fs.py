@@ -48,8 +48,7 @@ from blockfs.control.tree import (
 )
 from blockfs.errors import BlockfsError
 from blockfs.export import Export
-from blockfs.nodes.base import Node
-from blockfs.nodes.file import FileNode
+from blockfs.nodes.registry import protocol_file
 from blockfs.values import MAX_SPEC_BYTES
 
 log = logging.getLogger(__name__)
@@ -122,26 +121,6 @@ class _UserBudget:
             self.bytes -= len(content)
 
 
-def _image_file_node(root: Node) -> FileNode | None:
-    """The file at the top of an image's graph: below filters and the format node, not in
-    the backing chain; a backup's view reads its job's source and shows that file."""
-    todo: list[object] = [root]
-    seen: set[int] = set()
-    while todo:
-        n = todo.pop(0)
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        if isinstance(n, FileNode):
-            return n
-        if isinstance(n, Node):
-            todo.extend(n.children())
-        for nxt in (getattr(n, "child", None), getattr(getattr(n, "job", None), "source", None)):
-            if isinstance(nxt, Node):
-                todo.append(nxt)
-    return None
-
-
 def _spec_is_whole(pending: bytearray, ends_line: bool) -> bool:
     """Whether gathered control text is ready to be acted on (see the module docstring)."""
     if not pending.lstrip().startswith(b"{"):
@@ -207,17 +186,19 @@ class BlockfsOperations(pyfuse3.Operations):
 
     # -- the tree ---------------------------------------------------------------------------
 
-    def add_image(self, parent: VDir, export: Export) -> ImageFile:
+    def add_image(self, parent: VDir, export: Export, *, like: Export | None = None) -> ImageFile:
+        """Show ``export`` as a file; it takes the owner and mode of its image file, or of
+        ``like``'s (a backup view shows what its device shows)."""
         node = ImageFile(export)
-        self._set_owner(node)
+        self._set_owner(node, like or export)
         self.tree.add(parent, node)
         self._exports[node.inode] = export
         return node
 
-    def _set_owner(self, node: ImageFile) -> None:
+    def _set_owner(self, node: ImageFile, like: Export) -> None:
         """Mirror the image file's owner, group and mode, then apply the mount's overrides."""
         uid, gid, perm = self._uid, self._gid, 0o600
-        file = _image_file_node(node.export.root)
+        file = protocol_file(like.root)
         if file is not None:
             try:
                 st = os.fstat(file.fd)

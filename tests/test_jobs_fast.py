@@ -40,7 +40,7 @@ class FakeHost:
     def export(self, name: str) -> Export | None:
         return self.exports.get(name)
 
-    def publish_view(self, export: Export) -> SimpleNamespace:
+    def publish_view(self, export: Export, *, like: Export) -> SimpleNamespace:
         self.published[export.name] = export
         return SimpleNamespace(name=export.name)
 

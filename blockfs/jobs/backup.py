@@ -288,7 +288,7 @@ class BackupJob(Job):
             self.view = Export(
                 f"{self.export.name}@{self.id}", BackupViewNode(self), read_only=True
             )
-            self.view_file = self.host.publish_view(self.view)
+            self.view_file = self.host.publish_view(self.view, like=self.export)
 
     async def _make_filter(self, root: Node) -> CopyBeforeWriteFilter:
         """Inside the quiesced section: the point in time is now."""

@@ -40,8 +40,9 @@ class JobHost(Protocol):
         """The mounted image called ``name``, or None."""
         ...
 
-    def publish_view(self, export: Export) -> PublishedFile:
-        """Show ``export`` as a file of the mount (``MNT/NAME``, NAME being the export's)."""
+    def publish_view(self, export: Export, *, like: Export) -> PublishedFile:
+        """Show ``export`` as a file of the mount (``MNT/NAME``, NAME being the export's),
+        with the owner and mode ``like`` shows (a view is no more open than its device)."""
         ...
 
     def withdraw_view(self, file: PublishedFile) -> None:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar, overload
 
 from blockfs.errors import BlockfsError
 from blockfs.nodes.base import Limits, Node
+
+_T = TypeVar("_T")
 
 #: every operation of the node interface that a request or a job can call
 NODE_OPERATIONS = frozenset(
@@ -57,6 +59,27 @@ WRITE_HOOK_PASSES = frozenset(
 )
 
 
+class _FromChild(Generic[_T]):
+    """An attribute of a filter that is its child's, read at every access (so it stays right
+    after a chain change below). Assigning it raises: the filter has none of its own."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _FromChild[_T]: ...
+    @overload
+    def __get__(self, obj: FilterNode, owner: type) -> _T: ...
+    def __get__(self, obj: FilterNode | None, owner: type) -> _T | _FromChild[_T]:
+        if obj is None:
+            return self
+        value: _T = getattr(obj.child, self._name)
+        return value
+
+    def __set__(self, obj: FilterNode, value: _T) -> None:
+        raise AttributeError(f"{type(obj).__name__}.{self._name} is its child's")
+
+
 class FilterNode(Node):
     """Base of filters. The child's bound methods are taken when the child is set, so a
     passed-through request costs one call, as if the filter were not there."""
@@ -72,56 +95,15 @@ class FilterNode(Node):
         for name in self.passes_through:
             setattr(self, name, getattr(child, name))
 
-    # What the filter shows is its child's, read live (see the module docstring). The setters
-    # exist for Node's declared attributes; a filter has no size or chain of its own.
-    @property
-    def size(self) -> int:
-        return self.child.size
-
-    @size.setter
-    def size(self, value: int) -> None:
-        pass
-
-    @property
-    def read_only(self) -> bool:
-        return self.child.read_only
-
-    @read_only.setter
-    def read_only(self, value: bool) -> None:
-        pass
-
+    # What the filter shows is its child's, read live (see the module docstring): a filter
+    # has no size, chain or name of its own, and assigning one is a bug, not a no-op.
+    size = _FromChild[int]()
+    read_only = _FromChild[bool]()
     # block_status answers for the child's layer, so the chain goes on below the child.
-    @property
-    def backing(self) -> Node | None:
-        return self.child.backing
-
-    @backing.setter
-    def backing(self, value: Node | None) -> None:
-        pass
-
-    @property
-    def filename(self) -> str:
-        return self.child.filename
-
-    @filename.setter
-    def filename(self, value: str) -> None:
-        pass
-
-    @property
-    def format_name(self) -> str:
-        return self.child.format_name
-
-    @format_name.setter
-    def format_name(self, value: str) -> None:
-        pass
-
-    @property
-    def limits(self) -> Limits:
-        return self.child.limits
-
-    @limits.setter
-    def limits(self, value: Limits) -> None:
-        pass
+    backing = _FromChild["Node | None"]()
+    filename = _FromChild[str]()
+    format_name = _FromChild[str]()
+    limits = _FromChild[Limits]()
 
     # The abstract operations, for filters that neither handle nor pass them: refusing loudly
     # beats guessing. Each instance replaces the ones it passes through.
