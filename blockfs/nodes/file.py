@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import logging
 import os
 import stat
@@ -109,11 +108,9 @@ class FileNode(Node):
         if nofollow:
             flags |= os.O_NOFOLLOW
         try:
-            _check_kind(os.stat(path, dir_fd=dir_fd, follow_symlinks=not nofollow), path)
-            # O_NONBLOCK: opening a FIFO that slipped in after the check returns at once.
-            fd = await trio.to_thread.run_sync(
-                functools.partial(os.open, path, flags, dir_fd=dir_fd)
-            )
+            # Both off the event loop: a stat of a hung network file system must not stop
+            # every other disk. O_NONBLOCK: a FIFO that slipped in after the check returns.
+            fd = await trio.to_thread.run_sync(_checked_open, path, flags, dir_fd, nofollow)
         except OSError as exc:
             if exc.errno == errno.ELOOP and nofollow:
                 raise UsageError(f"{path}: is a symbolic link; refused", errno=errno.ELOOP) from None
@@ -419,6 +416,13 @@ def _check_kind(st: os.stat_result, path: str) -> None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
         raise UsageError(f"{path}: is {kind}, not a regular file or block device")
+
+
+def _checked_open(path: str, flags: int, dir_fd: int | None, nofollow: bool) -> int:
+    """Refuse what is not a regular file or block device before it is opened, then open it.
+    :raise UsageError, OSError:"""
+    _check_kind(os.stat(path, dir_fd=dir_fd, follow_symlinks=not nofollow), path)
+    return os.open(path, flags, dir_fd=dir_fd)
 
 
 def check_image_file(path: str) -> None:
