@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import stat
 from dataclasses import dataclass
 
 import trio
 from bitarray import bitarray
 
-from blockfs.errors import BlockfsError, ReadOnlyError, UnsupportedFeature, UsageError
+from blockfs.errors import BlockfsError, ReadOnlyError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.blockcopy import (
     BlockCopy,
@@ -41,11 +39,10 @@ from blockfs.jobs.blockcopy import (
 )
 from blockfs.jobs.host import JobHost, PublishedFile
 from blockfs.jobs.job import ErrorAction, Job, JobFailed
-from blockfs.jobs.target import OpenedTarget, TargetFile
+from blockfs.jobs.target import OpenedTarget, TargetFile, open_job_target
 from blockfs.nodes.base import Capability, Extent, Node, Status
-from blockfs.nodes.file import FileNode
 from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
-from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
+from blockfs.nodes.registry import close_chain
 from blockfs.values import bool_value, choice, job_id, parse_words, size_value
 
 log = logging.getLogger(__name__)
@@ -235,12 +232,15 @@ class BackupJob(Job):
         *,
         target_zero_init: bool,
         target_file: TargetFile | None = None,
+        opened: OpenedTarget | None = None,
     ) -> None:
         super().__init__(spec.id, export.name, host.events)
         self.spec = spec
         self.host = host
         self.export = export
         self.target = target
+        #: the target as opened (it may share a node of the device's chain: closed apart)
+        self.opened = opened
         #: the file under the target: renamed into place on success, removed on failure
         self.target_file = target_file
         self.speed = spec.speed
@@ -275,6 +275,7 @@ class BackupJob(Job):
             target.node,
             target_zero_init=target.zero_init,
             target_file=target.file,
+            opened=target,
         )
 
     def _progress(self, nbytes: int) -> None:
@@ -391,13 +392,7 @@ class BackupJob(Job):
                 self._progress(len(data))
 
     async def _target_failed(self, exc: BlockfsError) -> None:
-        action = self.spec.on_target_error.decide(exc)
-        self.report_error("write", action)
-        if action is ErrorAction.REPORT:
-            raise JobFailed(f"target write failed: {exc}", errno=exc.errno)
-        if action is ErrorAction.STOP:
-            self.pause_for_error(exc)
-        await trio.sleep(0.05)  # ignore: do not spin on a failing target
+        await self.io_error(self.spec.on_target_error, exc, "write", "target write failed")
 
     # -- the background copy: the engine's, with backup's policy --------------------------------
 
@@ -446,15 +441,9 @@ class BackupJob(Job):
         if isinstance(exc, TargetError):
             await self._target_failed(exc.cause)
             return True
-        action = self.spec.on_source_error.decide(exc.cause)
-        self.report_error("read", action)
-        if action is ErrorAction.REPORT:
-            raise JobFailed(str(exc), errno=exc.errno)
-        if action is ErrorAction.STOP:
-            self.pause_for_error(exc.cause)
-            return True
-        await trio.sleep(0.05)
-        return False
+        return await self.io_error(
+            self.spec.on_source_error, exc.cause, "read", "source read failed"
+        )
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -493,7 +482,10 @@ class BackupJob(Job):
                 ok = False
             log.warning("job %s: flushing the target failed: %s", self.id, exc)
         finally:
-            await close_chain(self.target)
+            if self.opened is not None:
+                await self.opened.close()
+            else:
+                await close_chain(self.target)
             self._settle_target_file(ok)
 
     def _settle_target_file(self, ok: bool) -> None:
@@ -524,76 +516,45 @@ class BackupJob(Job):
 
 
 async def open_backup_target(spec: BackupSpec, device: Export) -> OpenedTarget:
-    """Create (mode=new) or open (mode=existing) the target, as :mod:`blockfs.jobs.target`
-    says: no second open by name, no symlink of another user's, no FIFO. A new target is
-    made under a temporary name (but with sync=none, whose target is read while the job runs)
-    with the source's permission bits.
+    """The backup's target (:func:`~blockfs.jobs.target.open_job_target`). sync=none (whose
+    target is read while the job runs, through the view) reads unwritten clusters from the
+    device itself, sync=top from the device's backing file: the target shares those nodes.
 
     :raise UsageError: EEXIST, ENOENT, EACCES, EINVAL, EFBIG as fits.
     """
     size = device.root.size
-    fmt = spec.format
     job_cluster_size(size, 65536)  # EFBIG before anything is made
+    fmt = spec.format
     if spec.mode == "new":
         fmt = fmt or "qcow2"
-        if fmt == "vhdx":
-            raise UnsupportedFeature("VHDX targets are not supported yet", errno=errno.EINVAL)
         if spec.compress and fmt != "qcow2":
             raise UsageError("compress=on needs a qcow2 target")
         if fmt == "raw" and spec.sync == "none":
             raise UsageError("sync=none needs a qcow2 target (backed by the device)")
-        source = protocol_file(device.root)
-        perm = stat.S_IMODE(os.fstat(source.fd).st_mode) & 0o666 if source else 0o600
-        tfile = TargetFile.create(spec.target, perm, temporary=spec.sync != "none")
-    else:
-        tfile = TargetFile.open_existing(spec.target)
-    child: FileNode | None = None
-    node: Node | None = None
-    try:
-        child = FileNode.from_fd(tfile.fd, tfile.path)
-        if spec.mode == "new":
-            from blockfs.nodes.qcow2 import create_qcow2, create_raw
-
-            if fmt == "raw":
-                await create_raw(child, size)
-            else:
-                backing, backing_fmt = _target_backing(spec, device)
-                await create_qcow2(
-                    child,
-                    size,
-                    cluster_size=65536,
-                    backing=backing,
-                    backing_fmt=backing_fmt,
-                )
-        policy = OpenPolicy.for_paths([tfile.path])
-        node = await open_format(child, fmt=fmt, read_only=False, policy=policy)
-        if node.size != size:
-            raise UsageError(f"target is {node.size} bytes, the device {size}")
-        if spec.compress and Capability.COMPRESSED_WRITES not in node.capabilities:
-            raise UsageError(f"compress=on needs a qcow2 target, not {node.format_name}")
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            if node is not None:
-                await close_chain(node)
-            elif child is not None:
-                await child.aclose()
-            else:
-                os.close(tfile.fd)
-            tfile.discard(even_named=True)
-            tfile.close()
-        raise
-    # A new target reads as zeroes where nothing was written: zeroes need not be copied.
-    # (Not so with a backing file: there, unwritten clusters read from the backing.)
-    zero_init = spec.mode == "new" and node.backing is None
-    return OpenedTarget(node, zero_init=zero_init, file=tfile, path=spec.target)
+    backing = _target_backing(spec, device) if spec.mode == "new" else None
+    target = await open_job_target(
+        spec.target,
+        mode=spec.mode,
+        fmt=fmt,
+        size=size,
+        like=device.root,
+        backing=backing,
+        temporary=spec.sync != "none",
+    )
+    if spec.compress and Capability.COMPRESSED_WRITES not in target.node.capabilities:
+        await target.discard()
+        raise UsageError(f"compress=on needs a qcow2 target, not {target.node.format_name}")
+    return target
 
 
-def _target_backing(spec: BackupSpec, device: Export) -> tuple[str | None, str | None]:
+def _target_backing(spec: BackupSpec, device: Export) -> Node | None:
+    """What a new target's unwritten clusters read as: the device (sync=none), the device's
+    backing file (sync=top), or zeroes."""
     top = device.root
     while isinstance(top, FilterNode):
         top = top.child
     if spec.sync == "none":
-        return top.filename, top.format_name
-    if spec.sync == "top" and top.backing is not None:
-        return top.backing.filename, top.backing.format_name
-    return None, None
+        return top
+    if spec.sync == "top" and spec.format != "raw":
+        return top.backing
+    return None

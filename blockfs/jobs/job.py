@@ -290,6 +290,26 @@ class Job:
             "BLOCK_JOB_ERROR", device=self.id, operation=operation, action=action.value
         )
 
+    async def io_error(
+        self, policy: ErrorAction, exc: BlockfsError, operation: str, what: str
+    ) -> bool:
+        """Apply an ``on-*-error`` policy to a failed background copy (``operation`` is
+        "read" or "write", ``what`` the message's start): report fails the job; stop pauses
+        it (True: retry the range once resumed); ignore carries on after a short rest, so a
+        failing disk is not spun on (False: a later pass retries the range).
+
+        :raise JobFailed: the policy (or ``enospc`` on another errno) says report.
+        """
+        action = policy.decide(exc)
+        self.report_error(operation, action)
+        if action is ErrorAction.REPORT:
+            raise JobFailed(f"{what}: {exc}", errno=exc.errno)
+        if action is ErrorAction.STOP:
+            self.pause_for_error(exc)
+            return True
+        await trio.sleep(0.05)
+        return False
+
     # -- verbs ------------------------------------------------------------------------------
 
     def _check_verb(self, verb: str) -> None:
@@ -318,7 +338,8 @@ class Job:
                 self._set_state(self._state_before_pause)
             self._resumed.set()
 
-    def cancel(self) -> None:
+    def cancel(self, force: bool = False) -> None:
+        """End the job at once (``force`` matters to jobs that have a gentler cancel)."""
         self._check_verb("cancel")
         self.cancelled = True
         self._scope.cancel()

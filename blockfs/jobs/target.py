@@ -33,7 +33,9 @@ import trio
 
 from blockfs.errors import UsageError
 from blockfs.nodes.base import Node
-from blockfs.nodes.registry import close_chain
+from blockfs.nodes.file import FileNode
+from blockfs.nodes.qcow2 import create_qcow2, create_raw
+from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
 
 _RENAME_NOREPLACE = 1
 _libc: Any = None
@@ -297,21 +299,128 @@ def _rename_noreplace(dir_fd: int, old: str, new: str) -> None:
 
 class OpenedTarget:
     """A job's target, opened: its node, whether it reads as zeroes where nothing was written,
-    and the file under it (None where the job did not create or open one itself)."""
+    and the file under it (None where the job did not create or open one itself).
 
-    def __init__(self, node: Node, *, zero_init: bool, file: TargetFile | None, path: str) -> None:
+    ``shared_backing``: the node the target's unallocated clusters read from is one of the
+    source's (sync=top: the source's backing; sync=none: the source itself), not a second
+    open of the same file. The target does not own it: :meth:`close` detaches it first."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        zero_init: bool,
+        file: TargetFile | None,
+        path: str,
+        shared_backing: Node | None = None,
+    ) -> None:
         self.node = node
         #: the target as the spec named it (for messages)
         self.path = path
         self.zero_init = zero_init
         self.file = file
+        self.shared_backing = shared_backing
+
+    def release_backing(self) -> None:
+        """The target no longer reads through the source's node (call before closing it; a
+        mirror that switched over keeps it: the source's chain is then the target's)."""
+        if self.shared_backing is not None and self.node.backing is self.shared_backing:
+            self.node.backing = None
+        self.shared_backing = None
+
+    async def close(self) -> None:
+        """Close the target's node and the chain it owns (not a shared backing node)."""
+        with trio.CancelScope(shield=True):
+            self.release_backing()
+            await close_chain(self.node)
 
     async def discard(self) -> None:
         """Undo the opening: close the node; a file the job made goes (a failed start)."""
         with trio.CancelScope(shield=True):
             try:
-                await close_chain(self.node)
+                await self.close()
             finally:
                 if self.file is not None:
                     self.file.discard(even_named=True)
                     self.file.close()
+
+
+async def open_job_target(
+    path: str,
+    *,
+    mode: str,
+    fmt: str | None,
+    size: int,
+    like: Node,
+    backing: Node | None = None,
+    temporary: bool = True,
+    cluster_size: int = 65536,
+) -> OpenedTarget:
+    """Create (``mode=new``) or open (``mode=existing``) a job's target for a device whose
+    root is ``like``, as the module docstring says: no second open by name, no symbolic link
+    of another user's, no FIFO. A new target is made under a temporary name (unless
+    ``temporary`` is off: a target read while the job runs keeps its name) with the permission
+    bits of the device's file, as a ``fmt`` image (qcow2 by default) of ``size`` bytes.
+
+    ``backing``: the node the target reads unallocated clusters from (one of the source's):
+    a new qcow2 target records it as its backing file, and the opened target shares that node
+    (:class:`OpenedTarget`). An existing target that records a backing file must record that
+    one; without ``backing`` it opens its own chain. The file is made and opened in a worker
+    thread: a path that leads into this very mount is served meanwhile instead of hanging
+    the daemon (the caller refuses such a target by its identity).
+
+    :raise UsageError: EEXIST, ENOENT, EACCES, EINVAL as fits; ImageError: a bad existing
+        target.
+    """
+    if mode == "new":
+        fmt = fmt or "qcow2"
+        if fmt not in ("qcow2", "raw"):
+            raise UsageError(f"format={fmt} targets are not supported yet (qcow2, raw)")
+        if fmt == "raw" and backing is not None:
+            raise UsageError("a raw target cannot read through a backing file: use format=qcow2")
+        source = protocol_file(like)
+        perm = stat.S_IMODE(os.fstat(source.fd).st_mode) & 0o666 if source else 0o600
+        tfile = await trio.to_thread.run_sync(
+            lambda: TargetFile.create(path, perm, temporary=temporary)
+        )
+    else:
+        tfile = await trio.to_thread.run_sync(lambda: TargetFile.open_existing(path))
+    child: Node | None = None
+    node: Node | None = None
+    try:
+        child = FileNode.from_fd(tfile.fd, tfile.path)
+        if mode == "new":
+            if fmt == "raw":
+                await create_raw(child, size)
+            else:
+                await create_qcow2(
+                    child,
+                    size,
+                    cluster_size=cluster_size,
+                    backing=backing.filename if backing is not None else None,
+                    backing_fmt=backing.format_name if backing is not None else None,
+                )
+        policy = OpenPolicy(given_backing=backing)
+        if backing is None:
+            policy = OpenPolicy.for_paths([tfile.path])
+        node = await open_format(child, fmt=fmt, read_only=False, policy=policy)
+        if node.size != size:
+            raise UsageError(f"target is {node.size} bytes, the device {size}")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if node is not None:
+                if backing is not None and node.backing is backing:
+                    node.backing = None
+                await close_chain(node)
+            elif child is not None:
+                await child.aclose()
+            else:
+                os.close(tfile.fd)
+            tfile.discard(even_named=True)
+            tfile.close()
+        raise
+    shared = backing if backing is not None and node.backing is backing else None
+    # A new target reads as zeroes where nothing was written: zeroes need not be copied.
+    # (Not so with a backing file: there, unwritten clusters read from the backing.)
+    zero_init = mode == "new" and node.backing is None
+    return OpenedTarget(node, zero_init=zero_init, file=tfile, path=path, shared_backing=shared)

@@ -84,6 +84,11 @@ class OpenPolicy:
     named: frozenset[Hashable] = frozenset()
     #: where a probed format is reported (the daemon sends these to the mounting user)
     warn: Callable[[str], None] | None = None
+    #: an open node the top image's backing file must be, used instead of a second open of
+    #: the same file (a job target shares its source's chain: one cache of its metadata, so a
+    #: read through the target never sees tables the source has since rewritten). The name
+    #: the image records must reach this node's storage, or the open is refused.
+    given_backing: Node | None = None
 
     @classmethod
     def for_paths(
@@ -158,6 +163,9 @@ class OpenContext:
         """
         if "\0" in location:
             raise ImageError(f"{relative_to}: backing file name holds a NUL byte")
+        given = self.policy.given_backing
+        if given is not None and len(self.chain) == 1:
+            return self._given_backing(given, location, relative_to)
         confine = self.real_path if self.probed else None
         try:
             return await open_image(
@@ -171,6 +179,21 @@ class OpenContext:
             )
         except UsageError as exc:
             raise ImageError(f"{relative_to}: cannot open backing file: {exc}") from None
+
+    @staticmethod
+    def _given_backing(given: Node, location: str, relative_to: str) -> Node:
+        """:raise ImageError: (EINVAL) ``location`` names storage other than ``given``'s."""
+        resolved = resolve_backing(relative_to, location)
+        try:
+            ident = protocol_for(resolved).named_identity(resolved)
+        except UsageError:
+            ident = None
+        if ident is None or ident != given.identity():
+            raise ImageError(
+                f"{relative_to}: its backing file {location} is not {given.filename}",
+                errno=errno.EINVAL,
+            )
+        return given
 
 
 async def open_image(
