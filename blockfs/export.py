@@ -244,11 +244,14 @@ class Export:
                 above = above.child
             return False
 
-    async def replace_root(self, new_root: Node) -> Node:
-        """Serve ``new_root`` from now on (mirror's switch-over); returns the old root, which
-        the caller owns. ``new_root`` must have the same size."""
+    async def replace_root(self, make: Callable[[Node], Awaitable[Node]]) -> Node:
+        """Serve another root from now on (mirror's switch-over); returns the old root, which
+        the caller owns. ``make`` gets the old root inside the quiesced section (a mirror
+        copies what is left there) and returns the new one, which must have the same size. If
+        it raises, the graph is unchanged."""
         async with self.quiesced():
             old = self.root
+            new_root = await make(old)
             if new_root.size != old.size:
                 raise ValueError(f"new root is {new_root.size} bytes, the export {old.size}")
             self.root = new_root

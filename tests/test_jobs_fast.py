@@ -186,10 +186,22 @@ async def test_graph_verbs_wait_for_requests_in_flight_and_keep_filters_live(
     assert not await export.remove_filter(inner)
     await export.write(CS, b"abc")
     assert len(notified) == 2
-    old = await export.replace_root(MemoryNode(SIZE))
-    assert old is disk and export.root is not disk
+    new = MemoryNode(SIZE)
+    seen: list[object] = []
+
+    async def to_new(old: object) -> MemoryNode:
+        seen.append(old)
+        return new
+
+    old = await export.replace_root(to_new)
+    assert old is disk and seen == [disk] and export.root is new
+
+    async def too_big(old: object) -> MemoryNode:
+        return MemoryNode(SIZE + 1)
+
     with pytest.raises(ValueError):
-        await export.replace_root(MemoryNode(SIZE + 1))
+        await export.replace_root(too_big)
+    assert export.root is new
 
 
 class _StartFails(Job):
@@ -222,7 +234,7 @@ async def test_registry_starts_every_kind_through_one_path(
             "backup": JobKind(BackupSpec.parse, BackupJob.make, open_target),
             "broken": JobKind(BackupSpec.parse, make_failing, open_target),
         }
-        assert set(JOB_KINDS) == {"backup"}
+        assert set(JOB_KINDS) == {"backup", "mirror"}
         registry = JobRegistry(host, kinds)
         added: list[str] = []
         registry.on_added = lambda job: added.append(job.id)

@@ -16,7 +16,7 @@ from typing import Any
 
 from blockfs.errors import BlockfsError, UsageError
 
-JOB_KINDS = ("backup",)
+JOB_KINDS = ("backup", "mirror")
 FINAL = ("concluded", "null")
 
 
@@ -89,6 +89,8 @@ def _verb(verb: str):  # type: ignore[no-untyped-def]
         if not os.path.exists(path):
             raise UsageError(f"no job {args.id!r} on {args.mountpoint}", errno=errno.ENOENT)
         text = verb if verb != "speed" else f"speed={args.value}"
+        if getattr(args, "force", False):
+            text = "cancel force"
         write_control(path, text)
         return 0
 
@@ -102,8 +104,16 @@ def _bar(s: dict[str, Any], width: int = 30) -> str:
     return f"{s['id']:<14} [{'#' * fill}{'.' * (width - fill)}] {100 * frac:5.1f}% {state}"
 
 
+def _reached(s: dict[str, Any], until: str) -> bool:
+    """Whether a job is where ``--until`` waits for it (a concluded job always is)."""
+    if s["state"] in FINAL:
+        return True
+    return until == "ready" and bool(s.get("ready"))
+
+
 def _wait(args: argparse.Namespace, *, show: bool) -> int:
-    """Wait until the named jobs (or all) conclude; exit 0 only if all succeeded."""
+    """Wait until the named jobs (or all) conclude, or with ``--until ready`` until each is
+    ready (a mirror in sync); exit 0 only if none failed."""
     ids = [args.id] if args.id else _job_ids(args.mountpoint)
     if not ids:
         return 0
@@ -121,7 +131,7 @@ def _wait(args: argparse.Namespace, *, show: bool) -> int:
             else:
                 print("\n".join(lines))
             sys.stdout.flush()
-        if all(s["state"] in FINAL for s in last.values()):
+        if all(_reached(s, args.until) for s in last.values()):
             break
         if deadline is not None and time.monotonic() > deadline:
             raise BlockfsError("timed out waiting for the jobs", errno=errno.ETIMEDOUT)
@@ -131,6 +141,11 @@ def _wait(args: argparse.Namespace, *, show: bool) -> int:
     failed = [s for s in last.values() if s["error"]]
     for s in failed:
         print(f"blockfs: job {s['id']} failed: {s['error']}", file=sys.stderr)
+    if args.until == "ready":
+        for s in last.values():
+            if not s["error"] and s["state"] in FINAL:
+                print(f"blockfs: job {s['id']} ended without being ready", file=sys.stderr)
+                failed.append(s)
     return 1 if failed else 0
 
 
@@ -155,12 +170,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.add_argument("id", nargs="?", metavar="ID")
         p.add_argument("--interval", type=float, default=0.5 if show else 0.1)
         p.add_argument("--timeout", type=float, default=0.0, help="give up after this many s")
+        p.add_argument(
+            "--until",
+            choices=("concluded", "ready"),
+            default="concluded",
+            help="what to wait for (ready: a mirror in sync, waiting for complete)",
+        )
         p.set_defaults(func=lambda a, show=show: _wait(a, show=show))
 
     for verb in ("pause", "resume", "cancel", "complete", "dismiss"):
         p = jsub.add_parser(verb, help=f"{verb} a job")
         p.add_argument("mountpoint", metavar="MNT")
         p.add_argument("id", metavar="ID")
+        if verb == "cancel":
+            p.add_argument("--force", action="store_true", help="stop at once, even when ready")
         p.set_defaults(func=_verb(verb))
     p = jsub.add_parser("speed", help="set a job's background copy rate (bytes/s, K/M/G)")
     p.add_argument("mountpoint", metavar="MNT")

@@ -7,6 +7,7 @@
     .control/images/NAME/stats     JSON: QEMU's blockstats counters
     .control/images/NAME/inject    error-injection rules (only with the image option inject=on)
     .control/jobs/backup           write a spec here to start a backup
+    .control/jobs/mirror           write a spec here to start a mirror
     .control/jobs/ID/status        JSON status of one job
     .control/jobs/ID/ctl           write a verb: pause resume cancel complete dismiss speed=N
 
@@ -59,9 +60,12 @@ images/NAME/stats       JSON: rd_bytes, wr_bytes, rd_operations, wr_operations, 
 images/NAME/inject      (image option inject=on only) write error-injection rules; read
                         them as JSON, with how often each fired
 jobs/backup             write a spec to start a backup job
+jobs/mirror             write a spec to start a mirror job
 jobs/ID/status          JSON: id, type, device, state, offset, len, speed, ready,
-                        io-status, error
-jobs/ID/ctl             write one verb: pause | resume | cancel | complete | dismiss | speed=N
+                        io-status, error (a mirror adds target, target-state, sync,
+                        copy-mode, granularity)
+jobs/ID/ctl             write one verb: pause | resume | cancel | cancel force |
+                        complete | dismiss | speed=N
 
 events, info and status name host paths: only the mount's owner may read them (mode 0400).
 Image files show their image file's owner, group and mode (a read-only image without write
@@ -95,8 +99,24 @@ mode (new|existing), sync (full|top|none), speed, on-source-error and on-target-
 (report|ignore|stop|enospc), id (default: the device name), compress (on: compressed qcow2
 clusters), view (on: publish MNT/DEVICE@ID, a read-only point-in-time view, while the job runs).
 
+Mirror keys: device (required), target (required, a path), format (qcow2|raw; default
+qcow2), mode (new|existing), sync (full|top|none: none and top give the target the
+source's image or backing file as its backing file), granularity (dirty-tracking unit, a
+power of two from 512 to 64M; default the target's cluster size or 64K), buf-size (data in
+flight, default 4M), speed, copy-mode (background: copy what writes dirty; write-blocking:
+each write reaches both before it completes), on-source-error, on-target-error, id.
+A mirror copies, then is ready (BLOCK_JOB_READY) and keeps the target in sync:
+  complete       the device switches over to the target (same file, open handles keep
+                 working); the old image is left as it was at the switch
+  cancel         before ready: stops, the target is incomplete (a new one is removed);
+                 when ready: the target is made equal to the source at that point and
+                 kept, the device keeps its source (BLOCK_JOB_COMPLETED)
+  cancel force   stops at once, in any state
+
 Examples:
     echo "device=disk0 target=/srv/backup.qcow2 sync=full" > MNT/.control/jobs/backup
+    echo "device=disk0 target=/new/disk0.qcow2" > MNT/.control/jobs/mirror
+    echo complete > MNT/.control/jobs/disk0/ctl     # once "ready": true
     cat MNT/.control/jobs/disk0/status
     echo pause > MNT/.control/jobs/disk0/ctl
     echo speed=50M > MNT/.control/jobs/disk0/ctl
@@ -218,14 +238,15 @@ class ControlTree:
             job.pause()
         elif verb == "resume":
             job.resume()
-        elif verb == "cancel":
-            job.cancel()
+        elif verb in ("cancel", "cancel force"):
+            job.cancel(force=verb == "cancel force")
         elif verb == "complete":
             job.complete()
         elif verb == "dismiss":
             self.registry.dismiss(job)
         else:
             raise UsageError(
-                f"unknown verb {verb[:40]!r} (pause, resume, cancel, complete, dismiss, speed=N)"
+                f"unknown verb {verb[:40]!r} (pause, resume, cancel, cancel force, complete, "
+                "dismiss, speed=N)"
             )
         return b"ok\n"

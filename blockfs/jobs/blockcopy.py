@@ -344,6 +344,11 @@ class BlockCopy:
     def busy(self) -> bool:
         return bool(self._inflight)
 
+    @property
+    def in_flight_count(self) -> int:
+        """Clusters being copied (or held by a write-blocking write) now."""
+        return len(self._inflight)
+
     def statistics(self) -> CopyStatistics:
         return CopyStatistics(
             clusters=self.clusters,
@@ -447,6 +452,70 @@ class BlockCopy:
                 return True
         return False
 
+    # -- write-blocking: a guest write reaches both sides before it completes ------------------
+
+    async def write_blocking(
+        self,
+        offset: int,
+        length: int,
+        write_source: Callable[[], Awaitable[None]],
+        write_target: Callable[[], Awaitable[None]],
+        on_target_error: Callable[[BlockfsError], None],
+    ) -> None:
+        """Carry out a guest write on the source and then on the target, so the target never
+        lags behind what the guest saw completed (a mirror's ``copy-mode=write-blocking``).
+
+        The write's clusters are held in flight (as if claimed) for the whole write: no
+        background copy of them starts, and one already running is waited for first, so an
+        older copy never lands over this write on the target. Clusters the write covers whole
+        are clean afterwards; a cluster it covers in part keeps its bit (dirty or clean, the
+        untouched part is as it was on both sides). A failed source write leaves the range
+        dirty and raises (the guest hears of it); a failed target write leaves it dirty and
+        goes to ``on_target_error`` (called with no ``await`` since): the guest write
+        succeeds.
+        """
+        if length <= 0 or offset >= self.size:
+            await write_source()
+            return
+        first, last = self.clusters_of(offset, min(length, self.size - offset))
+        while await self.wait_inflight(first, last):
+            pass  # another write or copy held one of them: look again
+        inflight, bitmap, cs = self._inflight, self.bitmap, self.cluster_size
+        done = trio.Event()
+        for i in range(first, last + 1):
+            inflight[i] = done
+        whole_first = first if offset <= first * cs else first + 1
+        end = offset + length
+        whole_last = last if end >= min((last + 1) * cs, self.size) else last - 1
+        ok = False
+        try:
+            await write_source()
+            try:
+                await write_target()
+            except BlockfsError as exc:
+                self._end_held(first, last, False, done)
+                on_target_error(exc)
+                return
+            ok = True
+        finally:
+            if ok:
+                if whole_last >= whole_first:
+                    bitmap.clear_range(whole_first, whole_last + 1 - whole_first)
+                self.bytes_copied += length
+            if inflight.get(first) is done:  # not ended by a target failure above
+                self._end_held(first, last, ok, done)
+
+    def _end_held(self, first: int, last: int, ok: bool, done: trio.Event) -> None:
+        inflight = self._inflight
+        for i in range(first, last + 1):
+            del inflight[i]
+        if not ok:
+            self.bitmap.set_range(first, last + 1 - first)
+            self._wake_dirty()
+        done.set()
+        if not inflight:
+            self._idle.set()
+
     # -- the background copy --------------------------------------------------------------------
 
     async def run(
@@ -457,7 +526,8 @@ class BlockCopy:
         limiter: RateLimiter | None = None,
         checkpoint: Callable[[], Awaitable[None]] = _no_checkpoint,
         on_workers: Callable[[int], None] = lambda n: None,
-        max_passes: int = 100,
+        max_passes: int | None = 100,
+        converge: bool = True,
     ) -> None:
         """Copy until no cluster is dirty and no copy is in flight.
 
@@ -465,13 +535,18 @@ class BlockCopy:
         (a job's pause point) and a reservation from ``limiter``. ``on_workers(n)`` hears how
         many of them run (a job is paused once all of its body tasks are parked). A pass ends
         when no dirty cluster is left after the cursor; passes repeat for what failed or was
-        dirtied again. Copies in flight from copy-before-write are waited for.
+        dirtied again. Copies in flight from copy-before-write are waited for. ``max_passes``
+        None: as many passes as it takes (a mirror under writes; its job decides when to stop).
+        ``converge`` off: return after ``max_passes`` passes even if some cluster is dirty (a
+        mirror's catch-up pass before it quiesces the device).
 
         :raise BlockfsError: what ``on_error`` raised; or the same ranges kept failing, or
             ``max_passes`` passes did not leave the bitmap clean.
         """
         self.failures = 0
-        for _ in range(max_passes):
+        passes = 0
+        while max_passes is None or passes < max_passes:
+            passes += 1
             self._cursor = 0
             live = [workers]
             on_workers(workers)
@@ -494,7 +569,8 @@ class BlockCopy:
                 return
             if self.failures > 10 * self.clusters + 100:
                 raise BlockfsError("the same ranges keep failing")
-        raise BlockfsError("copy did not converge")
+        if converge:
+            raise BlockfsError("copy did not converge")
 
     async def _worker(
         self,

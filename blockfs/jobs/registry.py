@@ -23,6 +23,7 @@ from blockfs.export import Export
 from blockfs.jobs.backup import BackupJob, BackupSpec, open_backup_target
 from blockfs.jobs.host import JobHost
 from blockfs.jobs.job import Job, JobState
+from blockfs.jobs.mirror import MirrorJob, MirrorSpec, open_mirror_target
 from blockfs.jobs.target import OpenedTarget
 
 
@@ -54,6 +55,7 @@ class JobKind(Generic[_S]):
 #: every kind of job ``MNT/.control/jobs/KIND`` starts
 JOB_KINDS: Mapping[str, JobKind[Any]] = {
     "backup": JobKind(BackupSpec.parse, BackupJob.make, open_backup_target),
+    "mirror": JobKind(MirrorSpec.parse, MirrorJob.make, open_mirror_target),
 }
 
 
