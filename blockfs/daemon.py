@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -31,7 +32,13 @@ from blockfs.jobs.host import PublishedFile
 from blockfs.jobs.job import EventLog
 from blockfs.jobs.registry import JobRegistry
 from blockfs.nodes.base import Node
-from blockfs.nodes.registry import OpenPolicy, check_shared_files, close_chain, open_image
+from blockfs.nodes.file import SERVED_DEVICES
+from blockfs.nodes.registry import (
+    OpenPolicy,
+    check_shared_files,
+    close_chain,
+    open_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,29 @@ def detach_stale(path: str) -> None:
     res = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, text=True)
     if res.returncode != 0:
         subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def fuse_device(path: str) -> int | None:
+    """The device number (``st_dev``) of the file system mounted on ``path``, read from
+    ``/proc/self/mountinfo``: a stat of our own mount from the event loop would wait on the
+    event loop itself."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and _unescape(fields[4]) == path:
+            major, _, minor = fields[2].partition(":")
+            found = os.makedev(int(major), int(minor))  # the last one is on top
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def check_mountpoint(path: str) -> None:
@@ -115,6 +145,8 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         #: warnings for the user who mounts (a probed format), sent with the ready answer
         self.warnings: list[str] = []
+        #: st_dev of this mount's files, once mounted (see nodes.file.SERVED_DEVICES)
+        self.mount_dev: int | None = None
 
     async def open_images(self) -> None:
         """Open every image; on any failure close what was opened and raise."""
@@ -233,6 +265,9 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.close_images()
             raise
+        self.mount_dev = fuse_device(self.mountpoint)
+        if self.mount_dev is not None:
+            SERVED_DEVICES.add(self.mount_dev)
         log.info("mounted %d image(s) on %s", len(self.exports), self.mountpoint)
         try:
             async with trio.open_nursery() as nursery:
@@ -252,6 +287,8 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self.close_images()
             pyfuse3.close(unmount=True)
+            if self.mount_dev is not None:
+                SERVED_DEVICES.discard(self.mount_dev)
             log.info("unmounted %s", self.mountpoint)
 
     async def _watch_signals(self) -> None:

@@ -33,7 +33,7 @@ import trio
 
 from blockfs.errors import UsageError
 from blockfs.nodes.base import Node
-from blockfs.nodes.file import FileNode
+from blockfs.nodes.file import FileNode, check_not_served
 from blockfs.nodes.qcow2 import create_qcow2, create_raw
 from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
 
@@ -112,6 +112,7 @@ class TargetFolder:
                 raise UsageError(f"target folder {path} changed while it was opened; refused",
                                  errno=errno.EACCES)  # fmt: skip
             st = os.fstat(fd)
+            check_not_served(st, path)
             folder.sticky = bool(st.st_mode & stat.S_ISVTX)
             if _writable_by_others(st) and not folder.sticky:
                 raise UsageError(
@@ -215,6 +216,7 @@ class TargetFile:
                 raise UsageError(f"target {folder.path}/{name}: {why}", errno=code) from None
             try:
                 st = os.fstat(fd)
+                check_not_served(st, f"target {folder.path}/{name}")
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                     raise UsageError(
                         f"target {folder.path}/{name}: not a regular file or block device",

@@ -408,7 +408,24 @@ def _path_error(exc: OSError, path: str) -> UsageError:
     return UsageError(f"{path}: {messages.get(code, exc.strerror)}", errno=code)
 
 
+#: ``st_dev`` of the file systems this process serves (its own FUSE mount, added once it is
+#: up). A file there is answered by the event loop that would read it: one request from the
+#: loop and the daemon waits on itself forever. Such a file is refused (EBUSY) by a check made
+#: off the event loop (a stat served by the loop meanwhile), before the file is ever opened.
+SERVED_DEVICES: set[int] = set()
+
+
+def check_not_served(st: os.stat_result, path: str) -> None:
+    """:raise UsageError: (EBUSY) ``st`` is of a file system this process serves."""
+    if st.st_dev in SERVED_DEVICES:
+        raise UsageError(
+            f"{path} lies inside this blockfs mount (the daemon would wait on itself); refused",
+            errno=errno.EBUSY,
+        )
+
+
 def _check_kind(st: os.stat_result, path: str) -> None:
+    check_not_served(st, path)
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path}: is a directory", errno=errno.EISDIR)
     if stat.S_ISLNK(st.st_mode):
