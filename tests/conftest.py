@@ -183,8 +183,8 @@ def status(m, job_id: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
     return json.loads((m.path / ".control" / "jobs" / job_id / "status").read_text())
 
 
-def start(m, spec: str) -> str:  # type: ignore[no-untyped-def]
-    return _write_control(str(m.path / ".control" / "jobs" / "backup"), spec)
+def start(m, spec: str, kind: str = "backup") -> str:  # type: ignore[no-untyped-def]
+    return _write_control(str(m.path / ".control" / "jobs" / kind), spec)
 
 
 def ctl(m, job_id: str, verb: str) -> None:  # type: ignore[no-untyped-def]
@@ -198,6 +198,18 @@ def wait_state(m, job_id: str, states: tuple[str, ...], timeout: float = 120) ->
         if s["state"] in states:
             return s
         assert time.monotonic() < deadline, f"job {job_id} stuck: {s}"
+        time.sleep(0.05)
+
+
+def wait_ready(m, job_id: str, timeout: float = 120) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """Wait until a mirror is in sync (``"ready": true``); fails if it concludes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(m, job_id)
+        if s["ready"]:
+            return s
+        assert s["state"] not in ("concluded", "null"), f"job {job_id} ended unready: {s}"
+        assert time.monotonic() < deadline, f"job {job_id} not ready: {s}"
         time.sleep(0.05)
 
 

@@ -250,3 +250,40 @@ async def test_the_rate_limit_spreads_the_copy_over_time(
     t0 = trio.current_time()
     await copy.run(workers=4, on_error=_retry, limiter=RateLimiter(lambda: 512 * 1024))
     assert 3.0 <= trio.current_time() - t0 <= 4.5
+
+
+async def test_write_blocking_waits_for_a_copy_in_flight_and_keeps_partial_bits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A write-blocking write over a cluster being copied waits for that copy (else the old
+    data read by the copy could land on the target after the new data); a cluster the write
+    covers whole is clean after it, one it covers in part keeps its dirty bit."""
+    disk = MemoryNode(SIZE, fill=pattern(SIZE, 1))
+    target = MemoryNode(SIZE)
+    copy = _engine(disk, target, max_chunk=CS)
+    gate = Gate("read", 2 * CS)
+    disk.before = gate
+    new = pattern(CS + 512, 2)
+
+    async def guest_write() -> None:
+        await copy.write_blocking(
+            2 * CS,
+            len(new),
+            lambda: disk.write(2 * CS, new),
+            lambda: target.write(2 * CS, new),
+            lambda exc: None,
+        )
+
+    async with trio.open_nursery() as nursery:
+        claimed = copy.claim_run(2, 1)
+        nursery.start_soon(copy.copy_claimed, *claimed)
+        await gate.reached.wait()
+        nursery.start_soon(guest_write)
+        await trio.sleep(1)
+        assert ("write", 2 * CS, len(new)) not in disk.log, "the write must wait for the copy"
+        gate.open()
+    assert bytes(target.data[2 * CS : 2 * CS + len(new)]) == new
+    assert not copy.bitmap.get(2)  # covered whole: clean
+    assert copy.bitmap.get(3)  # covered in part, dirty before: still dirty
+    await copy.run(workers=1, on_error=_retry)
+    assert bytes(target.data) == bytes(disk.data)

@@ -17,6 +17,7 @@ from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.backup import BackupJob, BackupSpec, CopyBeforeWriteFilter
 from blockfs.jobs.job import EventLog, Job, JobState
+from blockfs.jobs.mirror import MirrorJob, MirrorSpec
 from blockfs.jobs.registry import JOB_KINDS, JobKind, JobRegistry
 from blockfs.jobs.target import OpenedTarget
 from blockfs.nodes.base import Node
@@ -289,3 +290,102 @@ async def test_a_read_only_image_reopens_read_write_in_place(tmp_path: Path) -> 
     finally:
         await close_chain(node)
     assert path.read_bytes()[CS : CS + 7] == b"written"
+
+
+# -- mirror -------------------------------------------------------------------------------
+
+
+def _mirror(host: FakeHost, export: Export, target: Node, extra: str = "") -> MirrorJob:
+    spec = MirrorSpec.parse(f"device={export.name} target=/nowhere {extra}".encode())
+    opened = OpenedTarget(target, zero_init=True, file=None, path="/nowhere")
+    return MirrorJob(spec, host, export, opened)
+
+
+async def _until_ready(host: FakeHost, job: Job) -> None:
+    while job.state is not JobState.READY:
+        await host.events.wait_changed()
+
+
+@pytest.mark.parametrize("mode", ["background", "write-blocking"])
+async def test_mirror_converges_under_writes_and_switches(
+    autojump_clock: trio.testing.MockClock, mode: str
+) -> None:
+    """The guest writes all over the disk during the copy and while the job is ready; after
+    complete the export serves the target, which holds every write, and the old disk is
+    closed. In write-blocking mode the target holds each write the moment it completed."""
+    disk = MemoryNode(SIZE, fill=pattern(SIZE, 1))
+    export = Export("d", disk)
+    target = MemoryNode(SIZE)
+
+    async def slow(op: str, offset: int, length: int) -> None:
+        await trio.sleep(0.01)
+
+    disk.before = slow
+    async with trio.open_nursery() as nursery:
+        host = FakeHost(nursery, export)
+        job = _mirror(host, export, target, f"copy-mode={mode} speed=2M")
+        await job.start()
+        nursery.start_soon(job.main)
+        for k in range(60):
+            data = pattern(8192, 100 + k)
+            offset = (k * 13 % 32) * CS + 4096
+            await export.write(offset, data)
+            if mode == "write-blocking":
+                assert bytes(target.data[offset : offset + 8192]) == data
+        await _until_ready(host, job)
+        await export.write(5 * CS, pattern(CS, 7))
+        expected = bytes(disk.data)
+        job.complete()
+        await job.wait_concluded()
+    assert job.error is None and job.switched
+    assert export.root is target and disk.closed
+    assert bytes(target.data) == expected
+    names = [e["event"] for e in host.events]
+    assert names.index("BLOCK_JOB_READY") < names.index("BLOCK_JOB_COMPLETED")
+
+
+async def test_mirror_cancel_in_ready_keeps_source_and_a_consistent_target(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    disk = MemoryNode(SIZE, fill=pattern(SIZE, 1))
+    export = Export("d", disk)
+    target = MemoryNode(SIZE)
+    async with trio.open_nursery() as nursery:
+        host = FakeHost(nursery, export)
+        job = _mirror(host, export, target)
+        await job.start()
+        nursery.start_soon(job.main)
+        await _until_ready(host, job)
+        await export.write(3 * CS, pattern(100, 9))
+        job.cancel()
+        await job.wait_concluded()
+        await export.write(4 * CS, pattern(100, 10))  # after the job: the source's alone
+    assert job.error is None and not job.cancelled and not job.switched
+    assert export.root is disk and not disk.closed and target.closed
+    assert bytes(target.data[3 * CS : 3 * CS + 100]) == pattern(100, 9)
+    assert bytes(target.data[4 * CS : 4 * CS + 100]) == pattern(SIZE, 1)[4 * CS : 4 * CS + 100]
+    assert "BLOCK_JOB_COMPLETED" in [e["event"] for e in host.events]
+
+
+async def test_mirror_write_blocking_target_failure_never_fails_the_guest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A target write that fails under write-blocking: the guest's write succeeds, the job
+    fails (on-target-error=report) and steps aside; the disk holds the write."""
+    disk = MemoryNode(SIZE, fill=pattern(SIZE, 1))
+    export = Export("d", disk)
+    target = MemoryNode(SIZE)
+    async with trio.open_nursery() as nursery:
+        host = FakeHost(nursery, export)
+        job = _mirror(host, export, target, "copy-mode=write-blocking")
+        await job.start()
+        nursery.start_soon(job.main)
+        await _until_ready(host, job)
+        gate = Gate("write", 7 * CS, fail=BlockfsError("no space", errno=errno.ENOSPC))
+        gate.open()  # fail at once
+        target.before = gate
+        await export.write(7 * CS, pattern(CS, 3))
+        await job.wait_concluded()
+    assert bytes(disk.data[7 * CS : 8 * CS]) == pattern(CS, 3)
+    assert job.error is not None and "target write failed" in job.error
+    assert export.root is disk
