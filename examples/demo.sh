@@ -75,5 +75,34 @@ else
   echo "and the live disk did change: the writes during the job went to it, not to the backup."
 fi
 
-step "Shown: raw and qcow2 images mounted as files, written by dd and qemu-io, a live backup,
-   all proven by qemu-img compare and check."
+step "Live mirror: move the disk to a new image while it is written, then switch over"
+"${BLOCKFS[@]}" mount --log "$WORK/blockfs.log" "$MNT" "vm=$WORK/top.qcow2,format=qcow2"
+exec 5<>"$MNT/vm"   # a handle held open across the switch, as a VM would hold it
+"${BLOCKFS[@]}" job start mirror "$MNT" device=vm "target=$WORK/moved.qcow2" sync=full speed=32M
+(for i in $(seq 1 40); do
+   dd if=/dev/urandom of="$MNT/vm" bs=64k count=4 seek=$((RANDOM % 1000)) conv=notrunc status=none
+ done) &
+WRITER=$!
+"${BLOCKFS[@]}" job wait "$MNT" vm --until ready
+wait $WRITER
+echo "ready: the target is in sync and kept so; now switch over"
+"${BLOCKFS[@]}" job complete "$MNT" vm
+"${BLOCKFS[@]}" job wait "$MNT" vm
+printf 'written after the switch through the old handle\n' | dd of=/dev/fd/5 bs=1M seek=60 oflag=seek_bytes conv=notrunc status=none
+exec 5>&-
+tail -n 2 "$MNT/.control/events"
+echo "the mounted file now reads and writes:"
+python3 -c 'import json,sys; print("  ", json.load(sys.stdin)["backing-chain"][0]["filename"])' < "$MNT/.control/images/vm/info"
+cp "$MNT/vm" "$WORK/vm-final.raw"
+"${BLOCKFS[@]}" job dismiss "$MNT" vm
+"${BLOCKFS[@]}" umount "$MNT"
+qemu-img compare -F raw "$WORK/moved.qcow2" "$WORK/vm-final.raw"
+qemu-img check "$WORK/moved.qcow2"
+echo "the old image was left as it was at the switch (no later write reached it):"
+if qemu-img compare -q -F raw "$WORK/top.qcow2" "$WORK/vm-final.raw"; then
+  echo "unexpected: the old image got the write made after the switch"; exit 1
+fi
+qemu-img check "$WORK/top.qcow2"
+
+step "Shown: raw and qcow2 images mounted as files, written by dd and qemu-io, a live backup
+   and a live mirror with switch-over, all proven by qemu-img compare and check."

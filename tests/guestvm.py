@@ -9,10 +9,12 @@ What lives here:
 * The initramfs is built per boot, in Python (cpio "newc", gzip), from ``busybox-static`` plus the
   modules; its ``/init`` loads the modules, runs the script, prints ``GUEST-EXIT: <rc>`` on the serial
   console and powers off.
-* `PatternWorkload`, `Ext2Workload` and `PointInTimeWorkload` are the guest workloads the VM tests
-  and ``examples/vm.sh`` share: each builds the guest script and checks the disk image afterwards
-  from the host. `PointInTimeWorkload` pauses twice for the host (see `RunningGuest`), so a job
-  can start between its BEFORE and AFTER markers.
+* `PatternWorkload`, `Ext2Workload`, `PointInTimeWorkload` and `SwitchOverWorkload` are the guest
+  workloads the VM tests and ``examples/vm.sh`` share: each builds the guest script and checks the
+  disk image afterwards from the host. `PointInTimeWorkload` pauses twice for the host (see
+  `RunningGuest`), so a job can start between its BEFORE and AFTER markers; `SwitchOverWorkload`
+  pauses before and after its DURING markers, so a job can copy the disk while they are written
+  and move it elsewhere before its AFTER markers.
 
 What must not live here: anything about blockfs itself (mounting, images). This module drives a
 guest on whatever files it is given, so a failure it reports is about the disk it was handed.
@@ -1046,14 +1048,130 @@ class PointInTimeWorkload:
         return problems
 
 
-WORKLOADS = {"pattern": PatternWorkload, "ext2": Ext2Workload, "markers": PointInTimeWorkload}
+@dataclasses.dataclass(frozen=True)
+class SwitchOverWorkload:
+    """Markers written before, while and after a job moves the disk to another image: for a
+    mirror, which copies the disk while the guest writes and then switches it over.
+
+    The disk is cut into 16 slices. Phase one writes a ``BEFORE`` extent at the start of each
+    slice and stops at ``host_phase before-written``; the host starts its job there. Phase two
+    writes ``DURING-load`` MiB blocks (where no BEFORE or DURING extent lies), then a
+    ``DURING`` extent a third into each slice, each in disk order, and stops at ``host_phase
+    during-written``; the host lets the job catch up and switch the disk over there. Phase
+    three writes two ``AFTER`` extents per slice, one in the cluster of that slice's DURING
+    extent (a 64 KiB cluster then holds data from both sides of the switch) and one two thirds
+    in, syncs and ends. Extents of different phases never overlap; AFTER extents overwrite
+    parts of the load. Every write is O_DIRECT in the guest and every phase ends in sync.
+
+    The disk after the run holds every marker of the three phases (`verify_host`); the image
+    the disk moved away from holds every BEFORE and DURING marker and no AFTER anywhere
+    (`verify_left_behind`).
+    """
+
+    disk_bytes: int
+    load_mib: int = 4
+    PHASES = ("before-written", "during-written")
+
+    @property
+    def _slice(self) -> int:
+        return self.disk_bytes // SECTOR // 16
+
+    def before_extents(self) -> list[tuple[int, int]]:
+        return [(k * self._slice + 7, 8) for k in range(16)]
+
+    def during_extents(self) -> list[tuple[int, int]]:
+        return [(k * self._slice + self._slice // 3 + 1, 11) for k in range(16)]
+
+    def after_extents(self) -> list[tuple[int, int]]:
+        """Two per slice: just past the DURING extent (one sector between them), and further."""
+        near = [(first + count + 1, 6) for first, count in self.during_extents()]
+        far = [(k * self._slice + 2 * self._slice // 3 + 5, 9) for k in range(16)]
+        return sorted(near + far)
+
+    def load_mibs(self) -> list[int]:
+        """``load_mib`` MiB blocks spread over the disk, none touching a BEFORE or DURING
+        extent; written first in phase two."""
+        per_mib = (1 << 20) // SECTOR
+        taken = {
+            s // per_mib
+            for first, count in (*self.before_extents(), *self.during_extents())
+            for s in (first, first + count - 1)
+        }
+        free = [m for m in range(self.disk_bytes >> 20) if m not in taken]
+        if len(free) < self.load_mib:
+            raise ValueError(f"a {self.disk_bytes}-byte disk has no room for the load")
+        return [free[k * len(free) // self.load_mib] for k in range(self.load_mib)]
+
+    def script(self, device: str = "/dev/vda") -> str:
+        gen = (
+            "awk -v s=$1 -v n=$2 -v t=$3 'BEGIN { for (i = s; i < s + n; i++) "
+            'for (w = 0; w < 8; w++) printf "%-63s\\n", sprintf("%s sector=%010d word=%d", '
+            "t, i, w) }'"
+        )
+        put = "dd if=p.bin of=$dev bs=512 seek=$1 conv=notrunc oflag=direct 2>/dev/null"
+        per_mib = (1 << 20) // SECTOR
+        lines = [
+            "set -e",
+            f"dev={device}",
+            f"gen() {{ {gen}; }}",
+            f"put() {{ gen $1 $2 $3 > p.bin; {put}; }}",
+            HOST_PHASE_SH,
+        ]
+        lines += [f"put {first} {count} BEFORE" for first, count in self.before_extents()]
+        lines.append("host_phase before-written")
+        lines += [
+            f"gen {m * per_mib} {per_mib} DURING-load > p.bin\n"
+            f"dd if=p.bin of=$dev bs=1M seek={m} conv=notrunc oflag=direct 2>/dev/null"
+            for m in self.load_mibs()
+        ]
+        lines += [f"put {first} {count} DURING" for first, count in self.during_extents()]
+        lines.append("host_phase during-written")
+        lines += [f"put {first} {count} AFTER" for first, count in self.after_extents()]
+        lines.append("sync")
+        lines.append('echo "GUEST-RESULT: markers=written"')
+        return "\n".join(lines) + "\n"
+
+    def _expected(self, *, after: bool) -> dict[int, bytes]:
+        per_mib = (1 << 20) // SECTOR
+        runs = [(m * per_mib, per_mib, "DURING-load") for m in self.load_mibs()]
+        runs += [(first, count, "BEFORE") for first, count in self.before_extents()]
+        runs += [(first, count, "DURING") for first, count in self.during_extents()]
+        if after:
+            runs += [(first, count, "AFTER") for first, count in self.after_extents()]
+        return {
+            s: pattern_sector(s, tag)
+            for first, count, tag in runs
+            for s in range(first, first + count)
+        }
+
+    def verify_host(self, image: Path) -> list[str]:
+        """The raw disk after the run: every BEFORE, DURING and AFTER extent, and the load
+        where no AFTER extent overwrote it."""
+        return _compare_sectors(image, self._expected(after=True))
+
+    def verify_left_behind(self, image: Path) -> list[str]:
+        """A raw image the disk switched away from between phases two and three: every BEFORE
+        and DURING extent and the load, no AFTER anywhere."""
+        problems = _compare_sectors(image, self._expected(after=False))
+        problems += [f"AFTER at byte {off}" for off in find_tag(image, b"AFTER")]
+        return problems
+
+
+WORKLOADS = {
+    "pattern": PatternWorkload,
+    "ext2": Ext2Workload,
+    "markers": PointInTimeWorkload,
+    "switch-over": SwitchOverWorkload,
+}
 
 
 def make_workload(
     name: str, disk_bytes: int
-) -> PatternWorkload | Ext2Workload | PointInTimeWorkload:
+) -> PatternWorkload | Ext2Workload | PointInTimeWorkload | SwitchOverWorkload:
     if name == "markers":
         return PointInTimeWorkload(disk_bytes)
+    if name == "switch-over":
+        return SwitchOverWorkload(disk_bytes)
     if name == "pattern":
         return PatternWorkload(disk_bytes)
     if name == "ext2":
@@ -1099,8 +1217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--handshake",
         action="store_true",
-        help="at each phase of a phased workload (markers) print 'guestvm: phase=NAME' and let "
-        "the guest go on only when a line ('go') arrives on stdin; without it the guest goes on",
+        help="at each phase of a phased workload (markers, switch-over) print 'guestvm: "
+        "phase=NAME' and let the guest go on only when a line ('go') arrives on stdin; without "
+        "it the guest goes on",
     )
     run.add_argument("--console", action="store_true", help="print the whole console")
     args = parser.parse_args(argv)
@@ -1127,7 +1246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         script = workload.script()
     else:
         script = args.script.read_text()
-    phases = workload.PHASES if isinstance(workload, PointInTimeWorkload) else ()
+    phases: tuple[str, ...] = ()
+    if isinstance(workload, PointInTimeWorkload | SwitchOverWorkload):
+        phases = workload.PHASES
     deadline = time.monotonic() + args.timeout
     with kit.start(script, args.disk) as guest:
         for phase in phases:

@@ -16,7 +16,11 @@ Jobs while the guest writes: the guest (`guestvm.PointInTimeWorkload`) writes BE
 pauses at a serial-console handshake while the host starts a backup, then writes AFTER markers and
 a load while the (rate-limited) job still runs. The backup must equal the disk at the pause
 (``qemu-img compare`` against a copy the host took then), with ``qemu-img check`` clean on a qcow2
-target; the live disk holds the AFTER markers. Mirror and commit join here when they exist.
+target; the live disk holds the AFTER markers. A mirror (`guestvm.SwitchOverWorkload`, in
+copy-mode background and write-blocking): the guest writes BEFORE markers, DURING markers and a
+load while the slowed job copies, and AFTER markers once ``complete`` switched its disk over to
+the target under it; the target then holds all three and the old image BEFORE and DURING only,
+both ``qemu-img check`` clean. Commit joins here when it exists.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -421,3 +426,117 @@ def test_backup_started_mid_run_holds_the_disk_as_it_was_at_the_start(
     assert not workload.verify_host(live), "live image after unmount"
     if view:
         print(f"view read {view_reads} times during the AFTER writes")
+
+
+# --------------------------------------------------------------------------------------------
+# A mirror while the guest runs: BEFORE it, DURING its copy, AFTER its switch-over.
+
+#: The job copies about the first quarter of the disk at the fast speed, then crawls at the slow
+#: one while the guest writes its DURING phase (24 MiB at 256 KiB/s would take 96 s), so those
+#: writes land both on clusters already copied and on clusters not copied yet.
+MIRROR_FAST_SPEED = "4M"
+MIRROR_SLOW_SPEED = "256K"
+
+
+def _wait_job(
+    mnt: Path, job_id: str, what: str, done: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
+    """Poll the job's status until ``done(status)``; the status that satisfied it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _job_status(mnt, job_id)
+        if done(status):
+            return status
+        assert time.monotonic() < deadline, f"job {job_id}: not {what} after {timeout}s: {status}"
+        time.sleep(0.02)
+
+
+def _events(mnt: Path) -> list[dict[str, Any]]:
+    text = (mnt / ".control" / "events").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_mirror_moves_a_running_guest_disk_and_switches_it_over_under_the_guest(
+    guest_kit: guestvm.GuestKit, tmp_path: Path, copy_mode: str
+) -> None:
+    """The guest writes BEFORE markers and pauses; the host starts a mirror of its qcow2 disk
+    to a new qcow2 target, lets it copy about a quarter of the disk fast and then slows it to a
+    crawl; the guest writes a DURING load and markers all over the disk while the job copies,
+    and pauses again. The host lets the job catch up (speed=0), waits for ready, completes it:
+    the job concludes without error and the device's info names the target. The guest, which
+    kept its disk open throughout, writes AFTER markers (now landing on the target only) and
+    powers off. After unmount the target (``qemu-img check`` clean) holds every marker of the
+    three phases; the old image (clean too) holds every BEFORE and DURING marker and no AFTER."""
+    if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    disk_bytes = BACKUP_DISK_BYTES
+    workload = guestvm.SwitchOverWorkload(disk_bytes)
+    image = _filled_image(tmp_path, "qcow2")
+    mount = BlockfsMount(tmp_path / "mnt", tmp_path / "blockfs.log")
+    target = tmp_path / "target.qcow2"
+    info_file = mount.mnt / ".control" / "images" / "vm" / "info"
+    try:
+        mount.open(image, "qcow2")
+        assert json.loads(info_file.read_text())["filename"] == str(image)
+        disk = guestvm.Disk(mount.disk, format="raw", cache="none")
+        with guest_kit.start(workload.script(), [disk]) as guest:
+            guest.expect("phase", "before-written", timeout=120)
+            spec = f"device=vm target={target} copy-mode={copy_mode} speed={MIRROR_FAST_SPEED}"
+            assert _control(mount.mnt, "jobs/mirror", spec) == "vm"
+            _wait_job(mount.mnt, "vm", "a quarter copied", lambda s: s["offset"] >= disk_bytes // 4)
+            _control(mount.mnt, "jobs/vm/ctl", f"speed={MIRROR_SLOW_SPEED}")
+            slowed: dict[str, Any] = _job_status(mount.mnt, "vm")
+            # An unfinished target never looks finished: it has a hidden name until the switch.
+            assert slowed["partial-target"] and not target.exists(), slowed
+            # Otherwise the DURING writes would not land on uncopied clusters.
+            assert slowed["offset"] < disk_bytes // 2, slowed
+            guest.send("go")
+            guest.expect("phase", "during-written", timeout=120)
+
+            status: dict[str, Any] = _job_status(mount.mnt, "vm")
+            # Otherwise the guest's DURING writes did not race the copy and this proves little.
+            assert status["state"] == "running" and not status["ready"], status
+            assert status["offset"] < status["len"], status
+            _control(mount.mnt, "jobs/vm/ctl", "speed=0")
+            ready = _wait_job(mount.mnt, "vm", "ready", lambda s: s["ready"] is True)
+            assert ready["state"] == "ready" and ready["error"] is None, ready
+            _control(mount.mnt, "jobs/vm/ctl", "complete")
+            status = _wait_job(mount.mnt, "vm", "concluded", lambda s: s["state"] == "concluded")
+            assert status["error"] is None, status
+            assert status["offset"] == status["len"], status
+            if copy_mode == "background":
+                # Every cluster once, and again wherever a DURING write dirtied a copied one
+                # (write-blocking writes whole clusters through, which then need no copy).
+                assert status["offset"] > disk_bytes, status
+            print(f"{copy_mode}: slowed at {slowed['offset']}, copied {status['offset']} bytes")
+            assert str(status["target-state"]).startswith("switched"), status
+            info = json.loads(info_file.read_text())
+            assert info["filename"] == str(target) and info["format"] == "qcow2", info
+            names = [e["event"] for e in _events(mount.mnt) if e["data"].get("device") == "vm"]
+            assert "BLOCK_JOB_READY" in names and "BLOCK_JOB_COMPLETED" in names, names
+            assert names.index("BLOCK_JOB_READY") < names.index("BLOCK_JOB_COMPLETED"), names
+            assert sorted(p.name for p in tmp_path.glob(".*.part")) == []
+            assert target.is_file()
+
+            guest.send("go")
+            result = guest.wait(timeout=60)
+        assert result.ok, result.explain()
+        assert result.results.get("markers") == "written", result.explain()
+        _control(mount.mnt, "jobs/vm/ctl", "dismiss")
+        assert not (mount.mnt / ".control" / "jobs" / "vm").exists()
+
+        live_problems = workload.verify_host(mount.disk)
+        assert not live_problems, f"live disk through the mount: {live_problems}"
+        mount.umount()
+    finally:
+        mount.close()
+    text = mount.log_text()
+    assert "Traceback" not in text, f"blockfs daemon log holds a traceback:\n{text}"
+
+    moved = _as_raw(target, "qcow2", tmp_path / "target-converted.raw")
+    problems = workload.verify_host(moved)
+    assert not problems, f"the target after unmount: {problems}"
+    old = _as_raw(image, "qcow2", tmp_path / "old-converted.raw")
+    problems = workload.verify_left_behind(old)
+    assert not problems, f"the old image after unmount: {problems}"
