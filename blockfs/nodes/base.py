@@ -113,6 +113,10 @@ class Node(abc.ABC):
     #: the node a read falls through to where this node reports a range unallocated
     backing: Node | None = None
     limits: Limits = Limits()
+    #: why this node stopped taking writes after a failure (qcow2's failsafe: a metadata
+    #: write failed, so its tables in memory may not match the file), or None. Cleared only
+    #: by opening the image again; a job reopens its target (see jobs.target).
+    write_failure: str | None = None
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:

@@ -7,7 +7,7 @@ split by concern, as QEMU splits its qcow2 driver:
     node.py        the node: opening, the one mapping function and its fast path, L2 tables,
                    zeroes and discard, the failsafe, the table/header interface for snapshots
     refcount.py    refcounts and the allocation of host clusters (qcow2-refcount.c)
-    cache.py       the metadata-table cache with pinning; knows no format (qcow2-cache.c)
+    ../cache.py    (shared) the metadata-table cache with pinning; knows no format (qcow2-cache.c)
     compressed.py  the compressed-cluster descriptor, (de)compression, the compressed area
     format.py      on-disk structures and the validation of what a header claims; no I/O
     snapshot.py    internal snapshots: create, apply, delete (qcow2-snapshot.c)

@@ -4,7 +4,7 @@ What lives here: opening (header, extensions, tables, backing chain), the one ma
 (:meth:`Qcow2Node._lookup`) that serves read, write and block_status with its fast path, the L2
 tables (claims, copy-on-write of shared tables, zeroes and discard), the failsafe, and the small
 interface the snapshot code (``snapshot.py``) and jobs use to rewrite tables and the header.
-Refcounts and allocation are in ``refcount.py``, the table cache in ``cache.py``, compressed
+Refcounts and allocation are in ``refcount.py``, the table cache in ``nodes/cache.py``, compressed
 clusters in ``compressed.py``, on-disk structures in ``format.py``, creation in ``create.py``.
 
 Invariants that the code relies on (write them down, since a new ``await`` breaks them):
@@ -26,7 +26,7 @@ Invariants that the code relies on (write them down, since a new ``await`` break
 * A freed host cluster is not reused while a read or an in-place write that may have looked it
   up is in flight (``_io_active``): decrements wait in ``_pending_decref`` until none is.
 * L2 tables that a task is about to change are pinned in the cache (never evicted), so that a
-  reload can never bring back a stale copy (``cache.py``).
+  reload can never bring back a stale copy (``nodes/cache.py``).
 * Compressed clusters (:meth:`Qcow2Node.write_compressed`) are packed into an area whose
   refcounts were raised, and flushed, beforehand (``compressed.py``). A kill leaves leaks.
 * Failsafe: every metadata write passes :meth:`Qcow2Node.write_metadata` and every flush of the
@@ -67,7 +67,7 @@ import trio
 
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UsageError
 from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
-from blockfs.nodes.qcow2.cache import TableCache
+from blockfs.nodes.cache import TableCache
 from blockfs.nodes.qcow2.compressed import (
     SECTOR,
     CompressedArea,
@@ -535,7 +535,15 @@ class Qcow2Node(Node):
                     else:
                         buf = data
                     self.child.debug_event("cluster_alloc")
-                    await self.child.write(host, buf)
+                    try:
+                        await self.child.write(host, buf)
+                    except BaseException:
+                        # Nothing refers to the new clusters yet: give them back, or a
+                        # target that fills up would leak a little at every failed write.
+                        if not self.refcounts.give_back(host, n):
+                            first = host >> cb
+                            self._pending_decref.extend(range(first, first + n))
+                        raise
                     new = array("Q", [(host + (i << cb)) | OFLAG_COPIED for i in range(n)])
                     # disk first, then the table other tasks read without a lock
                     await self.write_metadata("l2_update", l2off + l2i * 8, pack_u64_table(new))
@@ -877,7 +885,7 @@ class Qcow2Node(Node):
         self._broken_by_flush |= by_flush
         if self._broken is not None:
             return
-        self._broken = f"{what}: {exc}"
+        self._broken = self.write_failure = f"{what}: {exc}"
         log.error(
             "%s: %s: %s; the image refuses writes until it is reopened (reads go on; "
             "'qemu-img check' shows at most leaks)",

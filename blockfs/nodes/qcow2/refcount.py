@@ -30,7 +30,7 @@ from typing import Literal, Protocol
 
 from blockfs.errors import ImageError
 from blockfs.nodes.base import Node
-from blockfs.nodes.qcow2.cache import TableCache
+from blockfs.nodes.cache import TableCache
 from blockfs.nodes.qcow2.format import (
     OFF_REFCOUNT_TABLE,
     REFT_OFFSET_MASK,
@@ -207,6 +207,17 @@ class Refcounts:
         await self._meta.flush_child()
         self._resv = (start + n, start + want)
         return start << self._cb
+
+    def give_back(self, host: int, n: int) -> bool:
+        """Put ``n`` clusters from ``host``, just handed out by :meth:`alloc` and referenced by
+        nothing (their data write failed), back at the front of the reservation: no I/O.
+        False when another allocation came in between (the caller then frees them)."""
+        c = host >> self._cb
+        r0, r1 = self._resv
+        if c + n != r0:
+            return False
+        self._resv = (c, r1)
+        return True
 
     async def release_reservation(self) -> None:
         """Give back the reserved clusters not handed out (at close, and before a new one)."""
