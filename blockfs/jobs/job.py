@@ -231,6 +231,7 @@ class Job:
             if self.error is not None:
                 info["error"] = self.error
             self.events.emit("BLOCK_JOB_COMPLETED", **info)
+        self._paused = False  # a concluded job is not paused, whatever it was when it ended
         self._set_state(JobState.CONCLUDED)
         self._concluded.set()
 
@@ -281,6 +282,8 @@ class Job:
 
     def pause_for_error(self, exc: BaseException) -> None:
         """Stop the job after an I/O error under the ``stop`` policy (io-status says why)."""
+        if self._paused and self.io_status is not IoStatus.OK:
+            return  # the first error says why (later ones may be its consequences)
         nospace = getattr(exc, "errno", None) == errno.ENOSPC
         self.io_status = IoStatus.NOSPACE if nospace else IoStatus.FAILED
         self._pause()
@@ -298,8 +301,13 @@ class Job:
         it (True: retry the range once resumed); ignore carries on after a short rest, so a
         failing disk is not spun on (False: a later pass retries the range).
 
+        While the job is paused for an earlier error, a new one (a copy that was in flight,
+        or a consequence of the first) is not judged again: retried once resumed.
+
         :raise JobFailed: the policy (or ``enospc`` on another errno) says report.
         """
+        if self._paused and self.io_status is not IoStatus.OK:
+            return True
         action = policy.decide(exc)
         self.report_error(operation, action)
         if action is ErrorAction.REPORT:

@@ -38,6 +38,7 @@ the target's chain.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Awaitable, Callable
@@ -49,7 +50,7 @@ from blockfs.errors import BlockfsError, ImageError, JobError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.blockcopy import BlockCopy, CopyError, RateLimiter, TargetError, job_cluster_size
 from blockfs.jobs.host import JobHost
-from blockfs.jobs.job import ErrorAction, Job, JobFailed, JobState
+from blockfs.jobs.job import ErrorAction, IoStatus, Job, JobFailed, JobState
 from blockfs.jobs.target import OpenedTarget, open_job_target
 from blockfs.nodes.base import Node, Status, chain_block_status
 from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
@@ -235,6 +236,9 @@ class MirrorJob(Job):
         self.target_state = "copying"
         #: a whole copy whose final name was taken stays under its temporary name
         self._keep_partial = False
+        self._reopen_lock = trio.Lock()
+        #: the final sync runs with the device quiesced by this job
+        self._device_held = False
 
     @classmethod
     def make(
@@ -288,6 +292,9 @@ class MirrorJob(Job):
         limiter = RateLimiter(lambda: self.speed)
         # Phase 1: copy until nothing is dirty (as many passes as it takes).
         await self._copy(limiter)
+        # What READY promises is durable on the target (as QEMU flushes it there): a cancel
+        # in READY, or a crash after it, finds every copied cluster on disk.
+        await self._flush_target()
         self.len = self.offset
         self.target_state = "in sync"
         self.ready_for_completion()
@@ -315,11 +322,37 @@ class MirrorJob(Job):
             workers=self.workers,
             on_error=self._copy_failed,
             limiter=limiter,
-            checkpoint=self.checkpoint,
+            checkpoint=self._worker_checkpoint,
             on_workers=self.set_body_tasks,
             max_passes=max_passes,
             converge=max_passes is None,
         )
+
+    async def _worker_checkpoint(self) -> None:
+        """Each worker, before each run: the pause point; then a target that stopped writing
+        (a failed metadata write tripped qcow2's failsafe) is read again from its file before
+        work goes on (after ``resume`` under ``stop``, at once under ``ignore``)."""
+        await self.checkpoint()
+        if self.target.write_failure is not None:
+            await self._reopen_target()
+
+    async def _reopen_target(self) -> None:
+        async with self._reopen_lock:
+            failure = self.target.write_failure
+            if failure is None:
+                return  # another worker did it
+            # No request may be in flight on the old node: guest writes (write-blocking)
+            # wait at the device (already held in the final sync), copies are waited for.
+            async with contextlib.AsyncExitStack() as stack:
+                if not self._device_held:
+                    await stack.enter_async_context(self.export.quiesced())
+                await self.copy.wait_idle()
+                try:
+                    node = await self.opened.reopen()
+                except BlockfsError as exc:
+                    raise JobFailed(f"the target cannot be read again: {exc}") from None
+                self.target = self.copy.target = node
+            log.warning("job %s: target read again from its file after: %s", self.id, failure)
 
     def _asked_to_end(self) -> bool:
         return self._complete_requested or self._cancel_in_sync
@@ -343,13 +376,20 @@ class MirrorJob(Job):
     async def _final_sync(self) -> None:
         """With the device quiesced: copy what is left, then make the target durable. Also
         turns the filter off (a write after this point belongs to the source alone)."""
-        await self._copy(None)
+        self._device_held = True
+        try:
+            await self._copy(None)
+        finally:
+            self._device_held = False
+        await self._flush_target()
+        if self.filter is not None:
+            self.filter.active = False
+
+    async def _flush_target(self) -> None:
         try:
             await self.target.flush()
         except BlockfsError as exc:
             raise JobFailed(f"flushing the target failed: {exc}", errno=exc.errno) from None
-        if self.filter is not None:
-            self.filter.active = False
 
     async def _switch_over(self, root: Node) -> Node:
         """Inside the quiesced section of :meth:`Export.replace_root`: the new root."""
@@ -412,6 +452,8 @@ class MirrorJob(Job):
     def write_through_failed(self, exc: BlockfsError) -> None:
         """A write-blocking guest write reached the source but not the target (its clusters
         are dirty again); the guest write still succeeds."""
+        if self._paused and self.io_status is not IoStatus.OK:
+            return  # paused for an earlier error: this one is retried with the rest
         action = self.spec.on_target_error.decide(exc)
         self.report_error("write", action)
         if action is ErrorAction.REPORT:
@@ -446,6 +488,9 @@ class MirrorJob(Job):
     # -- the end ----------------------------------------------------------------------------
 
     async def finalize(self, ok: bool) -> None:
+        copy = self.copy
+        pending = (copy.dirty_count + copy.in_flight_count) * copy.cluster_size
+        self.len = max(self.len, self.offset + min(copy.size, pending))
         filt = self.filter
         if filt is not None:
             filt.active = False

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from blockfs.errors import UsageError
+from blockfs.errors import BlockfsError, UsageError
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode, check_not_served
 from blockfs.nodes.qcow2 import create_qcow2, create_raw
@@ -329,6 +329,27 @@ class OpenedTarget:
         if self.shared_backing is not None and self.node.backing is self.shared_backing:
             self.node.backing = None
         self.shared_backing = None
+
+    async def reopen(self) -> Node:
+        """Read the target again from its file, and return the new node: a target that
+        stopped writing after a failed metadata write (qcow2's failsafe, ``write_failure``)
+        starts over from what the file holds, which the write order keeps consistent (at
+        most leaked clusters). The caller makes sure no request is in flight on the old
+        node; it is dropped without closing the file, which the new node takes over. The
+        chain below is kept as it is (not opened again).
+
+        :raise BlockfsError: the image cannot be read again (the old node stays).
+        """
+        old = self.node
+        children = old.children()
+        if len(children) != 1:
+            raise BlockfsError(f"{old.filename}: cannot be reopened", errno=errno.EIO)
+        policy = OpenPolicy(given_backing=old.backing)
+        new = await open_format(children[0], fmt=old.format_name, read_only=False, policy=policy)
+        if new.size != old.size or new.backing is not old.backing:
+            raise BlockfsError(f"{old.filename}: changed under the job", errno=errno.EIO)
+        self.node = new
+        return new
 
     async def close(self) -> None:
         """Close the target's node and the chain it owns (not a shared backing node)."""
