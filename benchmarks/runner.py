@@ -2,8 +2,9 @@
 
 For each format: prepare one image of random data; then, round after round, expose it through a
 fresh blockfs daemon (A) and a fresh qemu-storage-daemon (B), never both at once (they share the
-image file), and run every fio job, then the backups, on each. A B A B ...; medians over rounds.
-A fresh daemon per run makes its peak RSS (VmHWM) the peak of that run alone.
+image file), and run every fio job, then the backups, on each; then each mirror measurement on a
+daemon of its own (a completed mirror switches the disk over to its copy). A B A B ...; medians
+over rounds. A fresh daemon per run makes its peak RSS (VmHWM) the peak of that run alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +37,18 @@ from benchmarks.backup import (
 from benchmarks.exposures import BlockfsMount, ExposureError, QsdExport
 from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, run_fio
 from benchmarks.machine import describe_machine
+from benchmarks.mirror import (
+    LATENCY_DURING_MIRROR,
+    WRITE_LOAD_MIB_S,
+    BlockfsMirror,
+    MirrorFailed,
+    MirrorUnavailable,
+    QsdMirror,
+    guest_file,
+    latency_during_mirror,
+    ready_under_load,
+    timed_mirror,
+)
 from benchmarks.report import (
     Line,
     chart_title,
@@ -60,6 +74,7 @@ class Settings:
     jobs: bool
     io_mode: str | None
     backup_timeout: float
+    load_timeout: float  # how long a mirror may take to reach READY under the write load
 
 
 def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, str, str]]:
@@ -76,7 +91,18 @@ def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, s
                 (f"{fmt} backup full daemon CPU", "s/GiB", "lower"),
                 (f"{fmt} {LATENCY_DURING_BACKUP.name}", "µs", "lower"),
             ]
+            specs += mirror_specs(fmt)
     return specs
+
+
+def mirror_specs(fmt: str) -> list[tuple[str, str, str]]:
+    """(name, unit, better) of the mirror lines of one format."""
+    return [
+        (f"{fmt} mirror full throughput", "MB/s", "higher"),
+        (f"{fmt} mirror full daemon CPU", "s/GiB", "lower"),
+        (f"{fmt} {LATENCY_DURING_MIRROR.name}", "µs", "lower"),
+        (f"{fmt} mirror full time to ready under {WRITE_LOAD_MIB_S} MiB/s writes", "s", "lower"),
+    ]
 
 
 def _size(text: str) -> int:
@@ -107,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(FORMATS),
         help=f"comma-separated image formats (default {','.join(FORMATS)})",
     )
-    p.add_argument("--no-jobs", action="store_true", help="skip the backup lines")
+    p.add_argument("--no-jobs", action="store_true", help="skip the backup and mirror lines")
     p.add_argument(
         "--io-mode",
         choices=("hybrid", "inline", "threads"),
@@ -154,6 +180,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         jobs=not args.no_jobs,
         io_mode=args.io_mode,
         backup_timeout=60.0 if quick else 600.0,
+        load_timeout=20.0 if quick else 300.0,
     )
     if s.size < 16 << 20 or s.size % (1 << 20):
         raise SystemExit("--size must be a whole number of MiB, at least 16M")
@@ -296,6 +323,68 @@ def run_backups(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport, workdi
         _say(f"  {side:7} backup: FAILED {type(exc).__name__}: {exc}")
 
 
+def run_mirrors(
+    runs: Runs, fmt: str, workdir: str, expose: Callable[[], BlockfsMount | QsdExport]
+) -> None:
+    """The mirror lines. Each measurement runs on a fresh daemon from ``expose()``: a completed
+    mirror leaves the disk switched over to its target, and the next one must start from the
+    image again. A side without a mirror job is n/a; a failed measurement is n/a with why."""
+    s = runs.s
+    throughput, cpu, latency, load = (name for name, _, _ in mirror_specs(fmt))
+    # The latency mirror is slowed so that its copy outlasts the measuring window (s.runtime)
+    # about twice over, the same limit on both sides.
+    speed = max(1 << 20, int(s.size / (2 * s.runtime)) >> 20 << 20)
+
+    def mirror(exposure: BlockfsMount | QsdExport, idle: bool) -> QsdMirror | BlockfsMirror:
+        target = os.path.join(workdir, f"mirror-{exposure.side}.qcow2")
+        if isinstance(exposure, QsdExport):
+            return QsdMirror(exposure, target, s.size, read_only_export=idle)
+        return BlockfsMirror(exposure, target, s.size)
+
+    def idle(exposure: BlockfsMount | QsdExport) -> None:
+        t = timed_mirror(mirror(exposure, True), exposure.pid, s.backup_timeout)
+        runs.add(throughput, exposure.side, s.size / t.ready_s / 1e6)
+        runs.add(cpu, exposure.side, t.cpu_s / (s.size / GiB))
+        _say(
+            f"  {exposure.side:7} mirror full: ready in {t.ready_s:.2f} s "
+            f"({s.size / t.ready_s / 1e6:.0f} MB/s), switched over in {t.switch_s * 1000:.0f} ms"
+        )
+
+    def during(exposure: BlockfsMount | QsdExport) -> None:
+        lat = latency_during_mirror(
+            mirror(exposure, False), exposure.path, speed, s.runtime, s.backup_timeout, workdir
+        )
+        runs.add(latency, exposure.side, lat)
+        _say(f"  {exposure.side:7} write latency during mirror ({speed >> 20} MiB/s): {lat:.1f} µs")
+
+    def loaded(exposure: BlockfsMount | QsdExport) -> None:
+        with guest_file(exposure, workdir) as path:
+            secs, mb_s = ready_under_load(mirror(exposure, False), path, s.load_timeout)
+        runs.add(load, exposure.side, secs)
+        _say(f"  {exposure.side:7} mirror ready under load in {secs:.2f} s (fio {mb_s:.1f} MB/s)")
+
+    measurements = (([throughput, cpu], idle), ([latency], during), ([load], loaded))
+    for i, (lines, measure) in enumerate(measurements):
+        exposure = expose()
+        side = exposure.side
+        try:
+            with exposure:
+                measure(exposure)
+        except MirrorUnavailable as exc:  # so are the measurements after this one
+            runs.note([n for later, _ in measurements[i:] for n in later], side, str(exc))
+            _say(f"  {side:7} mirror: n/a ({exc})")
+            return
+        except ExposureError as exc:
+            runs.note(lines, side, f"{fmt}: {exc}")
+            _say(f"  {side:7} mirror: n/a ({exc})")
+        except (MirrorFailed, FioError, OSError, subprocess.SubprocessError) as exc:
+            runs.note(lines, side, f"mirror failed: {exc}")
+            _say(f"  {side:7} mirror: FAILED {exc}")
+        except QMPError as exc:
+            runs.note(lines, side, f"mirror failed: {type(exc).__name__}: {exc}")
+            _say(f"  {side:7} mirror: FAILED {type(exc).__name__}: {exc}")
+
+
 def run_side(runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExport) -> None:
     """One fresh daemon: every fio job, then the backups; a side that cannot be exposed is n/a."""
     side = exposure.side
@@ -322,8 +411,12 @@ def run_all(s: Settings, workdir: str) -> Runs:
         image = images[fmt]
         for rnd in range(s.rounds):
             _say(f"{fmt}: round {rnd + 1} of {s.rounds}")
-            run_side(runs, fmt, workdir, BlockfsMount(image, fmt, workdir, s.io_mode))
-            run_side(runs, fmt, workdir, QsdExport(image, fmt, workdir))
+            blockfs = functools.partial(BlockfsMount, image, fmt, workdir, s.io_mode)
+            qemu = functools.partial(QsdExport, image, fmt, workdir)
+            for expose in (blockfs, qemu):
+                run_side(runs, fmt, workdir, expose())
+                if s.jobs:
+                    run_mirrors(runs, fmt, workdir, expose)
         os.unlink(image)
     return runs
 
