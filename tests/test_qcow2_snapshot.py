@@ -179,7 +179,7 @@ def test_cli_create_snapshot_info(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["create", "-f", "vhdx", "x.img", "1M"], "cannot create format"),
+        (["create", "-f", "vpc", "x.img", "1M"], "cannot create format"),
         (["create", "-o", "bogus=1", "x.qcow2", "1M"], "unknown option"),
         (["create", "x.qcow2", "12Q"], "not a size"),
         (["create", "x.qcow2"], "size is required"),

@@ -26,12 +26,22 @@ from blockfs.values import parse_size
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     c = subparsers.add_parser(
         "create",
-        help="create a qcow2 or raw image",
-        description="Create an image. Options (-o, comma separated): cluster_size, compat "
-        "(0.10 or 1.1), preallocation (off, metadata), backing_file, backing_fmt.",
+        help="create a qcow2, vhdx or raw image",
+        description="Create an image. Options (-o, comma separated): for qcow2 cluster_size, "
+        "compat (0.10 or 1.1), preallocation (off, metadata), backing_file, backing_fmt; for "
+        "vhdx block_size (1M to 256M), subformat (dynamic, fixed), log_size, "
+        "logical_sector_size and physical_sector_size (512, 4096), backing_file (the parent of "
+        "a differencing image), backing_fmt.",
     )
-    c.add_argument("-f", dest="fmt", default="qcow2", help="image format: qcow2 (default), raw")
-    c.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (qcow2)")
+    c.add_argument(
+        "-f", dest="fmt", default="qcow2", help="image format: qcow2 (default), vhdx, raw"
+    )
+    c.add_argument(
+        "-b",
+        dest="backing",
+        metavar="BACKING",
+        help="backing file (qcow2), or parent (vhdx: a differencing image)",
+    )
     c.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the backing file")
     c.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -57,10 +67,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 # -- create -----------------------------------------------------------------------------------
 
-_CREATE_OPTIONS = ("cluster_size", "compat", "preallocation", "backing_file", "backing_fmt")
+#: the -o options of each format that takes any
+_CREATE_OPTIONS = {
+    "qcow2": ("cluster_size", "compat", "preallocation", "backing_file", "backing_fmt"),
+    "vhdx": (
+        "block_size",
+        "subformat",
+        "log_size",
+        "logical_sector_size",
+        "physical_sector_size",
+        "backing_file",
+        "backing_fmt",
+    ),
+}
 
 
-def _parse_options(items: list[str]) -> dict[str, str]:
+def _parse_options(items: list[str], fmt: str) -> dict[str, str]:
+    known = _CREATE_OPTIONS.get(fmt, _CREATE_OPTIONS["qcow2"])
     opts: dict[str, str] = {}
     for item in items:
         for part in item.split(","):
@@ -70,8 +93,8 @@ def _parse_options(items: list[str]) -> dict[str, str]:
             key = key.strip()
             if not sep:
                 raise UsageError(f"option {part!r} needs a value (KEY=VALUE)")
-            if key not in _CREATE_OPTIONS:
-                raise UsageError(f"unknown option {key!r} (known: {', '.join(_CREATE_OPTIONS)})")
+            if key not in known:
+                raise UsageError(f"unknown option {key!r} (known: {', '.join(known)})")
             opts[key] = value.strip()
     return opts
 
@@ -79,7 +102,7 @@ def _parse_options(items: list[str]) -> dict[str, str]:
 def cmd_create(args: argparse.Namespace) -> int:
     from blockfs.nodes.qcow2 import create_qcow2, create_raw
 
-    opts = _parse_options(args.options)
+    opts = _parse_options(args.options, args.fmt)
     backing = args.backing or opts.pop("backing_file", None)
     backing_fmt = args.backing_fmt or opts.pop("backing_fmt", None)
     size = parse_size(args.size, "image size") if args.size is not None else None
@@ -95,8 +118,16 @@ def cmd_create(args: argparse.Namespace) -> int:
 
         trio.run(create_image_file, args.filename, args.force, write_raw)
         return 0
+    if args.fmt == "vhdx":
+        trio.run(
+            create_image_file,
+            args.filename,
+            args.force,
+            _vhdx_writer(opts, size, backing, backing_fmt),
+        )
+        return 0
     if args.fmt != "qcow2":
-        raise UsageError(f"cannot create format {args.fmt!r} (qcow2, raw)")
+        raise UsageError(f"cannot create format {args.fmt!r} (qcow2, vhdx, raw)")
     cluster_size = parse_size(opts.pop("cluster_size", "65536"), "cluster size")
 
     async def write_qcow2(target: Node) -> None:
@@ -112,6 +143,39 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     trio.run(create_image_file, args.filename, args.force, write_qcow2)
     return 0
+
+
+def _vhdx_writer(
+    opts: dict[str, str], size: int | None, parent: str | None, parent_fmt: str | None
+) -> Callable[[Node], Awaitable[None]]:
+    """What ``create -f vhdx`` writes. Sizes are parsed here, before any file is made; the
+    rest is checked by ``create_vhdx`` before its first write."""
+    from blockfs.nodes.vhdx import create_vhdx
+
+    def size_opt(key: str) -> int | None:
+        value = opts.get(key)
+        return parse_size(value, key.replace("_", " ")) if value is not None else None
+
+    block_size = size_opt("block_size")
+    log_size = size_opt("log_size")
+    lss = size_opt("logical_sector_size")
+    pss = size_opt("physical_sector_size")
+    subformat = opts.get("subformat", "dynamic")
+
+    async def write(target: Node) -> None:
+        await create_vhdx(
+            target,
+            size,
+            block_size=block_size,
+            subformat=subformat,
+            log_size=log_size,
+            logical_sector_size=lss,
+            physical_sector_size=pss,
+            parent=parent,
+            parent_fmt=parent_fmt,
+        )
+
+    return write
 
 
 async def create_image_file(
@@ -241,6 +305,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 _FORMAT_SPECIFIC = (
+    ("subformat", "type"),
+    ("block-size", "block size"),
+    ("logical-sector-size", "logical sector size"),
+    ("physical-sector-size", "physical sector size"),
+    ("log-state", "log"),
+    ("virtual-disk-id", "virtual disk id"),
+    ("data-write-guid", "data write guid"),
+    ("file-write-guid", "file write guid"),
+    ("parent-linkage", "parent linkage"),
     ("compat", "compat"),
     ("compression-type", "compression type"),
     ("lazy-refcounts", "lazy refcounts"),
@@ -268,7 +341,7 @@ def _human_info(d: dict[str, Any]) -> str:
     snaps = d.get("snapshots") or []
     if snaps:
         out.append(format_snapshots(snaps).rstrip("\n"))
-    specific = [(label, d[key]) for key, label in _FORMAT_SPECIFIC if key in d]
+    specific = [(label, d[key]) for key, label in _FORMAT_SPECIFIC if d.get(key) is not None]
     if specific:
         out.append("Format specific information:")
         for label, value in specific:

@@ -1,9 +1,9 @@
 """A cache of metadata tables keyed by their offset in the image file, with pinning.
 
 What lives here: :class:`TableCache`, the least-recently-used cache of tables (qcow2's L2 tables
-and refcount blocks; VHDX's BAT pages and sector bitmaps) that a format node keeps so that a mapped request
-costs one dictionary lookup. It knows nothing of any format: a table is any object, loaded by a
-function the owner passes in. It must not do I/O of its own.
+and refcount blocks; VHDX's BAT pages and sector bitmaps) that a format node keeps so that a
+mapped request costs one dictionary lookup. It knows nothing of any format: a table is any
+object, loaded by a function the owner passes in. It must not do I/O of its own.
 
 Invariants the owners rely on (no ``await`` may fall between the lines that keep them):
 

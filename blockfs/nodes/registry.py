@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from blockfs.errors import ImageError, UsageError
-from blockfs.nodes import qcow2
+from blockfs.nodes import qcow2, vhdx
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode
 from blockfs.nodes.inject import InjectFilter
@@ -61,6 +61,7 @@ FORMATS: dict[str, FormatDriver] = {
     d.name: d
     for d in (
         FormatDriver(qcow2.FORMAT_NAME, qcow2.probe, qcow2.open_node),
+        FormatDriver(vhdx.FORMAT_NAME, vhdx.probe, vhdx.open_node),
         FormatDriver("raw", _probe_raw, _open_raw),
     )
 }
