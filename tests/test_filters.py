@@ -12,12 +12,13 @@ import inspect
 import pytest
 
 from blockfs.jobs.backup import CopyBeforeWriteFilter
+from blockfs.jobs.mirror import MirrorFilter
 from blockfs.nodes.base import Node
 from blockfs.nodes.filter import NODE_OPERATIONS, FilterNode, WriteNotifyFilter
 from blockfs.nodes.inject import InjectFilter
 from blockfs.nodes.retry import RetryFilter
 
-FILTERS = [CopyBeforeWriteFilter, InjectFilter, RetryFilter, WriteNotifyFilter]
+FILTERS = [CopyBeforeWriteFilter, InjectFilter, MirrorFilter, RetryFilter, WriteNotifyFilter]
 
 
 def test_operation_list_matches_the_node_interface() -> None:
