@@ -104,5 +104,17 @@ if qemu-img compare -q -F raw "$WORK/top.qcow2" "$WORK/vm-final.raw"; then
 fi
 qemu-img check "$WORK/top.qcow2"
 
-step "Shown: raw and qcow2 images mounted as files, written by dd and qemu-io, a live backup
-   and a live mirror with switch-over, all proven by qemu-img compare and check."
+step "VHDX (Hyper-V): a dynamic parent written by qemu-io, a differencing child made by blockfs"
+"${BLOCKFS[@]}" create -f vhdx "$WORK/parent.vhdx" 64M -o block_size=8M
+qemu-io -f vhdx -c 'write -P 0x7e 0 24M' "$WORK/parent.vhdx" | head -1
+"${BLOCKFS[@]}" create -f vhdx -b "$WORK/parent.vhdx" "$WORK/child.vhdx"
+"${BLOCKFS[@]}" info "$WORK/child.vhdx" | sed 's/^/   /'
+echo "libvhdi, an independent reader, sees a differencing image:"
+vhdiinfo "$WORK/child.vhdx" | grep -iE "disk type|parent filename" | sed 's/^/   /'
+"${BLOCKFS[@]}" mount --read-only --log "$WORK/blockfs.log" "$MNT" "child=$WORK/child.vhdx,format=vhdx"
+qemu-img convert -f vhdx -O raw "$WORK/parent.vhdx" "$WORK/parent.raw"
+cmp "$MNT/child" "$WORK/parent.raw" && echo "the mounted child reads through to its parent, byte for byte"
+"${BLOCKFS[@]}" umount "$MNT"
+
+step "Shown: raw, qcow2 and VHDX images mounted as files, written by dd and qemu-io, a live
+   backup and a live mirror with switch-over, all proven by qemu-img, cmp and libvhdi."
