@@ -3,7 +3,7 @@
 Placed between a format node and its protocol node (image spec ``inject=on``), it fails the Nth
 read, write or flush (or any request), once or always, with EIO or ENOSPC; a rule may wait for a
 named *event* that the format node announces through :meth:`Node.debug_event` right before one
-of its metadata writes (:data:`EVENTS`), so that "the L2 entry write" or "the refcount table
+of its metadata writes (:data:`EVENTS` for qcow2, :data:`VHDX_EVENTS` for vhdx), so that "the L2 entry write" or "the refcount table
 growth" can be made to fail exactly. Rules are given at run time, one per line of text in the
 words of :func:`parse_rule` (``MNT/.control/images/NAME/inject``).
 
@@ -46,6 +46,16 @@ EVENTS = frozenset(
         "cluster_alloc",  # guest data into newly allocated clusters (data, not metadata)
     }
 )
+#: events the vhdx node announces (besides ``header_update``: a header's GUIDs)
+VHDX_EVENTS = frozenset(
+    {
+        "log_write",  # a metadata log entry (BAT and sector bitmap changes, before any in place)
+        "bat_update",  # BAT sectors written in place, once their log entry is durable
+        "bitmap_update",  # sector bitmap sectors written in place, likewise
+        "block_alloc",  # guest data into a newly allocated payload block (data, not metadata)
+    }
+)
+KNOWN_EVENTS = EVENTS | VHDX_EVENTS
 #: what a rule can match: ``write`` covers write and write_zeroes; ``any`` every request
 OPS = ("read", "write", "flush", "discard", "any")
 ERRNOS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
@@ -104,8 +114,8 @@ def parse_rule(text: bytes | str) -> InjectRule:
     if op not in OPS:
         raise UsageError(f"op={op[:40]}: expected one of {', '.join(OPS)}")
     event = words.get("event")
-    if event is not None and event not in EVENTS:
-        raise UsageError(f"event={event[:40]}: expected one of {', '.join(sorted(EVENTS))}")
+    if event is not None and event not in KNOWN_EVENTS:
+        raise UsageError(f"event={event[:40]}: expected one of {', '.join(sorted(KNOWN_EVENTS))}")
     name = words.get("errno", "EIO").upper()
     if name not in ERRNOS:
         raise UsageError(f"errno={name[:40]}: expected one of {', '.join(ERRNOS)}")

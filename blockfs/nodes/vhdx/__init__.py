@@ -7,11 +7,13 @@ This is the driver's face, what the opener and the rest of blockfs import: :data
                 locator, BAT entries and geometry) and the validation of what they claim; no I/O
     log.py      the metadata log: entries parsed and serialised, the active sequence, replay
                 onto the file or into memory (ReplayedFile)
-    node.py     the node: opening, the mapping function and its fast path, the BAT and sector
-                bitmap caches, the parent, header updates (HeaderPair)
+    logwriter.py  the log written: entries appended, tails, checkpoints, the log GUID's life
+    node.py     the node: opening, the mapping function and its fast paths, the BAT and sector
+                bitmap caches, the parent, writing (payload blocks, BAT entries and sector
+                bitmaps through the log, zeroes, discard), the failsafe, header updates
+                (HeaderPair)
     create.py   new fixed, dynamic and differencing images written through a protocol node
 
-Reading is complete; writing (through the log) is the next half: the node refuses writes.
 A module here uses another only through what that one makes public (no leading underscore).
 """
 

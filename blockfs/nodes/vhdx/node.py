@@ -1,16 +1,13 @@
-"""The VHDX node: Hyper-V's image format (MS-VHDX v1.00), opened, its log replayed, and read.
+"""The VHDX node: Hyper-V's image format (MS-VHDX v1.00), opened, its log replayed, read and
+written.
 
 What lives here: opening (identifier, headers, region tables, metadata, the BAT's shape, the log,
-the parent), the one mapping function (:meth:`VhdxNode._lookup`) that serves read and
-block_status with its fast path, the BAT and sector bitmap caches, and the header update every
-writer of a VHDX file needs (:class:`HeaderPair`). On-disk structures and their checks are in
-``format.py``, the log in ``log.py``, creation in ``create.py``.
-
-This half reads. Writing (allocating payload blocks, BAT and sector bitmap updates through the
-log, the DataWriteGuid on the first write) is not done yet: a node opened writable refuses
-writes with :class:`UnsupportedFeature` (ENOTSUP), and one opened read-only with
-:class:`ReadOnlyError`. Opening writable still does what the spec asks of an opener that may
-write: a dirty log is replayed onto the file (see below).
+the parent), the one mapping function (:meth:`VhdxNode._lookup`) that serves read, write and
+block_status with its fast path, the BAT and sector bitmap caches, the writing of payload blocks,
+BAT entries and sector bitmaps, the failsafe, and the header update every writer of a VHDX file
+needs (:class:`HeaderPair`). On-disk structures and their checks are in ``format.py``, the log's
+structures and its replay in ``log.py``, the writing of the log in ``logwriter.py``, creation in
+``create.py``.
 
 The log, when the header names one to replay (MS-VHDX 2.3.3):
 
@@ -23,20 +20,72 @@ The log, when the header names one to replay (MS-VHDX 2.3.3):
   :class:`~blockfs.nodes.vhdx.log.ReplayedFile`, which lays the replayed sectors over the
   file's own; nothing is written. ``describe()`` says which happened (``log-state``).
 
+Writing. Before the first change after an open (of data or metadata), a header update gives the
+file a new FileWriteGuid and DataWriteGuid (2.2.2); until then ``write``, ``write_zeroes`` and
+``discard`` are shadowed by a hook that does it, so the fast path pays nothing. A write into a
+FULLY_PRESENT block goes in place. Anything else claims the block (``_claims``: two requests
+never allocate one block twice), then:
+
+* a new payload block comes from space the block's entry retains (ZERO, UNMAPPED, UNDEFINED
+  with a FileOffsetMB that passes the placement checks), or from the end of the file, 1 MiB
+  aligned, the file grown first (``_grow``): fresh space reads as zeroes, so only the data is
+  written; retained space gets the rest of the block zeroed first (fallocate, no buffers);
+* in a differencing image a write that covers part of a NOT_PRESENT block makes it
+  PARTIALLY_PRESENT: its sectors are written (a partial sector filled from the parent) and
+  their bits set in the sector bitmap (a bitmap block is allocated for the chunk when it has
+  none); a PARTIALLY_PRESENT block gains bits so, and becomes FULLY_PRESENT once every sector
+  is present;
+* then the BAT entry (and bitmap) change goes through the log (``logwriter.py``): data first,
+  then the log entry, then the tables in memory.
+
+``write_zeroes`` of whole blocks makes them ZERO through the log (keeping the block's space, its
+storage freed with ``may_unmap``), ``discard`` of whole blocks UNMAPPED; partial ranges are
+zeroed in place (a FULLY_PRESENT block: fallocate) or already read as zeroes. A fixed image
+keeps every block allocated: zeroes are written in place, discard does nothing. A differencing
+image never gets ZERO or UNMAPPED blocks from this code (libvhdi reads them from the parent):
+zeroed whole blocks become FULLY_PRESENT over freed space, and discard does nothing.
+
 Invariants the code relies on:
 
 * Every BAT page is checked when it is loaded (states, and block offsets inside the file and
   clear of the headers, log, BAT and metadata), so the fast path trusts what it finds. Pages
   are loaded whole at open while the BAT fits the cache (any disk up to 1 TiB in 1 MiB blocks,
   32 TiB in 32 MiB ones): their errors are then errors at open, and every read is a hit.
-* The fast path (:meth:`VhdxNode.read` of a fully present block) is one dictionary lookup and
-  one child call: it holds the cache's dict itself and must not gain an await or a call. It
-  does not mark the page as recently used (the cache is FIFO for such pages; a miss reloads).
+* The fast paths (:meth:`VhdxNode.read` and :meth:`VhdxNode.write` of a fully present block)
+  are one dictionary lookup and one child call: they hold the cache's dict itself and must not
+  gain an await or a call. They do not mark the page as recently used (the cache is FIFO for
+  such pages; a miss reloads).
 * Payload states: NOT_PRESENT reads from the parent (zeroes without one); ZERO, UNDEFINED and
   UNMAPPED read as zeroes (the spec allows zeroes for the latter two, for every disk type);
   FULLY_PRESENT reads the block; PARTIALLY_PRESENT (differencing only) reads each run of
   sectors from the block or the parent as the sector bitmap says. Sector bitmap entries of
   non-differencing images are never used, nor checked (QEMU has written garbage there).
+* Write-through: a metadata change reaches the file (as a log entry) before the request that
+  made it returns, and before the tables in memory show it, so no task acts on a mapping that
+  is not in the file; a kill -9 loses no acknowledged write (a reopen replays the log). The
+  file's own BAT and bitmap sectors may lag behind the log until a flush or checkpoint: every
+  metadata read from the file (a BAT page, a bitmap) goes through ``_read_meta``, which lays
+  the logged images over it, so an evicted table never comes back stale.
+* Data before metadata: a block's data is written before the log entry that makes it visible.
+  The log entry is not flushed at once (a group commit, see ``logwriter.py``): ``flush`` makes
+  data and entries durable together; a power loss before it may lose a write, never expose
+  another block's or file's old bytes (new space is fresh, retained space is zeroed first).
+* Space is never shared: new blocks come from the end of the file (``_grow``, serialised, the
+  file only grows) or from space this block's own entry retains. Space of a failed write is
+  kept for the next allocation (``_spare``), zeroed like retained space.
+* Failsafe: every metadata write (log entries, in-place BAT and bitmap sectors, headers) passes
+  :meth:`VhdxNode.write_metadata` and every flush :meth:`VhdxNode.flush_child`. When one fails
+  the node stops as if killed at that instant, which the log makes safe: writes, zeroes and
+  discards fail with EIO, reads go on, close writes nothing (the log stays, for the next open
+  to replay), and after a failed flush every later flush fails too. A failed data write changes
+  no metadata and needs no failsafe.
+* Each metadata write is announced to the child first (``debug_event``: ``header_update``,
+  ``log_write``, ``bat_update``, ``bitmap_update``; data into a new block is ``block_alloc``);
+  a mapped read or write announces nothing.
+
+Not done here: resizing (``truncate`` refuses), reuse of space freed by other writers' entries
+beyond the block's own, and keeping a parent's linkage when a parent is written (its
+DataWriteGuid changes, as the spec demands, so its children no longer open).
 """
 
 from __future__ import annotations
@@ -46,14 +95,15 @@ import logging
 import sys
 import uuid
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 from bitarray import bitarray
 
-from blockfs.errors import ImageError, ReadOnlyError, UnsupportedFeature, UsageError
-from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
+from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UnsupportedFeature, UsageError
+from blockfs.nodes.base import Capability, Extent, Limits, Node, Status, chain_block_status
 from blockfs.nodes.cache import TableCache
 from blockfs.nodes.protocols import protocol_for, resolve_backing
 from blockfs.nodes.vhdx.format import (
@@ -78,8 +128,10 @@ from blockfs.nodes.vhdx.format import (
     BitmapState,
     Header,
     Metadata,
+    MiB,
     PayloadState,
     Region,
+    bat_entry,
     bat_entry_offset,
     current_header,
     parse_file_identifier,
@@ -89,10 +141,13 @@ from blockfs.nodes.vhdx.format import (
 )
 from blockfs.nodes.vhdx.log import (
     MAX_REPLAY_LOG,
+    SECTOR,
+    DataUpdate,
     ReplayedFile,
     find_replay,
     replay_onto,
 )
+from blockfs.nodes.vhdx.logwriter import MAX_ENTRY_UPDATES, LoggedSector, LogWriter
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +161,25 @@ K_DATA = 2  # stored in this file at ``host``
 _FULLY = int(PayloadState.FULLY_PRESENT)
 _PARTIAL = int(PayloadState.PARTIALLY_PRESENT)
 _NOT_PRESENT = int(PayloadState.NOT_PRESENT)
+_ZERO = int(PayloadState.ZERO)
+_UNMAPPED = int(PayloadState.UNMAPPED)
+_UNDEFINED = int(PayloadState.UNDEFINED)
 _PAYLOAD_STATES = frozenset(int(s) for s in PayloadState)
+#: states whose FileOffsetMB may retain the block's space (2.5.1.1), reused when it is written
+_RETAINING = frozenset((_ZERO, _UNMAPPED, _UNDEFINED))
+_SB_PRESENT = int(BitmapState.PRESENT)
+#: the BAT entry's FileOffsetMB, as a mask (bits 20-63)
+_OFFSET_MASK = ~((1 << 20) - 1)
+#: BAT entries per 4 KiB sector of the BAT
+_SECTOR_ENTRIES = SECTOR // 8
+#: whole blocks zeroed or discarded per batch (their claims held together): at most a few
+#: BAT sectors per log entry
+_ZERO_BATCH = 4 * _SECTOR_ENTRIES
+#: the node operations a first write after an open, and the failsafe, shadow
+_GUARDED = ("write", "write_zeroes", "discard")
+
+WriteFn = Callable[[str, int, bytes], Awaitable[None]]
+FlushFn = Callable[[], Awaitable[None]]
 
 #: BAT pages: 64 KiB of entries each (8192), cached by file offset
 PAGE_BITS = 13
@@ -148,14 +221,22 @@ class HeaderPair:
         file_write_guid: uuid.UUID | None = None,
         data_write_guid: uuid.UUID | None = None,
         log_guid: uuid.UUID | None = None,
+        write: WriteFn | None = None,
+        flush: FlushFn | None = None,
     ) -> Header:
+        """Write the next header and flush. A writer with a failsafe passes its guarded
+        ``write(event, offset, data)`` and ``flush()``; the defaults go straight to ``child``.
+        Callers serialise updates (two at once would both write the same slot)."""
         new = self.current.next(
             file_write_guid=file_write_guid, data_write_guid=data_write_guid, log_guid=log_guid
         )
         other = 1 - self.slot
-        child.debug_event("header_update")  # the error-injection filter's hook (inject.py)
-        await child.write(HEADER_OFFSETS[other], new.pack())
-        await child.flush()
+        if write is None:
+            child.debug_event("header_update")  # the error-injection filter's hook (inject.py)
+            await child.write(HEADER_OFFSETS[other], new.pack())
+        else:
+            await write("header_update", HEADER_OFFSETS[other], new.pack())
+        await (child.flush if flush is None else flush)()
         self.current, self.slot = new, other
         return new
 
@@ -172,7 +253,6 @@ class VhdxNode(Node):
     """A VHDX image over one child node (normally a ``file`` node)."""
 
     format_name = FORMAT_NAME
-    capabilities = Capability.EXTENTS
 
     def __init__(
         self,
@@ -223,6 +303,39 @@ class VhdxNode(Node):
         self._allocated: int | None = None
         #: the parent as the locator named it (the path that opened), for describe()
         self.parent_name: str | None = None
+        # -- the write half --
+        self._diff = metadata.has_parent
+        self._fixed = metadata.leave_blocks_allocated and not metadata.has_parent
+        self._sectors_per_block = bs // self._lss
+        caps = Capability.EXTENTS | Capability.ZERO
+        if self._fixed:  # zeroes in place, through the file's own zeroing
+            caps = Capability.EXTENTS | (child.capabilities & Capability.ZERO)
+        elif not self._diff:
+            caps |= Capability.DISCARD
+        self._capabilities = caps
+        self._log = LogWriter(
+            h.log_offset,
+            h.log_length,
+            lambda: self.child.size,
+            write=self.write_metadata,
+            flush=self.flush_child,
+            set_log_guid=self._set_log_guid,
+        )
+        #: BAT index -> the event set when the task that claimed that entry is done
+        self._claims: dict[int, trio.Event] = {}
+        self._grow_lock = trio.Lock()
+        self._header_lock = trio.Lock()
+        self._start_lock = trio.Lock()
+        #: where the next block goes (MiB aligned), once the first one was allocated
+        self._file_end: int | None = None
+        #: block-sized space taken from the end of the file by writes that then failed
+        self._spare: list[int] = []
+        #: the GUIDs were changed since this open (see "Writing" above)
+        self._writing = False
+        #: why the node stopped accepting writes (see "Failsafe" above); None while healthy
+        self._broken: str | None = None
+        self._broken_by_flush = False
+        self._closed = False
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -259,6 +372,7 @@ class VhdxNode(Node):
         await node._preload_bat()
         if metadata.has_parent:
             node.backing = await node._open_parent(ctx)
+        node._arm_first_write()
         return node
 
     async def _open_parent(self, ctx: OpenContextLike) -> Node:
@@ -305,7 +419,7 @@ class VhdxNode(Node):
 
     async def _read_page(self, key: int) -> array[int]:
         table = array("Q")
-        table.frombytes(await self.child.read(key, PAGE_BYTES))
+        table.frombytes(await self._read_meta(key, PAGE_BYTES))
         if sys.byteorder == "big":
             table.byteswap()
         self._check_page(table, (key - self._bat_off) // 8)
@@ -362,8 +476,26 @@ class VhdxNode(Node):
 
     async def _read_bitmap(self, key: int) -> bitarray:
         bits = bitarray(endian="little")
-        bits.frombytes(await self.child.read(key, self.geometry.bitmap_bytes_per_block))
+        bits.frombytes(await self._read_meta(key, self.geometry.bitmap_bytes_per_block))
         return bits
+
+    async def _read_meta(self, offset: int, length: int) -> bytes:
+        """Metadata as the file holds it once the log is applied: the file's bytes with the
+        images of sectors logged but not yet written in place laid over them."""
+        data = await self.child.read(offset, length)
+        dirty = self._log.dirty
+        if not dirty:
+            return data
+        buf: bytearray | None = None
+        end = offset + length
+        for s in range(offset - offset % SECTOR, end, SECTOR):
+            d = dirty.get(s)
+            if d is not None:
+                if buf is None:
+                    buf = bytearray(data)
+                lo, hi = max(s, offset), min(s + SECTOR, end)
+                buf[lo - offset : hi - offset] = d.image[lo - s : hi - s]
+        return data if buf is None else bytes(buf)
 
     async def _bitmap_key(self, block: int) -> int:
         """File offset of the sector bitmap of payload ``block`` (partially present).
@@ -491,59 +623,625 @@ class VhdxNode(Node):
             self._allocated = count * self._bs
         return self._allocated
 
-    # -- writing: the second half --------------------------------------------------------------
+    # -- writing: the first change after an open --------------------------------------------
 
-    def _refuse_write(self) -> Exception:
-        if self.read_only:
-            return ReadOnlyError(f"{self.filename} is open read-only")
-        return UnsupportedFeature(
-            f"{self.filename}: writing VHDX images is not supported yet (open it read-only)"
-        )
+    @property
+    def capabilities(self) -> Capability:
+        return self._capabilities
+
+    def _arm_first_write(self) -> None:
+        """Shadow the writing operations with a hook that changes the GUIDs first (see
+        "Writing" in the module docstring); the hook removes itself."""
+        if self.read_only or self._writing or self._broken is not None:
+            return
+        for name in _GUARDED:
+            method = getattr(type(self), name)
+
+            async def first(
+                *args: object, _method: Callable[..., Awaitable[None]] = method, **kw: object
+            ) -> None:
+                await self._start_writing()
+                await _method(self, *args, **kw)
+
+            setattr(self, name, first)
+
+    async def _start_writing(self) -> None:
+        async with self._start_lock:
+            if self._writing:
+                return
+            if self._broken is not None:
+                raise self._refusal()
+            if self.read_only:
+                raise ReadOnlyError(f"{self.filename} is open read-only")
+            await self._update_header(file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4())
+            self._writing = True
+            for name in _GUARDED:
+                self.__dict__.pop(name, None)
+
+    async def _update_header(self, **guids: uuid.UUID) -> None:
+        """A header update through the failsafe; one at a time."""
+        async with self._header_lock:
+            await self.headers.update(
+                self.child, write=self.write_metadata, flush=self.flush_child, **guids
+            )
+
+    async def _set_log_guid(self, guid: uuid.UUID) -> None:
+        await self._update_header(log_guid=guid)
+
+    # -- writing data ----------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
-        raise self._refuse_write()
+        block = offset >> self._bb
+        idx = block + (block >> self._crb)
+        table = self._pages.get(self._bat_off + ((idx >> PAGE_BITS) * PAGE_BYTES))
+        if table is not None:
+            e = table[idx & (PAGE_ENTRIES - 1)]
+            inb = offset & self._bmask
+            if e & BAT_STATE_MASK == _FULLY and inb + len(data) <= self._bs:
+                await self.child.write((e & _OFFSET_MASK) + inb, data)
+                return
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        await self._write_slow(offset, data)
+
+    async def _write_slow(self, offset: int, data: bytes) -> None:
+        """Write block by block: in place where the block is fully present, else through
+        :meth:`_write_block` (which claims it)."""
+        if self._broken is not None:
+            raise self._refusal()
+        length = len(data)
+        pos = 0
+        while pos < length:
+            off = offset + pos
+            n = min(self._bs - (off & self._bmask), length - pos)
+            kind, host, run = await self._map(off, n)
+            if kind == K_DATA and run == n:
+                await self.child.write(host, data[pos : pos + n])
+            else:
+                await self._write_block(off, data[pos : pos + n])
+            pos += n
+
+    async def _claim(self, idx: int) -> trio.Event:
+        """Claim BAT entry ``idx`` for a change; waits while another task holds it."""
+        while True:
+            ev = self._claims.get(idx)
+            if ev is None:
+                ev = self._claims[idx] = trio.Event()
+                return ev
+            await ev.wait()
+
+    def _release(self, idx: int, ev: trio.Event) -> None:
+        del self._claims[idx]
+        ev.set()
+
+    async def _write_block(self, off: int, piece: bytes) -> None:
+        """Write ``piece`` (within one block) where the block is not simply fully present:
+        the block is claimed, and its state read again under the claim."""
+        block = off >> self._bb
+        idx = block + (block >> self._crb)
+        ev = await self._claim(idx)
+        try:
+            e = await self._entry(idx)
+            state = e & BAT_STATE_MASK
+            inb = off & self._bmask
+            if state == _FULLY:  # allocated while this task waited for the claim
+                await self.child.write(bat_entry_offset(e) + inb, piece)
+            elif state == _PARTIAL:
+                await self._write_partial(block, idx, e, inb, piece)
+            elif state == _NOT_PRESENT and self._diff:
+                lss = self._lss
+                a = inb - inb % lss
+                b = -(-(inb + len(piece)) // lss) * lss
+                if a == 0 and b >= self._extent(block):
+                    await self._write_new_block(block, idx, e, inb, piece, from_parent=True)
+                elif await self._parent_reads_zeroes(block):
+                    await self._write_new_block(block, idx, e, inb, piece)  # no bitmap needed
+                else:
+                    await self._write_partial(block, idx, e, inb, piece)
+            else:
+                await self._write_new_block(block, idx, e, inb, piece)
+        finally:
+            self._release(idx, ev)
+
+    async def _parent_reads_zeroes(self, block: int) -> bool:
+        """Does every layer beneath read ``block`` as zeroes (none holds data there)? Then a
+        new block of a differencing image may simply be fully present over zeroes."""
+        backing = self.backing
+        if backing is None:
+            return True
+        pos = block << self._bb
+        end = pos + self._extent(block)
+        while pos < end:
+            ext = await chain_block_status(backing, pos, end - pos)
+            if not ext.status & Status.ZERO:
+                return False
+            pos += ext.length
+        return True
+
+    def _extent(self, block: int) -> int:
+        """Bytes of ``block`` inside the disk (less than a block for the last one)."""
+        return min(self._bs, self.size - (block << self._bb))
+
+    async def _write_new_block(
+        self, block: int, idx: int, e: int, inb: int, piece: bytes, *, from_parent: bool = False
+    ) -> None:
+        """Make ``block`` (claimed, not present) FULLY_PRESENT holding ``piece`` at ``inb``;
+        the rest reads as before: zeroes, or (``from_parent``, a differencing image's
+        NOT_PRESENT block, where the rest is less than a sector at each end) the parent's."""
+        host, fresh = await self._place(e)
+        end = inb + len(piece)
+        try:
+            if from_parent:
+                base = block << self._bb
+                head = await self._read_range(base, inb) if inb else b""
+                extent = self._extent(block)
+                tail = await self._read_range(base + end, extent - end) if end < extent else b""
+                piece, inb = head + piece + tail, 0
+            elif not fresh:
+                await self._zero_space(host, 0, inb)
+                await self._zero_space(host, end, self._bs)
+            self.child.debug_event("block_alloc")
+            await self.child.write(host + inb, piece)
+            if not fresh:
+                await self._settle_reused()
+            await self._change({idx: bat_entry(_FULLY, host)})
+        except BaseException:
+            self._keep_spare(host, e)
+            raise
+
+    async def _settle_reused(self) -> None:
+        """Reused space held other bytes (a block's before it was zeroed, a failed write's):
+        what replaced them must be durable before an entry that shows them can be, or a power
+        loss could bring back bytes a flushed zeroing removed."""
+        await self.flush_child()
+
+    async def _zero_space(self, host: int, start: int, end: int) -> None:
+        if end > start:
+            await self.child.write_zeroes(host + start, end - start)
+
+    async def _place(self, e: int) -> tuple[int, bool]:
+        """Space for a payload block whose entry is ``e``: the space the entry retains, a
+        spare, or new space at the end of the file; and whether it is fresh (reads as zeroes)."""
+        if e & BAT_STATE_MASK in _RETAINING:
+            off = e & _OFFSET_MASK
+            if off and self._placeable(off, self._bs):
+                return off, False
+        if self._spare:
+            return self._spare.pop(), False
+        return await self._grow(self._bs), True
+
+    def _keep_spare(self, host: int, e: int) -> None:
+        """A write into ``host`` failed before any entry referred to it: keep it for the next
+        allocation, unless it is the space ``e`` retains (still that entry's)."""
+        if self._broken is None and host != e & _OFFSET_MASK:
+            self._spare.append(host)
+
+    def _placeable(self, off: int, length: int) -> bool:
+        """May a block of ``length`` bytes lie at ``off`` (inside the file, clear of the
+        headers, log and regions)? For space an entry retains, checked only when reused."""
+        if off + length > self.child.size:
+            return False
+        return not any(off < end and off + length > start for start, end, _ in self._spans)
+
+    async def _grow(self, length: int) -> int:
+        """``length`` bytes of new space at the end of the file, MiB aligned; the file is grown
+        first (one task at a time: the file only ever grows)."""
+        async with self._grow_lock:
+            if self._file_end is None:
+                self._file_end = -(-self.child.size // MiB) * MiB
+            host = self._file_end
+            await self.child.truncate(host + length)
+            self._file_end = host + length
+            return host
+
+    async def _write_partial(self, block: int, idx: int, e: int, inb: int, piece: bytes) -> None:
+        """Write ``piece`` into a differencing image's ``block`` (claimed): PARTIALLY_PRESENT
+        (``e``), or NOT_PRESENT, which it becomes. Runs of present sectors are written in
+        place; the others are written whole (a partial sector filled from the parent, whose
+        data it holds) and their bits set, with the BAT entry, through the log."""
+        lss = self._lss
+        base = block << self._bb
+        end = inb + len(piece)
+        new_block = e & BAT_STATE_MASK == _NOT_PRESENT
+        if new_block:
+            await self._ensure_bitmap_block(block)
+            key = await self._bitmap_key(block)
+            # Fresh space only (never a spare): the sectors whose bits stay clear must hold
+            # zeroes, so that a power loss that keeps a later bit but not its data shows no
+            # old bytes.
+            host = await self._grow(self._bs)
+            bits = bitarray(self._sectors_per_block, endian="little")
+            bits.setall(0)
+        else:
+            host = e & _OFFSET_MASK
+            key = await self._bitmap_key(block)
+            bits = await self.bitmap_cache.load(key, self._read_bitmap)
+        new = bits.copy()
+        lo, hi = len(bits), 0  # the bits this write sets
+        try:
+            pos = inb
+            while pos < end:
+                s = pos // lss
+                bit = bits[s]
+                nxt = bits.find(not bit, s + 1, -(-end // lss))
+                stop = end if nxt < 0 else min(end, nxt * lss)
+                chunk = piece[pos - inb : stop - inb]
+                if bit:
+                    await self.child.write(host + pos, chunk)
+                else:
+                    a, b = s * lss, -(-stop // lss) * lss
+                    head = await self._read_range(base + a, pos - a) if pos > a else b""
+                    tail = await self._read_range(base + stop, b - stop) if b > stop else b""
+                    if new_block:
+                        self.child.debug_event("block_alloc")
+                    await self.child.write(host + a, head + chunk + tail)
+                    new[a // lss : b // lss] = 1
+                    lo, hi = min(lo, a // lss), max(hi, b // lss)
+                pos = stop
+            if hi <= lo:
+                return  # every sector was present already
+            full = new[: self._extent(block) // lss].all()
+            state = _FULLY if full else _PARTIAL
+            entries = {idx: bat_entry(state, host)} if new_block or full else {}
+            if full:
+                await self._change(entries)
+            elif new_block:  # the whole bitmap of the block: the old one may hold stale bits
+                await self._change(entries, (key, new, 0, len(new)))
+            else:
+                await self._change(entries, (key, new, lo, hi))
+        except BaseException:
+            if new_block:
+                self._keep_spare(host, e)
+            raise
+
+    async def _ensure_bitmap_block(self, block: int) -> None:
+        """Give the chunk of ``block`` a sector bitmap block, if it has none: new space (fresh,
+        so every bit is clear), then its BAT entry through the log."""
+        sb_idx = self.geometry.bitmap_index(block)
+        if await self._entry(sb_idx) & BAT_STATE_MASK == _SB_PRESENT:
+            return
+        ev = await self._claim(sb_idx)
+        try:
+            if await self._entry(sb_idx) & BAT_STATE_MASK == _SB_PRESENT:
+                return
+            host = await self._grow(SECTOR_BITMAP_BLOCK)
+            await self._change({sb_idx: bat_entry(_SB_PRESENT, host)})
+        finally:
+            self._release(sb_idx, ev)
+
+    # -- metadata changes through the log ------------------------------------------------------
+
+    async def _change(
+        self, entries: dict[int, int], bitmap: tuple[int, bitarray, int, int] | None = None
+    ) -> None:
+        """Set BAT entries (index -> entry) and, with ``bitmap`` = (key, bits, lo, hi), a
+        block's sector bitmap (``bits``, whose bits [lo, hi) changed): the new sectors are
+        logged, then the tables in memory changed (see logwriter.py). Claims of every entry
+        and block changed are held by the caller. :raise BlockfsError: the log write failed
+        (the node stopped)."""
+        if self._broken is not None:
+            raise self._refusal()
+        if not self._log_length_ok():
+            raise UnsupportedFeature(f"{self.filename}: the image has no log to change metadata")
+        lock = self._log.lock
+        try:  # uncontended, no trip through the scheduler (measured: a fifth of a bitmap write)
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            sectors = await self._bat_sectors(entries)
+            if bitmap is not None:
+                sectors += await self._bitmap_sectors(*bitmap)
+            for i in range(0, len(sectors), MAX_ENTRY_UPDATES):
+                await self._log.append(sectors[i : i + MAX_ENTRY_UPDATES])
+            # Logged: the tables now (no await from here).
+            self._apply_entries(entries)
+            if bitmap is not None:
+                self.bitmap_cache.put(bitmap[0], bitmap[1])
+        finally:
+            lock.release()
+
+    def _log_length_ok(self) -> bool:
+        return self.headers.current.log_length > 0
+
+    async def _bat_sectors(self, entries: dict[int, int]) -> list[LoggedSector]:
+        """The new images of the BAT sectors holding ``entries`` (from the tables, which hold
+        every change logged before: the log lock is held)."""
+        by_sector: dict[int, list[int]] = {}
+        for idx in entries:
+            by_sector.setdefault(idx // _SECTOR_ENTRIES, []).append(idx)
+        out = []
+        for sec in sorted(by_sector):
+            first = sec * _SECTOR_ENTRIES
+            key = self._bat_off + (first >> PAGE_BITS) * PAGE_BYTES
+            page = await self.bat_cache.load(key, self._read_page)
+            at = first & (PAGE_ENTRIES - 1)
+            table = page[at : at + _SECTOR_ENTRIES]
+            for idx in by_sector[sec]:
+                table[idx - first] = entries[idx]
+            if sys.byteorder == "big":
+                table.byteswap()
+            out.append(
+                LoggedSector(
+                    "bat_update", DataUpdate(self._bat_off + sec * SECTOR, table.tobytes())
+                )
+            )
+        return out
+
+    async def _bitmap_sectors(
+        self, key: int, bits: bitarray, lo: int, hi: int
+    ) -> list[LoggedSector]:
+        """The new images of the bitmap sectors holding bits [lo, hi) of the block whose
+        bitmap (``bits``) lies at ``key``. A sector shared with other blocks' bitmaps is read
+        (through the logged images) and patched."""
+        raw = bits.tobytes()
+        end = key + len(raw)
+        start = key + lo // 8
+        stop = key + -(-hi // 8)
+        out = []
+        s = start - start % SECTOR
+        while s < stop:
+            a, b = max(s, key), min(s + SECTOR, end)
+            if a == s and b == s + SECTOR:
+                image = raw[s - key : s - key + SECTOR]
+            else:
+                logged = self._log.dirty.get(s)
+                cur = bytearray(logged.image if logged else await self._read_meta(s, SECTOR))
+                cur[a - s : b - s] = raw[a - key : b - key]
+                image = bytes(cur)
+            out.append(LoggedSector("bitmap_update", DataUpdate(s, image)))
+            s += SECTOR
+        return out
+
+    def _apply_entries(self, entries: dict[int, int]) -> None:
+        """Put logged BAT entries in the cached pages (a page not cached reloads them through
+        the log's images) and keep the count of present blocks."""
+        per_chunk = self.geometry.chunk_ratio + 1
+        for idx, value in entries.items():
+            table = self._pages.get(self._bat_off + (idx >> PAGE_BITS) * PAGE_BYTES)
+            if table is None:
+                self._allocated = None
+                continue
+            i = idx & (PAGE_ENTRIES - 1)
+            old = table[i]
+            table[i] = value
+            if self._allocated is not None and (idx + 1) % per_chunk:
+                was = old & BAT_STATE_MASK in (_FULLY, _PARTIAL)
+                now = value & BAT_STATE_MASK in (_FULLY, _PARTIAL)
+                self._allocated += (now - was) * self._bs
+
+    # -- zeroes and discard ----------------------------------------------------------------------
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        raise self._refuse_write()
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        if self._broken is not None:
+            raise self._refusal()
+        await self._zero_range(offset, length, may_unmap, discard=False)
 
     async def discard(self, offset: int, length: int) -> None:
-        raise self._refuse_write()
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        if self._broken is not None:
+            raise self._refusal()
+        if self._fixed or self._diff:
+            return  # a hint (see "Writing" in the module docstring)
+        await self._zero_range(offset, length, True, discard=True)
+
+    async def _zero_range(self, offset: int, length: int, unmap: bool, discard: bool) -> None:
+        """Whole blocks (the last one: up to the disk's end) change state in batches; the
+        parts of blocks at either end are zeroed (or discarded) in place."""
+        end = offset + length
+        pos = offset
+        whole: list[int] = []
+        while pos < end:
+            block = pos >> self._bb
+            base = block << self._bb
+            stop = min(end, base + self._extent(block))
+            if pos == base and stop == base + self._extent(block):
+                whole.append(block)
+            else:
+                await self._zero_part(pos, stop - pos, unmap, discard)
+            pos = stop
+        for i in range(0, len(whole), _ZERO_BATCH):
+            await self._zero_blocks(whole[i : i + _ZERO_BATCH], unmap, discard)
+
+    async def _zero_part(self, off: int, n: int, unmap: bool, discard: bool) -> None:
+        """Zero (or discard) ``n`` bytes within one block without changing its state."""
+        e = await self._entry(self.geometry.payload_index(off >> self._bb))
+        state = e & BAT_STATE_MASK
+        if state == _FULLY:
+            host = (e & _OFFSET_MASK) + (off & self._bmask)
+            if not discard:
+                await self.child.write_zeroes(host, n, unmap and not self._fixed)
+            elif not self._fixed:
+                try:
+                    await self.child.discard(host, n)
+                except BlockfsError:
+                    log.debug("%s: discard of %d bytes at %#x failed", self.filename, n, host)
+        elif not discard and self._diff and state in (_NOT_PRESENT, _PARTIAL):
+            # the parent's data shows there: zeroes must be written (through the bitmap)
+            chunk = 1024 * 1024
+            while n > 0:
+                k = min(chunk, n)
+                await self._write_slow(off, bytes(k))
+                off += k
+                n -= k
+        # any other state reads as zeroes already
+
+    async def _zero_blocks(self, blocks: list[int], unmap: bool, discard: bool) -> None:
+        """Zero (or discard) whole blocks, claimed together (in order: no deadlock with other
+        batches), their new entries logged at once."""
+        idxs = [self.geometry.payload_index(b) for b in blocks]
+        held: list[tuple[int, trio.Event]] = []
+        try:
+            for idx in idxs:
+                held.append((idx, await self._claim(idx)))
+            entries: dict[int, int] = {}
+            punch: list[int] = []
+            for block, idx in zip(blocks, idxs, strict=True):
+                e = await self._entry(idx)
+                state = e & BAT_STATE_MASK
+                off = e & _OFFSET_MASK
+                if self._diff:
+                    # never ZERO here (libvhdi reads it from the parent): present over zeroes
+                    if state in (_FULLY, _PARTIAL):
+                        await self.child.write_zeroes(off, self._bs, unmap)
+                        if state == _PARTIAL:
+                            entries[idx] = bat_entry(_FULLY, off)
+                    elif state == _NOT_PRESENT:
+                        host, fresh = await self._place(e)
+                        try:
+                            if not fresh:
+                                await self.child.write_zeroes(host, self._bs, unmap)
+                                await self._settle_reused()
+                        except BaseException:
+                            self._keep_spare(host, e)
+                            raise
+                        entries[idx] = bat_entry(_FULLY, host)
+                elif self._fixed and state == _FULLY:
+                    if not discard:
+                        await self.child.write_zeroes(off, self._extent(block), False)
+                elif discard:
+                    if state == _FULLY:
+                        entries[idx] = bat_entry(_UNMAPPED, off)
+                        punch.append(off)
+                elif state != _ZERO:
+                    keep = off if state != _NOT_PRESENT and self._placeable(off, self._bs) else 0
+                    entries[idx] = bat_entry(_ZERO, keep)
+                    if keep and unmap and state == _FULLY:
+                        punch.append(keep)
+            if entries:
+                await self._change(entries)
+            for off in punch:  # after the entries: a kill before leaves the data in place
+                try:
+                    await self.child.discard(off, self._bs)
+                except BlockfsError:
+                    log.debug("%s: discard of the block at %#x failed", self.filename, off)
+        finally:
+            for idx, ev in held:
+                self._release(idx, ev)
+
+    # -- flush, close, reopen ------------------------------------------------------------------
 
     async def flush(self) -> None:
-        if not self.read_only:
-            await self.child.flush()
+        if self.read_only:
+            return
+        if self._broken_by_flush:
+            raise self._refusal()
+        if self._broken is None:
+            await self._log.flush()
+        else:
+            # Broken by a failed write, the node still makes what it acknowledged durable.
+            await self.flush_child()
 
     async def reopen(self, read_only: bool) -> None:
-        """Switch modes (see :meth:`Node.reopen`). Going writable does what a writable open
-        does with a log the header still names (one without entries, when it was opened
-        read-only: nothing was replayed in memory). An image whose log was replayed into memory
-        cannot become writable in place: it must be opened again, which replays onto the file.
+        """Switch modes (see :meth:`Node.reopen`). Going read-only empties the log (a clean
+        close of the writer) and flushes. Going writable does what a writable open does with a
+        log the header still names (one without entries, when it was opened read-only: nothing
+        was replayed in memory), and the next change sets new GUIDs. An image whose log was
+        replayed into memory cannot become writable in place: it must be opened again, which
+        replays onto the file.
 
         :raise UnsupportedFeature: that case. :raise BlockfsError: the child cannot be reopened,
             or the log not settled; the node stays read-only.
         """
         if read_only == self.read_only:
             return
-        if not read_only and isinstance(self.child, ReplayedFile):
+        if read_only:
+            if self._broken is None:
+                await self._log.close()
+                await self.flush_child()
+            await super().reopen(True)
+            self._writing = False
+            if self._broken is None:
+                for name in _GUARDED:
+                    self.__dict__.pop(name, None)
+            return
+        if isinstance(self.child, ReplayedFile):
             raise UnsupportedFeature(
                 f"{self.filename}: its log was replayed in memory; open it writable to replay "
                 "the log onto the file"
             )
-        await super().reopen(read_only)
-        if read_only or not self.headers.current.log_dirty:
-            return
+        await super().reopen(False)
         try:
-            _, self.log_outcome = await _settle_log(self.child, self.headers, False, self.filename)
+            if self.headers.current.log_dirty:
+                _, self.log_outcome = await _settle_log(
+                    self.child, self.headers, False, self.filename
+                )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await super().reopen(True)
             raise
+        self._file_end = None
+        self._arm_first_write()
 
     def children(self) -> list[Node]:
         return [self.child]
 
     async def aclose(self) -> None:
-        await self.child.aclose()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # A broken node writes no more metadata: its log is left for the next open.
+            if not self.read_only and self._broken is None:
+                await self._log.close()
+        finally:
+            await self.child.aclose()
+
+    # -- failsafe (see the module docstring) ---------------------------------------------------
+
+    async def write_metadata(self, event: str, offset: int, data: bytes) -> None:
+        """The one way metadata reaches the child: announced first as ``event``; a failure
+        stops the node (:meth:`_break`) before the error goes on to the caller."""
+        if self._broken is not None:
+            raise self._refusal()
+        self.child.debug_event(event)
+        try:
+            await self.child.write(offset, data)
+        except BaseException as exc:  # cancelled too: it may have happened, or not
+            self._break(f"{event} write failed", exc)
+            raise
+
+    async def flush_child(self) -> None:
+        """Flush the child; a failure stops the node and makes every later flush fail (the
+        kernel may have dropped the dirty pages whose write-back failed). A cancelled flush
+        only fails (nothing is known durable that was not before)."""
+        try:
+            await self.child.flush()
+        except Exception as exc:
+            self._break("flush failed", exc, by_flush=True)
+            raise
+
+    def _break(self, what: str, exc: BaseException, *, by_flush: bool = False) -> None:
+        self._broken_by_flush |= by_flush
+        if self._broken is not None:
+            return
+        if isinstance(exc, Exception):
+            reason = f"{what}: {exc}"
+        else:  # cancelled half way: the write may or may not have happened
+            reason = f"{what}: interrupted"
+        self._broken = self.write_failure = reason
+        log.error(
+            "%s: %s; the image refuses writes until it is reopened (reads go on; its log "
+            "is replayed at the next open)",
+            self.filename,
+            reason,
+        )
+
+        # The mapped-write fast path stays free of a check: the entry points are shadowed.
+        async def refuse(*args: object, **kwargs: object) -> None:
+            raise self._refusal()
+
+        for name in _GUARDED:
+            setattr(self, name, refuse)
+
+    def _refusal(self) -> BlockfsError:
+        return BlockfsError(
+            f"{self.filename}: stopped writing after a failure ({self._broken}); reopen the image",
+            errno=errno.EIO,
+        )
 
     def describe(self) -> dict[str, object]:
         d = super().describe()
