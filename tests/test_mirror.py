@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -271,3 +272,31 @@ def _peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+def test_mirror_to_a_vhdx_target_and_backup_from_it(mount, tmp_path: Path) -> None:
+    """A qcow2 disk moves to a new dynamic VHDX while written; after the switch a backup of
+    the VHDX disk goes to another VHDX. qemu-img compares and checks both; libvhdi agrees."""
+    src = random_file(tmp_path / "src.raw", 24 * MiB, seed=21)
+    m = mount(f"disk0={src},format=raw")
+    target = tmp_path / "moved.vhdx"
+    start(m, f"device=disk0 target={target} format=vhdx copy-mode=write-blocking", "mirror")
+    run(["dd", "if=/dev/urandom", f"of={m / 'disk0'}", "bs=64k", "count=16", "seek=40",
+         "conv=notrunc", "oflag=direct"])  # fmt: skip
+    wait_ready(m, "disk0")
+    ctl(m, "disk0", "complete")
+    assert wait_state(m, "disk0", ("concluded",))["error"] is None
+    ctl(m, "disk0", "dismiss")
+    assert m.info("disk0")["format"] == "vhdx"
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 1M 64k", str(m / "disk0")])
+    backup = tmp_path / "backup.vhdx"
+    start(m, f"device=disk0 target={backup} format=vhdx")
+    assert wait_state(m, "disk0", ("concluded",))["error"] is None
+    final = tmp_path / "final.raw"
+    run(["cp", str(m / "disk0"), str(final)])
+    m.umount()
+    for image in (target, backup):
+        qemu_img("check", "-f", "vhdx", str(image))
+        qemu_img("compare", "-f", "vhdx", "-F", "raw", str(image), str(final))
+    if shutil.which("vhdiinfo"):
+        assert "Dynamic" in run(["vhdiinfo", str(target)]).stdout

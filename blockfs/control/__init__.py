@@ -96,12 +96,13 @@ with EIO (reads go on) until it is mounted again (a vhdx image replays its log t
 fsync keeps failing until then.
     echo "op=write event=l2_update errno=ENOSPC" > MNT/.control/images/disk0/inject
 
-Backup keys: device (required), target (required, a path), format (qcow2|raw; default qcow2),
+Backup keys: device (required), target (required, a path), format (qcow2|raw|vhdx; default
+qcow2),
 mode (new|existing), sync (full|top|none), speed, on-source-error and on-target-error
 (report|ignore|stop|enospc), id (default: the device name), compress (on: compressed qcow2
 clusters), view (on: publish MNT/DEVICE@ID, a read-only point-in-time view, while the job runs).
 
-Mirror keys: device (required), target (required, a path), format (qcow2|raw; default
+Mirror keys: device (required), target (required, a path), format (qcow2|raw|vhdx; default
 qcow2), mode (new|existing), sync (full|top|none: none and top give the target the
 source's image or backing file as its backing file), granularity (dirty-tracking unit, a
 power of two from 512 to 64M; default the target's cluster size or 64K), buf-size (data in

@@ -126,7 +126,9 @@ class MirrorSpec:
         return cls(
             device=w["device"],
             target=w["target"],
-            format=choice(w, "format", ["qcow2", "raw"], "qcow2") if "format" in w else None,
+            format=choice(w, "format", ["qcow2", "raw", "vhdx"], "qcow2")
+            if "format" in w
+            else None,
             mode=choice(w, "mode", ["new", "existing"], "new"),
             sync=choice(w, "sync", ["full", "top", "none"], "full"),
             granularity=granularity,
@@ -564,7 +566,7 @@ async def open_mirror_target(spec: MirrorSpec, device: Export) -> OpenedTarget:
     while isinstance(top, FilterNode):
         top = top.child
     backing = {"full": None, "top": top.backing, "none": top}[spec.sync]
-    if backing is not None and (spec.format or "qcow2") == "raw" and spec.mode == "new":
+    if backing is not None and spec.format == "raw" and spec.mode == "new":
         raise UsageError(
             f"sync={spec.sync} needs a qcow2 target (its unwritten clusters read from "
             f"{backing.filename})"

@@ -36,6 +36,7 @@ from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode, check_not_served
 from blockfs.nodes.qcow2 import create_qcow2, create_raw
 from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
+from blockfs.nodes.vhdx import create_vhdx
 
 _RENAME_NOREPLACE = 1
 _libc: Any = None
@@ -397,10 +398,21 @@ async def open_job_target(
     """
     if mode == "new":
         fmt = fmt or "qcow2"
-        if fmt not in ("qcow2", "raw"):
-            raise UsageError(f"format={fmt} targets are not supported yet (qcow2, raw)")
+        if fmt not in ("qcow2", "raw", "vhdx"):
+            raise UsageError(f"format={fmt} targets are not supported (qcow2, raw, vhdx)")
         if fmt == "raw" and backing is not None:
             raise UsageError("a raw target cannot read through a backing file: use format=qcow2")
+        if (
+            fmt == "vhdx"
+            and backing is not None
+            and (backing.format_name != "vhdx" or not backing.read_only)
+        ):
+            # A differencing VHDX names its parent by the parent's DataWriteGuid, which the
+            # parent's next write changes: only a parent no one writes (sync=top) will do.
+            raise UsageError(
+                f"a vhdx target can read through {backing.filename} only if it is a vhdx "
+                "image no one writes (sync=top over a vhdx chain); use format=qcow2"
+            )
         source = protocol_file(like)
         perm = stat.S_IMODE(os.fstat(source.fd).st_mode) & 0o666 if source else 0o600
         tfile = await trio.to_thread.run_sync(
@@ -415,6 +427,13 @@ async def open_job_target(
         if mode == "new":
             if fmt == "raw":
                 await create_raw(child, size)
+            elif fmt == "vhdx":
+                await create_vhdx(
+                    child,
+                    None if backing is not None else size,
+                    parent=backing.filename if backing is not None else None,
+                    parent_fmt="vhdx" if backing is not None else None,
+                )
             else:
                 await create_qcow2(
                     child,
