@@ -41,6 +41,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import guestvm
+from test_vhdx import vhdimount_read
+
+
+def need_vhdimount() -> None:
+    if shutil.which("vhdimount") is None:
+        pytest.skip("vhdimount is not installed (make setup installs libvhdi-utils)")
+
 
 DISK_BYTES = 64 << 20
 BLOCKFS = [sys.executable, "-m", "blockfs"]
@@ -142,10 +149,30 @@ class Target:
     def __init__(self, kind: str, tmp_path: Path) -> None:
         self.kind = kind
         self.tmp_path = tmp_path
-        self.fmt = "qcow2" if kind == "blockfs-qcow2" else "raw"
+        self.fmt = {"blockfs-qcow2": "qcow2", "blockfs-vhdx": "vhdx"}.get(kind, "raw")
+        if kind == "blockfs-vhdx-diff":
+            self.fmt = "vhdx"
         self.image = tmp_path / f"disk.{self.fmt}"
         self.mount: BlockfsMount | None = None
-        if self.fmt == "qcow2":
+        if kind == "blockfs-vhdx":  # a dynamic VHDX made by blockfs
+            subprocess.run(
+                [*BLOCKFS, "create", "-f", "vhdx", str(self.image), str(DISK_BYTES)], check=True
+            )
+        elif kind == "blockfs-vhdx-diff":  # a differencing VHDX over a parent qemu-io wrote
+            parent = tmp_path / "parent.vhdx"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "vhdx", str(parent), str(DISK_BYTES)],
+                check=True,
+            )
+            subprocess.run(
+                ["qemu-io", "-f", "vhdx", "-c", f"write -P 0x5a 0 {DISK_BYTES // 2}", str(parent)],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                [*BLOCKFS, "create", "-f", "vhdx", "-b", str(parent), str(self.image)], check=True
+            )
+        elif self.fmt == "qcow2":
             subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", str(self.image), str(DISK_BYTES)],
                 check=True,
@@ -165,13 +192,17 @@ class Target:
         """The backing image as raw bytes, read without blockfs."""
         if self.fmt == "raw":
             return self.image
+        raw = self.tmp_path / "converted.raw"
+        if self.kind == "blockfs-vhdx-diff":
+            # QEMU cannot open a differencing VHDX: libvhdi (vhdimount) is the judge.
+            raw.write_bytes(vhdimount_read(self.image, self.tmp_path))
+            return raw
         check = subprocess.run(
             ["qemu-img", "check", str(self.image)], check=False, capture_output=True, text=True
         )
         assert check.returncode == 0, f"qemu-img check: {check.stdout}{check.stderr}"
-        raw = self.tmp_path / "converted.raw"
         subprocess.run(
-            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(self.image), str(raw)],
+            ["qemu-img", "convert", "-f", self.fmt, "-O", "raw", str(self.image), str(raw)],
             check=True,
         )
         return raw
@@ -220,6 +251,35 @@ def test_guest_patterns_written_with_dd_read_back_in_guest_and_host(
     guest_kit: guestvm.GuestKit, target: Target, cache: str
 ) -> None:
     _boot_and_check(guest_kit, target, cache, guestvm.PatternWorkload(DISK_BYTES), "pattern")
+
+
+@pytest.fixture(params=["blockfs-vhdx", "blockfs-vhdx-diff"])
+def vhdx_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    t = Target(request.param, tmp_path)
+    assert t.mount is not None
+    try:
+        t.mount.open(t.image, t.fmt)
+        yield t
+    finally:
+        t.mount.close()
+    text = t.mount.log_text()
+    assert "Traceback" not in text, f"blockfs daemon log holds a traceback:\n{text}"
+
+
+def test_guest_ext2_on_a_dynamic_and_a_differencing_vhdx(
+    guest_kit: guestvm.GuestKit, vhdx_target: Target
+) -> None:
+    """The guest makes and fills an ext2 file system on a mounted VHDX (dynamic, made by
+    blockfs; differencing, over a parent qemu-io wrote) and powers off; e2fsck is clean and
+    the files are intact, read through the mount and, after unmount, by an independent
+    reader (qemu-img convert; libvhdi's vhdimount for the differencing image)."""
+    if shutil.which("e2fsck") is None or shutil.which("debugfs") is None:
+        pytest.skip("e2fsck/debugfs are not installed (apt-get install e2fsprogs)")
+    if vhdx_target.kind == "blockfs-vhdx-diff":
+        need_vhdimount()
+    _boot_and_check(guest_kit, vhdx_target, "none", guestvm.Ext2Workload(), "ext2")
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])
