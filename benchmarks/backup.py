@@ -224,6 +224,12 @@ def latency_during_backup(backup: Backup, filename: str, timeout: float, workdir
             raise BackupFailed("no guest write completed during the backup")
         return mean
     finally:
+        if len(window) == 1:
+            # Started, and fio failed before the job concluded (a guest write refused, say; the
+            # start comes even when fio ends before its head start): a running job cannot be
+            # dismissed, so it is let finish first, and fio's error is the one that is raised.
+            with contextlib.suppress(Exception):
+                _wait_done(backup, time.monotonic() + timeout)
         backup.close()
         for kind in ("clat", "lat", "slat"):
             with contextlib.suppress(FileNotFoundError):

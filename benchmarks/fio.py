@@ -7,6 +7,8 @@ reaches the daemon) and time-bounded (``--time_based --runtime``, after ``--ramp
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -89,6 +91,24 @@ class FioError(RuntimeError):
     pass
 
 
+#: where fio names the request that failed ("write offset=31539200, buflen=4096")
+_REQUEST = re.compile(r"(: (?:read|write|trim|sync|datasync))? offset=\d+, buflen=\d+")
+
+
+def fio_errors(stderr: str) -> str:
+    """What fio reported on stderr, short and the same from run to run: each distinct line once,
+    an I/O error without the offset and length of the request that met it (``fio: io_u error on
+    file F: Operation not supported: write``); the last three such lines, 500 characters at most.
+    """
+    seen: list[str] = []
+    for line in stderr.splitlines():
+        line = _REQUEST.sub(lambda m: m.group(1) or "", line.strip())
+        if line and line not in seen:
+            seen.append(line)
+    more = f"({len(seen) - 3} more before) " if len(seen) > 3 else ""
+    return (more + "; ".join(seen[-3:]))[-500:] or "no message"
+
+
 def _ms(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
@@ -104,7 +124,8 @@ def parse_output(text: str) -> FioResult:
     doc = json.loads(text[start:])
     job = doc["jobs"][0]
     if job.get("error"):
-        raise FioError(f"fio job failed with error {job['error']}")
+        errno = job["error"]
+        raise FioError(f"fio job failed with error {errno} ({os.strerror(errno)})")
     iops = bw = bytes_ = 0.0
     lat_sum = 0.0
     count = 0
@@ -176,7 +197,7 @@ def run_fio(
     if not sampled and after_ramp is not None:
         after_ramp()
     if proc.returncode != 0 and not interrupted:
-        raise FioError(f"fio {job.name} exited {proc.returncode}: {err.strip()[-500:]}")
+        raise FioError(f"fio {job.name} exited {proc.returncode}: {fio_errors(err)}")
     return parse_output(out)
 
 
