@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    FULL,
     _write_control,
     blockfs,
     ctl,
@@ -241,6 +242,7 @@ def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
 
 # -- 1. a target on a file system that fills up ------------------------------------------------
 
+
 def error_count(m, job_id: str) -> int:  # type: ignore[no-untyped-def]
     """BLOCK_JOB_ERROR events of the job, repeats included (the log coalesces them)."""
     return sum(e.get("count", 1) for e in job_events(m, job_id) if e["event"] == "BLOCK_JOB_ERROR")
@@ -368,22 +370,34 @@ def full_target_job(  # type: ignore[no-untyped-def]
     return target, ref
 
 
+#: every policy in both copy modes, qcow2 and raw (BLOCKFS_FULL=1); by default each policy and
+#: each copy mode once, qcow2, and raw once
+_FULL_TARGET_CASES = [
+    ("qcow2", "report", "background"),
+    ("qcow2", "report", "write-blocking"),
+    ("qcow2", "stop", "background"),
+    ("qcow2", "stop", "write-blocking"),
+    ("qcow2", "enospc", "background"),
+    ("qcow2", "enospc", "write-blocking"),
+    ("qcow2", "ignore", "background"),
+    ("qcow2", "ignore", "write-blocking"),
+    # a raw target (no allocation, no metadata) shows the policy alone
+    ("raw", "stop", "write-blocking"),
+    ("raw", "ignore", "background"),
+    ("raw", "ignore", "write-blocking"),
+]
+_DEFAULT_CASES = {
+    ("qcow2", "report", "background"),
+    ("qcow2", "stop", "write-blocking"),
+    ("qcow2", "enospc", "background"),
+    ("qcow2", "ignore", "write-blocking"),
+    ("raw", "ignore", "background"),
+}
+
+
 @pytest.mark.parametrize(
     "fmt,policy,copy_mode",
-    [
-        ("qcow2", "report", "background"),
-        ("qcow2", "report", "write-blocking"),
-        ("qcow2", "stop", "background"),
-        ("qcow2", "stop", "write-blocking"),
-        ("qcow2", "enospc", "background"),
-        ("qcow2", "enospc", "write-blocking"),
-        ("qcow2", "ignore", "background"),
-        ("qcow2", "ignore", "write-blocking"),
-        # where a qcow2 target breaks, a raw one (no allocation, no metadata) shows the policy
-        ("raw", "stop", "write-blocking"),
-        ("raw", "ignore", "background"),
-        ("raw", "ignore", "write-blocking"),
-    ],
+    [c for c in _FULL_TARGET_CASES if FULL or c in _DEFAULT_CASES],
 )
 def test_full_target(
     small_fs: SmallFs,
