@@ -39,34 +39,20 @@ from blockfs.jobs.blockcopy import (
 )
 from blockfs.jobs.host import JobHost, PublishedFile
 from blockfs.jobs.job import ErrorAction, Job, JobFailed
-from blockfs.jobs.target import OpenedTarget, TargetFile, open_job_target
+from blockfs.jobs.target import OpenedTarget, TargetFile, open_job_target, parse_target_job
 from blockfs.nodes.base import Capability, Extent, Node, Status
 from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
 from blockfs.nodes.registry import close_chain
-from blockfs.values import bool_value, choice, job_id, parse_words, size_value
+from blockfs.values import bool_value
 
 log = logging.getLogger(__name__)
 
-BACKUP_KEYS = (
-    "device",
-    "target",
-    "format",
-    "mode",
-    "sync",
-    "speed",
-    "on-source-error",
-    "on-target-error",
-    "id",
-    "compress",
-    "view",
-)
 #: the most old data kept in memory while the target cannot take it
 MAX_STASH_BYTES = 256 * 1024 * 1024
 #: background copies in flight at once
 WORKERS = 4
 #: the longest a start-up step runs before it lets other tasks (other disks' requests) in
 _SLICE_SECONDS = 0.002
-_ACTIONS = [a.value for a in ErrorAction]
 
 
 @dataclass(frozen=True)
@@ -86,25 +72,8 @@ class BackupSpec:
     @classmethod
     def parse(cls, text: bytes | str) -> BackupSpec:
         """:raise UsageError: any unknown key or bad value."""
-        w = parse_words(text, BACKUP_KEYS)
-        for key in ("device", "target"):
-            if not w.get(key):
-                raise UsageError(f"{key}= is required")
-        return cls(
-            device=w["device"],
-            target=w["target"],
-            format=choice(w, "format", ["qcow2", "raw", "vhdx"], "qcow2")
-            if "format" in w
-            else None,
-            mode=choice(w, "mode", ["new", "existing"], "new"),
-            sync=choice(w, "sync", ["full", "top", "none"], "full"),
-            speed=size_value(w, "speed"),
-            on_source_error=ErrorAction(choice(w, "on-source-error", _ACTIONS, "report")),
-            on_target_error=ErrorAction(choice(w, "on-target-error", _ACTIONS, "report")),
-            id=job_id(w, w["device"]),
-            compress=bool_value(w, "compress"),
-            view=bool_value(w, "view"),
-        )
+        fields, w = parse_target_job(text, ("compress", "view"))
+        return cls(**fields, compress=bool_value(w, "compress"), view=bool_value(w, "view"))
 
 
 class CopyBeforeWriteFilter(FilterNode):

@@ -306,17 +306,27 @@ class Job:
 
         :raise JobFailed: the policy (or ``enospc`` on another errno) says report.
         """
-        if self._paused and self.io_status is not IoStatus.OK:
+        action = self.judge_io_error(policy, exc, operation)
+        if action is None or action is ErrorAction.STOP:
             return True
-        action = policy.decide(exc)
-        self.report_error(operation, action)
         if action is ErrorAction.REPORT:
             raise JobFailed(f"{what}: {exc}", errno=exc.errno)
-        if action is ErrorAction.STOP:
-            self.pause_for_error(exc)
-            return True
         await trio.sleep(0.05)
         return False
+
+    def judge_io_error(
+        self, policy: ErrorAction, exc: BlockfsError, operation: str
+    ) -> ErrorAction | None:
+        """The part of :meth:`io_error` that needs no ``await`` (a write path calls it): the
+        action ``policy`` takes on ``exc``, reported as BLOCK_JOB_ERROR, the job paused for
+        stop; None while the job is paused for an earlier error (nothing to judge again)."""
+        if self._paused and self.io_status is not IoStatus.OK:
+            return None
+        action = policy.decide(exc)
+        self.report_error(operation, action)
+        if action is ErrorAction.STOP:
+            self.pause_for_error(exc)
+        return action
 
     # -- verbs ------------------------------------------------------------------------------
 

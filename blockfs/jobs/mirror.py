@@ -50,29 +50,17 @@ from blockfs.errors import BlockfsError, ImageError, JobError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.blockcopy import BlockCopy, CopyError, RateLimiter, TargetError, job_cluster_size
 from blockfs.jobs.host import JobHost
-from blockfs.jobs.job import ErrorAction, IoStatus, Job, JobFailed, JobState
-from blockfs.jobs.target import OpenedTarget, open_job_target
+from blockfs.jobs.job import ErrorAction, Job, JobFailed, JobState
+from blockfs.jobs.target import OpenedTarget, open_job_target, parse_target_job
 from blockfs.nodes.base import Node, Status, chain_block_status
 from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
 from blockfs.nodes.registry import close_chain
-from blockfs.values import choice, job_id, parse_words, size_value
+from blockfs.values import choice, size_value
 
 log = logging.getLogger(__name__)
 
-MIRROR_KEYS = (
-    "device",
-    "target",
-    "format",
-    "mode",
-    "sync",
-    "granularity",
-    "buf-size",
-    "speed",
-    "copy-mode",
-    "on-source-error",
-    "on-target-error",
-    "id",
-)
+#: mirror's own keys, beside those of every target job (jobs.target.TARGET_JOB_KEYS)
+MIRROR_KEYS = ("granularity", "buf-size", "copy-mode")
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 64 << 20
 #: the data in flight at once by default (QEMU's default is 16 MiB; four 1 MiB copies keep a
@@ -84,7 +72,6 @@ MAX_CHUNK = 1 << 20
 MAX_WORKERS = 16
 #: the longest the start-up walk runs before it lets other tasks in
 _SLICE_SECONDS = 0.002
-_ACTIONS = [a.value for a in ErrorAction]
 
 
 def _power_of_two(value: int) -> bool:
@@ -109,10 +96,7 @@ class MirrorSpec:
     @classmethod
     def parse(cls, text: bytes | str) -> MirrorSpec:
         """:raise UsageError: any unknown key or bad value."""
-        w = parse_words(text, MIRROR_KEYS)
-        for key in ("device", "target"):
-            if not w.get(key):
-                raise UsageError(f"{key}= is required")
+        fields, w = parse_target_job(text, MIRROR_KEYS)
         granularity = size_value(w, "granularity")
         if "granularity" in w and not (
             _power_of_two(granularity) and MIN_GRANULARITY <= granularity <= MAX_GRANULARITY
@@ -124,20 +108,10 @@ class MirrorSpec:
         if granularity and buf_size < granularity:
             raise UsageError(f"buf-size ({buf_size}) is smaller than the granularity")
         return cls(
-            device=w["device"],
-            target=w["target"],
-            format=choice(w, "format", ["qcow2", "raw", "vhdx"], "qcow2")
-            if "format" in w
-            else None,
-            mode=choice(w, "mode", ["new", "existing"], "new"),
-            sync=choice(w, "sync", ["full", "top", "none"], "full"),
+            **fields,
             granularity=granularity,
             buf_size=buf_size,
-            speed=size_value(w, "speed"),
             copy_mode=choice(w, "copy-mode", ["background", "write-blocking"], "background"),
-            on_source_error=ErrorAction(choice(w, "on-source-error", _ACTIONS, "report")),
-            on_target_error=ErrorAction(choice(w, "on-target-error", _ACTIONS, "report")),
-            id=job_id(w, w["device"]),
         )
 
 
@@ -454,18 +428,13 @@ class MirrorJob(Job):
     def write_through_failed(self, exc: BlockfsError) -> None:
         """A write-blocking guest write reached the source but not the target (its clusters
         are dirty again); the guest write still succeeds."""
-        if self._paused and self.io_status is not IoStatus.OK:
-            return  # paused for an earlier error: this one is retried with the rest
-        action = self.spec.on_target_error.decide(exc)
-        self.report_error("write", action)
+        action = self.judge_io_error(self.spec.on_target_error, exc, "write")
         if action is ErrorAction.REPORT:
             if self.filter is not None:
                 self.filter.active = False
             if self.error is None:
                 self.error = f"target write failed: {exc}"
             self._scope.cancel()
-        elif action is ErrorAction.STOP:
-            self.pause_for_error(exc)
 
     # -- verbs ------------------------------------------------------------------------------
 

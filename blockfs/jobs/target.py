@@ -32,11 +32,13 @@ from typing import Any
 import trio
 
 from blockfs.errors import BlockfsError, UsageError
+from blockfs.jobs.job import ErrorAction
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode, check_not_served
 from blockfs.nodes.qcow2 import create_qcow2, create_raw
 from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
 from blockfs.nodes.vhdx import create_vhdx
+from blockfs.values import choice, job_id, parse_words, size_value
 
 _RENAME_NOREPLACE = 1
 _libc: Any = None
@@ -298,6 +300,46 @@ def _rename_noreplace(dir_fd: int, old: str, new: str) -> None:
     # No renameat2 here: a hard link fails on an existing name just as well.
     os.link(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     os.unlink(old, dir_fd=dir_fd)
+
+
+#: the spec keys every job that copies a disk to a target takes (backup, mirror)
+TARGET_JOB_KEYS = (
+    "device",
+    "target",
+    "format",
+    "mode",
+    "sync",
+    "speed",
+    "on-source-error",
+    "on-target-error",
+    "id",
+)
+_ACTIONS = [a.value for a in ErrorAction]
+
+
+def parse_target_job(
+    text: bytes | str, extra_keys: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse a spec of a job that copies a disk to a target: the common fields (a dict of
+    the dataclass fields ``device``, ``target``, ``format``, ``mode``, ``sync``, ``speed``,
+    ``on_source_error``, ``on_target_error``, ``id``) and the words, for the kind's own
+    ``extra_keys``. :raise UsageError: an unknown key, a missing or bad value."""
+    w = parse_words(text, TARGET_JOB_KEYS + extra_keys)
+    for key in ("device", "target"):
+        if not w.get(key):
+            raise UsageError(f"{key}= is required")
+    fields = {
+        "device": w["device"],
+        "target": w["target"],
+        "format": choice(w, "format", ["qcow2", "raw", "vhdx"], "qcow2") if "format" in w else None,
+        "mode": choice(w, "mode", ["new", "existing"], "new"),
+        "sync": choice(w, "sync", ["full", "top", "none"], "full"),
+        "speed": size_value(w, "speed"),
+        "on_source_error": ErrorAction(choice(w, "on-source-error", _ACTIONS, "report")),
+        "on_target_error": ErrorAction(choice(w, "on-target-error", _ACTIONS, "report")),
+        "id": job_id(w, w["device"]),
+    }
+    return fields, w
 
 
 class OpenedTarget:
