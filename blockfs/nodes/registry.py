@@ -20,6 +20,8 @@ import os
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
+import trio
+
 from blockfs.errors import ImageError, UsageError
 from blockfs.nodes import qcow2, vhdx
 from blockfs.nodes.base import Node
@@ -166,7 +168,7 @@ class OpenContext:
             raise ImageError(f"{relative_to}: backing file name holds a NUL byte")
         given = self.policy.given_backing
         if given is not None and len(self.chain) == 1:
-            return self._given_backing(given, location, relative_to)
+            return await self._given_backing(given, location, relative_to)
         confine = self.real_path if self.probed else None
         try:
             return await open_image(
@@ -182,11 +184,16 @@ class OpenContext:
             raise ImageError(f"{relative_to}: cannot open backing file: {exc}") from None
 
     @staticmethod
-    def _given_backing(given: Node, location: str, relative_to: str) -> Node:
-        """:raise ImageError: (EINVAL) ``location`` names storage other than ``given``'s."""
+    async def _given_backing(given: Node, location: str, relative_to: str) -> Node:
+        """:raise ImageError: (EINVAL) ``location`` names storage other than ``given``'s.
+
+        The name comes from an image: it is looked up (a stat, never an open) in a worker
+        thread, so a name that leads into this very mount, or onto a hung network file
+        system, cannot stop the event loop."""
         resolved = resolve_backing(relative_to, location)
         try:
-            ident = protocol_for(resolved).named_identity(resolved)
+            driver = protocol_for(resolved)
+            ident = await trio.to_thread.run_sync(driver.named_identity, resolved)
         except UsageError:
             ident = None
         if ident is None or ident != given.identity():
