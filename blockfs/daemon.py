@@ -205,9 +205,19 @@ class Daemon:
         assert isinstance(file, ImageFile)
         self.ops.remove_image(file)
 
-    def check_not_in_use(self, what: str, node: Node, *, with_backing: bool = False) -> None:
-        others: dict[str, Node] = {n: e.root for n, e in self.exports.items()}
-        check_shared_files(what, node, others, with_backing=with_backing)
+    def check_not_in_use(
+        self,
+        what: str,
+        node: Node,
+        *,
+        with_backing: bool = False,
+        as_writer: bool = False,
+        except_device: str | None = None,
+    ) -> None:
+        others: dict[str, Node] = {
+            n: e.root for n, e in self.exports.items() if n != except_device
+        }
+        check_shared_files(what, node, others, with_backing=with_backing, as_writer=as_writer)
 
     # -- the tree ------------------------------------------------------------------------------
 

@@ -48,7 +48,15 @@ class FakeHost:
     def withdraw_view(self, file: SimpleNamespace) -> None:
         del self.published[file.name]
 
-    def check_not_in_use(self, what: str, node: Node, *, with_backing: bool = False) -> None:
+    def check_not_in_use(
+        self,
+        what: str,
+        node: Node,
+        *,
+        with_backing: bool = False,
+        as_writer: bool = False,
+        except_device: str | None = None,
+    ) -> None:
         if self.targets_in_use:
             raise UsageError(f"{what}: in use", errno=errno.EBUSY)
 

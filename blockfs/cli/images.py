@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     g.add_argument("-l", dest="list", action="store_true", help="list snapshots")
     g.add_argument("-a", dest="apply", metavar="NAME", help="revert to a snapshot")
     g.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
+    g.add_argument(
+        "--external",
+        metavar="NEW",
+        help="live external snapshot of MNT/NAME, an image a mount serves: NEW (a relative "
+        "name is in the image's folder) becomes its active layer, over the old one",
+    )
+    s.add_argument(
+        "-f", dest="format", choices=("qcow2", "vhdx"), help="format of NEW (--external)"
+    )
     s.add_argument("filename")
     s.set_defaults(func=cmd_snapshot)
 
@@ -232,6 +242,10 @@ async def create_image_file(
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.external is not None:
+        return _external_snapshot(args)
+    if args.format is not None:
+        raise UsageError("-f is for --external snapshots")
     from blockfs.nodes.qcow2 import Qcow2Node, apply_snapshot, create_snapshot, delete_snapshot
     from blockfs.nodes.registry import close_chain, open_image
 
@@ -252,6 +266,26 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             await close_chain(node)
 
     trio.run(run)
+    return 0
+
+
+def _external_snapshot(args: argparse.Namespace) -> int:
+    """Through ``MNT/.control/images/NAME/ctl`` of the mount that serves ``filename``."""
+    from blockfs.cli.jobs import write_control
+
+    path = os.path.abspath(args.filename)
+    mnt, name = os.path.split(path)
+    ctl = os.path.join(mnt, ".control", "images", name, "ctl")
+    if not os.path.exists(ctl):
+        raise UsageError(
+            f"{args.filename} is not an image a blockfs mount serves (MNT/NAME); "
+            "--external snapshots are taken of mounted images",
+            errno=errno.ENOENT,
+        )
+    spec = f"snapshot={shlex.quote(args.external)}"
+    if args.format:
+        spec += f" format={args.format}"
+    print(write_control(ctl, spec))
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from blockfs.errors import BlockfsError, UsageError
 
-JOB_KINDS = ("backup", "mirror")
+JOB_KINDS = ("backup", "mirror", "commit", "stream")
 FINAL = ("concluded", "null")
 
 

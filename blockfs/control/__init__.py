@@ -6,8 +6,11 @@
     .control/images/NAME/info      JSON: the image and its backing chain
     .control/images/NAME/stats     JSON: QEMU's blockstats counters
     .control/images/NAME/inject    error-injection rules (only with the image option inject=on)
+    .control/images/NAME/ctl       write snapshot=NEW.qcow2: an external snapshot, live
     .control/jobs/backup           write a spec here to start a backup
     .control/jobs/mirror           write a spec here to start a mirror
+    .control/jobs/commit           write a spec here to start a commit
+    .control/jobs/stream           write a spec here to start a stream
     .control/jobs/ID/status        JSON status of one job
     .control/jobs/ID/ctl           write a verb: pause resume cancel complete dismiss speed=N
 
@@ -35,6 +38,7 @@ from blockfs.control.tree import (
 from blockfs.errors import UsageError
 from blockfs.export import Export
 from blockfs.info import export_info
+from blockfs.jobs.chain import external_snapshot
 from blockfs.jobs.job import EventLog, Job
 from blockfs.jobs.registry import JobRegistry
 from blockfs.nodes.inject import InjectFilter, find_inject_filter
@@ -59,8 +63,14 @@ images/NAME/info        JSON: format, virtual-size, filename, read-only, backing
 images/NAME/stats       JSON: rd_bytes, wr_bytes, rd_operations, wr_operations, ...
 images/NAME/inject      (image option inject=on only) write error-injection rules; read
                         them as JSON, with how often each fired
+images/NAME/ctl         write snapshot=NEW.qcow2 (format=qcow2|vhdx): an external
+                        snapshot: NEW, over the image's active layer, becomes the active
+                        layer (a relative NEW is in the active layer's folder); refused
+                        (EBUSY) while a job runs on the image
 jobs/backup             write a spec to start a backup job
 jobs/mirror             write a spec to start a mirror job
+jobs/commit             write a spec to start a commit job
+jobs/stream             write a spec to start a stream job
 jobs/ID/status          JSON: id, type, device, state, offset, len, speed, ready,
                         io-status, error (a mirror adds target, target-state, sync,
                         copy-mode, granularity)
@@ -116,6 +126,21 @@ A mirror copies, then is ready (BLOCK_JOB_READY) and keeps the target in sync:
                  kept, the device keeps its source (BLOCK_JOB_COMPLETED)
   cancel force   stops at once, in any state
 
+Commit keys: device (required), top (default: the active layer), base (default: the
+bottom of the chain), backing-file (the name the image above top records for base; default
+relative where its old name was), speed, on-error (report|ignore|stop|enospc), id. Layers
+are named by depth (0 = the active layer, 1 its backing file, ...) or by file name (as
+images/NAME/info shows it, its real path, or a base name only one layer has).
+  top below the active layer: what top and the layers down to base hold is written into
+  base; the image above top then names base as its backing file; the layers between leave
+  the chain (their files stay as they were). The job ends on its own.
+  top = the active layer (an active commit): like a mirror into base: ready, then
+  complete switches the device to base and drops the layers above it; cancel when ready
+  leaves the chain as it was.
+Stream keys: device (required), base (default: none, the whole chain), backing-file,
+speed, on-error, id. What the active layer reads from the layers above base is copied into
+it, then it names base (or no backing file) and those layers leave the chain.
+
 Examples:
     echo "device=disk0 target=/srv/backup.qcow2 sync=full" > MNT/.control/jobs/backup
     echo "device=disk0 target=/new/disk0.qcow2" > MNT/.control/jobs/mirror
@@ -125,6 +150,9 @@ Examples:
     echo speed=50M > MNT/.control/jobs/disk0/ctl
     echo dismiss > MNT/.control/jobs/disk0/ctl      # once concluded
     tail -n 5 MNT/.control/events
+    echo "snapshot=disk0-snap1.qcow2" > MNT/.control/images/disk0/ctl
+    echo "device=disk0 top=disk0-snap1.qcow2 base=disk0.qcow2" > MNT/.control/jobs/commit
+    echo "device=disk0 base=disk0.qcow2" > MNT/.control/jobs/stream
 
 A bad spec fails the write (EINVAL, ENOENT, EBUSY, EEXIST, ...); read the same open file to
 get the reason, e.g.:  exec 3<>MNT/.control/jobs/backup; echo "device=x" >&3; cat <&3
@@ -205,9 +233,20 @@ class ControlTree:
             ),
         )
         tree.add(d, TextFile("stats", lambda: {"device": export.name, **export.stats.as_dict()}))
+        tree.add(d, _WritableFile("ctl", functools.partial(self._image_verb, export)))
         injector = find_inject_filter(export.root)
         if injector is not None:
             tree.add(d, _InjectFile(injector))
+
+    async def _image_verb(self, export: Export, data: bytes) -> bytes:
+        """``images/NAME/ctl``: ``snapshot=NEW [format=F]`` (the only verb so far)."""
+        self.registry.device(export.name)  # EBUSY while a job holds it
+        overlay = await external_snapshot(export, data)
+        self.events.emit(
+            "BLOCK_SNAPSHOT_CREATED", device=export.name, filename=overlay.filename,
+            format=overlay.format_name,
+        )  # fmt: skip
+        return f"{overlay.filename}\n".encode()
 
     def _render_events(self) -> bytes:
         # Small parts joined into one bytes object: no second, transient copy of the whole

@@ -49,9 +49,19 @@ class JobHost(Protocol):
         """Remove a published file; open handles keep working until released."""
         ...
 
-    def check_not_in_use(self, what: str, node: Node, *, with_backing: bool = False) -> None:
+    def check_not_in_use(
+        self,
+        what: str,
+        node: Node,
+        *,
+        with_backing: bool = False,
+        as_writer: bool = False,
+        except_device: str | None = None,
+    ) -> None:
         """Refuse a node (a job's target) whose files a mounted image uses, where one of the
-        two writes them; ``with_backing`` checks its backing chain's files too.
+        two writes them; ``with_backing`` checks its backing chain's files too; ``as_writer``:
+        the job is about to write ``node`` (a commit's base, open read-only until then);
+        ``except_device``: a device whose own chain ``node`` belongs to (not checked).
 
         :raise UsageError: (EBUSY) naming ``what``, the file and the image.
         """

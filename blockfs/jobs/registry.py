@@ -21,9 +21,12 @@ from typing import Any, Generic, Protocol, TypeVar
 from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.backup import BackupJob, BackupSpec, open_backup_target
+from blockfs.jobs.chain import ChainSpec
+from blockfs.jobs.commit import make_commit
 from blockfs.jobs.host import JobHost
 from blockfs.jobs.job import Job, JobState
 from blockfs.jobs.mirror import MirrorJob, MirrorSpec, open_mirror_target
+from blockfs.jobs.stream import StreamJob
 from blockfs.jobs.target import OpenedTarget
 
 
@@ -56,6 +59,8 @@ class JobKind(Generic[_S]):
 JOB_KINDS: Mapping[str, JobKind[Any]] = {
     "backup": JobKind(BackupSpec.parse, BackupJob.make, open_backup_target),
     "mirror": JobKind(MirrorSpec.parse, MirrorJob.make, open_mirror_target),
+    "commit": JobKind(ChainSpec.parse_commit, make_commit),
+    "stream": JobKind(ChainSpec.parse_stream, StreamJob.make),
 }
 
 

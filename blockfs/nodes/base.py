@@ -223,17 +223,30 @@ class Node(abc.ABC):
             await child.reopen(read_only)
         self.read_only = read_only
 
-    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+    async def change_backing_file(
+        self, name: str | None, fmt: str | None, parent: Node | None = None
+    ) -> None:
         """Record ``name`` (in format ``fmt``) as this image's backing file in its own
         metadata, or no backing file with None (commit and stream, once the data is in place).
         Changes what the image says, not the open chain: ``backing`` is the caller's to swap.
-        Crash-safe: afterwards the image says either the old name or the new one.
+        ``parent`` is the open node ``name`` leads to (a format that records facts of its
+        parent, as VHDX records its DataWriteGuid, takes them from it; None with ``name``
+        None). Crash-safe: afterwards the image says either the old name or the new one.
 
-        :raise UnsupportedFeature: a node whose format records no backing file (the default).
+        :raise UnsupportedFeature: a node whose format records no backing file (the default),
+            or cannot record this one.
         """
         from blockfs.errors import UnsupportedFeature
 
         raise UnsupportedFeature(f"{self.format_name} nodes have no backing file to change")
+
+    async def parent_will_change(self, parent: Node) -> None:  # noqa: B027 (optional)
+        """``parent`` (this image's backing node) is about to be written (a commit folds data
+        into it): record whatever lets this image still open over it afterwards, durably,
+        before the first write. The data a reader of this image sees does not change (a commit
+        writes into the parent only what this image and those above it hide). The default does
+        nothing (qcow2 records no fact of its backing file that a write changes); VHDX records
+        the parent's next DataWriteGuid as its second linkage."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

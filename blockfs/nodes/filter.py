@@ -39,6 +39,7 @@ NODE_OPERATIONS = frozenset(
         "reopen",
         "reconnect",
         "change_backing_file",
+        "parent_will_change",
         "aclose",
     }
 )
@@ -55,6 +56,7 @@ WRITE_HOOK_PASSES = frozenset(
         "reopen",
         "reconnect",
         "change_backing_file",
+        "parent_will_change",
     }
 )
 

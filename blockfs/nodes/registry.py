@@ -343,15 +343,21 @@ def chain_files(node: Node, *, with_backing: bool = True) -> list[tuple[Hashable
 
 
 def check_shared_files(
-    name: str, node: Node, others: dict[str, Node], *, with_backing: bool = True
+    name: str,
+    node: Node,
+    others: dict[str, Node],
+    *,
+    with_backing: bool = True,
+    as_writer: bool = False,
 ) -> None:
     """:raise UsageError: (EBUSY) ``node`` uses a file that one of ``others`` uses, and one of
-    the two writes it: a write through one would change the other under its feet."""
+    the two writes it (``as_writer``: ``node`` is about to be written, open read-only as it
+    may be still): a write through one would change the other under its feet."""
     mine = chain_files(node, with_backing=with_backing)
     for other_name, other in others.items():
         for ident, writable, filename in chain_files(other):
             for my_ident, my_writable, _ in mine:
-                if ident == my_ident and (writable or my_writable):
+                if ident == my_ident and (writable or my_writable or as_writer):
                     raise UsageError(
                         f"{name}: {filename} is in use by image {other_name}, and one of them "
                         "writes it",

@@ -1009,7 +1009,9 @@ class Qcow2Node(Node):
                 except BlockfsError:  # a hint only
                     log.debug("discard of freed cluster %d failed", c)
 
-    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+    async def change_backing_file(
+        self, name: str | None, fmt: str | None, parent: Node | None = None
+    ) -> None:
         """Record ``name`` (format ``fmt``) as the backing file in the image header, or no
         backing file with None. Changes what the image says, not the open chain: ``backing``
         is the caller's to swap (a commit does so at a quiescent point).
