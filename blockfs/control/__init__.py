@@ -99,7 +99,7 @@ images/NAME/inject is `clear` or a rule of key=value words: op (read|write|flush
 default any; write includes write-zeroes), event (the rule waits for the qcow2 node to announce
 a metadata write: l1_update, l2_update, l2_alloc, refblock_update, refblock_alloc,
 reftable_update, reftable_grow, header_update, cluster_alloc; or the vhdx node: log_write,
-bat_update, bitmap_update, header_update, block_alloc), errno (EIO|ENOSPC), nth (the
+bat_update, bitmap_update, metadata_update, header_update, block_alloc), errno (EIO|ENOSPC), nth (the
 Nth matching request fails; default 1), once (on, the default: that request only; off: it and
 every later match), land (on: the request is carried out, then reported failed). A qcow2 or vhdx image whose metadata write or flush failed then refuses writes
 with EIO (reads go on) until it is mounted again (a vhdx image replays its log then); a failed

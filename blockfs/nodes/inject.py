@@ -52,6 +52,7 @@ VHDX_EVENTS = frozenset(
         "log_write",  # a metadata log entry (BAT and sector bitmap changes, before any in place)
         "bat_update",  # BAT sectors written in place, once their log entry is durable
         "bitmap_update",  # sector bitmap sectors written in place, likewise
+        "metadata_update",  # metadata table and items (parent locator) in place, likewise
         "block_alloc",  # guest data into a newly allocated payload block (data, not metadata)
     }
 )

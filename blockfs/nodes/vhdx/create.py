@@ -13,7 +13,9 @@ The layout written (every region 1 MiB aligned, as MS-VHDX 2.2.3 asks)::
 A dynamic or differencing image's BAT is all NOT_PRESENT (zeroes: nothing written). The image
 is written through a protocol node the caller opened (``write``, ``truncate``, ``flush``);
 nothing here opens a file for the new image or removes one. A differencing image's parent is
-opened once, read-only, to learn its size, sector sizes and DataWriteGuid (the linkage).
+opened once, read-only, to learn its size, sector sizes and DataWriteGuid (the linkage). The
+locator's paths are made by :func:`parent_location` and :func:`locator_entries`, which the node
+uses too when it records a new parent (``VhdxNode.change_backing_file``).
 """
 
 from __future__ import annotations
@@ -171,13 +173,7 @@ async def _parent_facts(
 
     if parent_fmt not in (None, "vhdx"):
         raise UsageError(f"a differencing VHDX image needs a VHDX parent, not {parent_fmt}")
-    if not parent or "\0" in parent or "\\" in parent:
-        raise UsageError(f"parent file name {parent!r} cannot be recorded (empty, NUL or '\\')")
-    where = parent
-    if not os.path.isabs(parent):
-        where = os.path.join(os.path.dirname(child) or ".", parent)
-    if os.path.realpath(where) == os.path.realpath(child):
-        raise UsageError(f"{child}: an image cannot be its own parent")
+    where = parent_location(child, parent)
     try:
         node = await open_image(where, fmt=parent_fmt, read_only=True)
     except BlockfsError as exc:
@@ -194,16 +190,34 @@ async def _parent_facts(
         )
     finally:
         await close_chain(node)
-    return (*facts, _locator_entries(child, where, facts[3]))
+    return (*facts, locator_entries(child, where, facts[3]))
 
 
-def _locator_entries(child: str, parent: str, linkage: uuid.UUID) -> dict[str, str]:
-    """The parent locator's entries: the linkage, and the parent's path twice in Windows form
-    (``\\`` separators): relative to the child's folder (``.\\base.vhdx``, as Hyper-V writes
-    it), and absolute (``\\srv\\base.vhdx``: rooted but without a drive, so Windows looks
-    for it on its current drive, if at all). Both read back here as paths of this system.
-    Windows form, because readers take the file name after the last backslash (libvhdi finds
-    a parent so, in the child's folder)."""
+def parent_location(child: str, parent: str) -> str:
+    """Where the parent named ``parent`` (a POSIX path, relative to the folder of ``child``
+    unless absolute, as qemu-img resolves backing names) is opened.
+
+    :raise UsageError: a name a locator cannot record (empty, NUL, ``\\``), or ``child``
+    itself."""
+    if not parent or "\0" in parent or "\\" in parent:
+        raise UsageError(f"parent file name {parent!r} cannot be recorded (empty, NUL or '\\')")
+    where = parent
+    if not os.path.isabs(parent):
+        where = os.path.join(os.path.dirname(child) or ".", parent)
+    if os.path.realpath(where) == os.path.realpath(child):
+        raise UsageError(f"{child}: an image cannot be its own parent")
+    return where
+
+
+def locator_entries(child: str, parent: str, linkage: uuid.UUID) -> dict[str, str]:
+    """The parent locator's entries of the image ``child`` whose parent is opened at
+    ``parent`` (see :func:`parent_location`): the linkage, and the parent's path twice in
+    Windows form (``\\`` separators): relative to the child's folder (``.\\base.vhdx``, as
+    Hyper-V writes it), and absolute (``\\srv\\base.vhdx``: rooted but without a drive, so
+    Windows looks for it on its current drive, if at all). Both read back here as paths of
+    this system. Windows form, because readers take the file name after the last backslash
+    (libvhdi finds a parent so, in the child's folder). Creation and
+    :meth:`VhdxNode.change_backing_file` both write these."""
     child_dir = os.path.dirname(os.path.abspath(child))
     absolute = os.path.abspath(parent)
     rel = os.path.relpath(absolute, child_dir).replace("/", "\\")

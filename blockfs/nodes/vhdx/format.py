@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import google_crc32c
 
-from blockfs.errors import ImageError, UnsupportedFeature
+from blockfs.errors import ImageError, UnsupportedFeature, UsageError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -443,6 +443,88 @@ def pack_metadata(items: list[tuple[uuid.UUID, bytes]]) -> bytes:
         data += value + bytes(-len(value) % 8)
     table = METADATA_TABLE_HEADER.pack(METADATA_SIGNATURE, 0, len(entries), b"") + b"".join(entries)
     return table + bytes(METADATA_TABLE_SIZE - len(table)) + bytes(data)
+
+
+#: one metadata table entry as its fields: item id (bytes_le), offset, length, flags, reserved
+_Row = tuple[bytes, int, int, int, bytes]
+
+
+def change_metadata_items(
+    table: bytes, region_length: int, changes: dict[uuid.UUID, bytes | None], where: str
+) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """The metadata table ``table`` (the region's first 64 KiB, as it is now) with the system
+    items of ``changes`` given new values (None: the item and its table entry go; a new item
+    gets an entry with the flags it is written with); and the item values to write, as
+    (offset in the region, bytes). An item whose length stays stays where it is; another is
+    put in the lowest gap of the item area (8-byte aligned) clear of every other item, user
+    items too (its own old bytes may be reused: the caller writes table and items at once,
+    through the log). Entries of other items are kept as they are, byte for byte.
+
+    :raise UsageError: no gap in the region fits an item, or the table is full.
+    """
+    _, reserved, count, reserved2 = METADATA_TABLE_HEADER.unpack_from(table)
+    rows: list[_Row] = [
+        METADATA_ENTRY.unpack_from(table, METADATA_TABLE_HEADER.size + i * METADATA_ENTRY.size)
+        for i in range(count)
+    ]
+    writes: list[tuple[int, bytes]] = []
+    for item_id, value in changes.items():
+        name = KNOWN_ITEMS.get(item_id, (f"metadata item {item_id}", None))[0]
+        key = item_id.bytes_le
+        pos = next(
+            (i for i, r in enumerate(rows) if r[0] == key and not r[3] & MetadataFlag.IS_USER),
+            None,
+        )
+        if value is None:
+            if pos is not None:
+                del rows[pos]
+            continue
+        if len(value) > MAX_METADATA_ITEM:
+            raise UsageError(f"{where}: a {len(value)}-byte {name} item (at most 1 MiB)")
+        if pos is None:
+            if len(rows) >= MAX_TABLE_ENTRIES:
+                raise UsageError(f"{where}: the metadata table is full")
+            rows.append((key, 0, 0, int(ITEM_FLAGS.get(item_id, 0)), bytes(4)))
+            pos = len(rows) - 1
+        _, offset, length, flags, rest = rows[pos]
+        if length != len(value) or not offset:
+            others = [(r[1], r[1] + r[2]) for i, r in enumerate(rows) if i != pos and r[2]]
+            offset = _item_gap(others, len(value), region_length, name, where)
+            rows[pos] = (key, offset, len(value), flags, rest)
+        if value:
+            writes.append((offset, value))
+    out = bytearray(table[:METADATA_TABLE_SIZE])
+    out[: METADATA_TABLE_HEADER.size] = METADATA_TABLE_HEADER.pack(
+        METADATA_SIGNATURE, reserved, len(rows), reserved2
+    )
+    at = METADATA_TABLE_HEADER.size
+    for r in rows:
+        out[at : at + METADATA_ENTRY.size] = METADATA_ENTRY.pack(*r)
+        at += METADATA_ENTRY.size
+    old_end = METADATA_TABLE_HEADER.size + count * METADATA_ENTRY.size
+    if old_end > at:  # the slots of entries that went, zeroed
+        out[at:old_end] = bytes(old_end - at)
+    return bytes(out), writes
+
+
+def _item_gap(
+    others: list[tuple[int, int]], length: int, region_length: int, name: str, where: str
+) -> int:
+    """The lowest 8-byte aligned offset of the item area where ``length`` bytes overlap none
+    of the ``others`` (start, end) spans; 0 for an empty item. :raise UsageError: none fits."""
+    if not length:
+        return 0
+    at = METADATA_ITEMS_START
+    for start, end in sorted(others):
+        if at + length <= start:
+            break
+        at = max(at, -(-end // 8) * 8)
+    if at + length > region_length:
+        raise UsageError(
+            f"{where}: no room for a {length}-byte {name} item in the {region_length}-byte "
+            "metadata region"
+        )
+    return at
 
 
 # 2.6.2.1 File Parameters

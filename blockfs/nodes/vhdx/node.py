@@ -83,9 +83,17 @@ Invariants the code relies on:
   ``log_write``, ``bat_update``, ``bitmap_update``; data into a new block is ``block_alloc``);
   a mapped read or write announces nothing.
 
-Not done here: resizing (``truncate`` refuses), reuse of space freed by other writers' entries
-beyond the block's own, and keeping a parent's linkage when a parent is written (its
-DataWriteGuid changes, as the spec demands, so its children no longer open).
+Commit and stream. A parent's first write of a session gives it a new DataWriteGuid (as the
+spec demands), which would unlink its children: before a commit writes into a parent, the child
+above it records the GUID that write will set (fixed in advance: ``pending_data_write_guid``) as
+its second linkage (``parent_will_change``). ``change_backing_file`` writes a new parent locator,
+or (no parent) turns the image into a dynamic one. Metadata items change through the log too:
+the changed sectors of the metadata table and items are one entry, so a crash leaves the old
+items or the new ones; such changes set a new FileWriteGuid first, but keep the DataWriteGuid
+(the disk reads the same, and the children stay linked).
+
+Not done here: resizing (``truncate`` refuses), and reuse of space freed by other writers'
+entries beyond the block's own.
 """
 
 from __future__ import annotations
@@ -96,7 +104,7 @@ import sys
 import uuid
 from array import array
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import trio
@@ -106,19 +114,24 @@ from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UnsupportedF
 from blockfs.nodes.base import Capability, Extent, Limits, Node, Status, chain_block_status
 from blockfs.nodes.cache import TableCache
 from blockfs.nodes.protocols import protocol_for, resolve_backing
+from blockfs.nodes.vhdx.create import locator_entries, parent_location
 from blockfs.nodes.vhdx.format import (
     BAT_GUID,
     BAT_STATE_MASK,
+    FILE_PARAMETERS,
     HEAD_BYTES,
     HEADER_AREA,
     HEADER_OFFSETS,
     HEADER_SIZE,
     KEY_ABSOLUTE,
+    KEY_LINKAGE,
+    KEY_LINKAGE2,
     KEY_RELATIVE,
     KEY_VOLUME,
     KNOWN_ITEMS,
     METADATA_GUID,
     METADATA_TABLE_SIZE,
+    PARENT_LOCATOR,
     PATH_KEYS,
     REGION_TABLE_OFFSETS,
     REGION_TABLE_SIZE,
@@ -129,11 +142,15 @@ from blockfs.nodes.vhdx.format import (
     Header,
     Metadata,
     MiB,
+    ParentLocator,
     PayloadState,
     Region,
     bat_entry,
     bat_entry_offset,
+    change_metadata_items,
     current_header,
+    linkage_text,
+    pack_file_parameters,
     parse_file_identifier,
     parse_metadata,
     parse_metadata_table,
@@ -175,6 +192,8 @@ _SECTOR_ENTRIES = SECTOR // 8
 #: whole blocks zeroed or discarded per batch (their claims held together): at most a few
 #: BAT sectors per log entry
 _ZERO_BATCH = 4 * _SECTOR_ENTRIES
+#: partially present blocks made fully present per batch (claims held, one flush)
+_FILL_BATCH = 64
 #: the node operations a first write after an open, and the failsafe, shadow
 _GUARDED = ("write", "write_zeroes", "discard")
 
@@ -332,6 +351,13 @@ class VhdxNode(Node):
         self._spare: list[int] = []
         #: the GUIDs were changed since this open (see "Writing" above)
         self._writing = False
+        #: the FileWriteGuid was changed since this open, for a change of metadata alone
+        self._file_changed = False
+        #: the DataWriteGuid the first write will set, once a child asked for it in advance
+        #: (:meth:`pending_data_write_guid`)
+        self._pending_guid: uuid.UUID | None = None
+        #: the parent is being dropped (:meth:`_drop_parent`): no new partially present block
+        self._dropping_parent = False
         #: why the node stopped accepting writes (see "Failsafe" above); None while healthy
         self._broken: str | None = None
         self._broken_by_flush = False
@@ -653,7 +679,9 @@ class VhdxNode(Node):
                 raise self._refusal()
             if self.read_only:
                 raise ReadOnlyError(f"{self.filename} is open read-only")
-            await self._update_header(file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4())
+            guid = self._pending_guid or uuid.uuid4()
+            await self._update_header(file_write_guid=uuid.uuid4(), data_write_guid=guid)
+            self._pending_guid = None
             self._writing = True
             for name in _GUARDED:
                 self.__dict__.pop(name, None)
@@ -728,7 +756,7 @@ class VhdxNode(Node):
                 await self.child.write(bat_entry_offset(e) + inb, piece)
             elif state == _PARTIAL:
                 await self._write_partial(block, idx, e, inb, piece)
-            elif state == _NOT_PRESENT and self._diff:
+            elif state == _NOT_PRESENT and self._diff and not self._dropping_parent:
                 lss = self._lss
                 a = inb - inb % lss
                 b = -(-(inb + len(piece)) // lss) * lss
@@ -1122,6 +1150,268 @@ class VhdxNode(Node):
             for idx, ev in held:
                 self._release(idx, ev)
 
+    # -- the parent locator: commit and stream ---------------------------------------------------
+
+    def pending_data_write_guid(self) -> uuid.UUID:
+        """The DataWriteGuid this image has once it was written in this session: its current
+        one when it already was; otherwise one chosen now, once, that its first write will set
+        (so that a child can record it before that write: :meth:`parent_will_change`). Asked
+        while no write of this image is under way (a first write in flight has chosen its GUID
+        already)."""
+        if self._writing:
+            return self.headers.current.data_write_guid
+        if self._pending_guid is None:
+            self._pending_guid = uuid.uuid4()
+        return self._pending_guid
+
+    async def change_backing_file(
+        self, name: str | None, fmt: str | None, parent: Node | None = None
+    ) -> None:
+        """Record ``name`` as this differencing image's parent (:meth:`Node.change_backing_file`):
+        a new parent locator whose linkage is ``parent``'s DataWriteGuid as its header says now
+        (the caller flushed ``parent`` first) and whose paths are made as creation makes them
+        (:func:`~blockfs.nodes.vhdx.create.locator_entries`; a relative ``name`` is relative to
+        this image's folder). The locator item may change size and place in the metadata region:
+        table and item are written as one log entry, flushed, so a crash leaves the old locator
+        or the new one. The DataWriteGuid stays (no guest data changes); the FileWriteGuid
+        changes first, as before any change.
+
+        With ``name`` None the image stops being differencing (:meth:`_drop_parent`).
+
+        :raise ReadOnlyError: open read-only. :raise UnsupportedFeature: a parent (or ``fmt``)
+            other than VHDX, or an image that is not differencing. :raise UsageError: a parent
+            of another size or logical sector size, a name a locator cannot hold, a metadata
+            region without room for the locator.
+        """
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        if name is None:
+            await self._drop_parent()
+            return
+        if not self._diff:
+            raise UnsupportedFeature(
+                f"{self.filename}: not a differencing VHDX image, it cannot gain a parent"
+            )
+        if fmt not in (None, FORMAT_NAME):
+            raise UnsupportedFeature(
+                f"{self.filename}: a differencing VHDX image needs a VHDX parent, not {fmt}"
+            )
+        if parent is None:
+            raise UsageError(f"{self.filename}: the new parent {name} must be open")
+        if not isinstance(parent, VhdxNode):
+            raise UnsupportedFeature(
+                f"{self.filename}: a differencing VHDX image needs a VHDX parent, not "
+                f"{parent.format_name}"
+            )
+        where = parent_location(self.filename, name)
+        ident = self.identity()
+        if parent is self or (ident is not None and parent.identity() == ident):
+            raise UsageError(f"{self.filename}: an image cannot be its own parent")
+        pm = parent.metadata
+        if parent.size != self.size or pm.logical_sector_size != self._lss:
+            raise UsageError(
+                f"{self.filename}: a parent of {parent.size} bytes in {pm.logical_sector_size}-"
+                f"byte sectors, but this image has {self.size} bytes in {self._lss}-byte sectors"
+            )
+        linkage = parent.headers.current.data_write_guid
+        locator = ParentLocator(locator_entries(self.filename, where, linkage), linkage)
+        await self._change_metadata({PARENT_LOCATOR: locator.pack()})
+        self.metadata = replace(self.metadata, parent=locator)
+        usable = [p for _, p in parent_candidates(locator.entries) if p is not None]
+        self.parent_name = next(
+            (p for p in usable if _names_existing(self.filename, p)), usable[0] if usable else name
+        )
+
+    async def parent_will_change(self, parent: Node) -> None:
+        """``parent`` (a VHDX image, this one's parent) is about to be written (a commit): fix
+        now the DataWriteGuid its first write will set (:meth:`pending_data_write_guid`) and
+        record it as this image's second linkage, beside the one that matches the parent's
+        header now, through the log, flushed. Killed at any instant of the commit, this image
+        still opens over the parent (before its first write the linkage matches; after it, the
+        second linkage).
+
+        An image open read-only (the usual case: it sits in the chain beneath the active
+        layer) is reopened writable for the update and read-only again after it, which
+        empties its log; the caller holds the export quiesced, as for any reopen. A parent of
+        another format, or an image that is not differencing: nothing to record.
+        """
+        if not isinstance(parent, VhdxNode) or not self._diff:
+            return
+        loc = self.metadata.parent
+        assert loc is not None
+        now = parent.headers.current.data_write_guid
+        need = {now, parent.pending_data_write_guid()}
+        if need <= {loc.linkage, loc.linkage2}:
+            return
+        # Keep the linkage while it still names the parent, else the header's GUID; the other
+        # GUID needed goes into the second linkage (a stale one is dropped).
+        linkage = loc.linkage if loc.linkage in need else now
+        rest = need - {linkage}
+        linkage2 = rest.pop() if rest else None
+        entries = dict(loc.entries)
+        entries[KEY_LINKAGE] = linkage_text(linkage)
+        entries.pop(KEY_LINKAGE2, None)
+        if linkage2 is not None:
+            entries[KEY_LINKAGE2] = linkage_text(linkage2)
+        locator = ParentLocator(entries, linkage, linkage2)
+        was_read_only = self.read_only
+        if was_read_only:
+            await self.reopen(False)
+        try:
+            await self._change_metadata({PARENT_LOCATOR: locator.pack()})
+            self.metadata = replace(self.metadata, parent=locator)
+        finally:
+            if was_read_only:
+                with trio.CancelScope(shield=True):
+                    await self.reopen(True)
+
+    async def _drop_parent(self) -> None:
+        """Make this differencing image a dynamic one (stream without a base, once every
+        sector the parent provided was copied here, so that where this image holds nothing the
+        parent reads as zeroes). Each step leaves an image that opens and reads the same:
+
+        1. every PARTIALLY_PRESENT block becomes FULLY_PRESENT: zeroes written into its sectors
+           not present, made durable, then its entry changed through the log (in batches);
+           meanwhile a write into a NOT_PRESENT block makes it fully present (over zeroes), never
+           partially, so none appears behind this pass (those that decided before it began are
+           waited for first);
+        2. the sector bitmap entries become NOT_PRESENT (a dynamic image has none), through the
+           log: nothing uses them any more;
+        3. the file parameters lose HasParent and the parent locator goes, as one log entry,
+           flushed.
+
+        The DataWriteGuid stays (the disk reads the same). The space of the sector bitmaps
+        is not given back.
+
+        :raise BlockfsError: a write failed (the node stopped; what was done stays done).
+        """
+        if not self._diff:
+            return
+        if self._broken is not None:
+            raise self._refusal()
+        await self._start_changing()
+        self._dropping_parent = True
+        try:
+            # Requests that decided before the flag may still make a block partially present:
+            # they hold a claim (of the block, or of its chunk's bitmap entry) until done.
+            for ev in list(self._claims.values()):
+                await ev.wait()
+            await self._fill_partial_blocks()
+            await self._drop_sector_bitmaps()
+            params = pack_file_parameters(self._bs, leave_allocated=False, has_parent=False)
+            await self._change_metadata({FILE_PARAMETERS: params, PARENT_LOCATOR: None})
+        finally:
+            self._dropping_parent = False
+        m = self.metadata = replace(self.metadata, has_parent=False, parent=None)
+        self.geometry = BatGeometry(m.block_size, m.logical_sector_size, m.virtual_size, False)
+        self._diff = False
+        self._capabilities |= Capability.DISCARD
+        self.parent_name = None
+
+    async def _fill_partial_blocks(self) -> None:
+        """Step 1 of :meth:`_drop_parent`."""
+        g = self.geometry
+        partial = []
+        for block in range(g.data_blocks):
+            if await self._entry(g.payload_index(block)) & BAT_STATE_MASK == _PARTIAL:
+                partial.append(block)
+        lss = self._lss
+        for i in range(0, len(partial), _FILL_BATCH):
+            blocks = partial[i : i + _FILL_BATCH]
+            held: list[tuple[int, trio.Event]] = []
+            try:
+                for block in blocks:  # in order: no deadlock with other batches
+                    idx = g.payload_index(block)
+                    held.append((idx, await self._claim(idx)))
+                entries: dict[int, int] = {}
+                for block, (idx, _) in zip(blocks, held, strict=True):
+                    e = await self._entry(idx)
+                    if e & BAT_STATE_MASK != _PARTIAL:
+                        continue
+                    host = e & _OFFSET_MASK
+                    bits = await self.bitmap_cache.load(
+                        await self._bitmap_key(block), self._read_bitmap
+                    )
+                    n = self._extent(block) // lss
+                    s = bits.find(0, 0, n)
+                    while s >= 0:
+                        t = bits.find(1, s, n)
+                        t = n if t < 0 else t
+                        await self.child.write_zeroes(host + s * lss, (t - s) * lss)
+                        s = bits.find(0, t, n) if t < n else -1
+                    entries[idx] = bat_entry(_FULLY, host)
+                if entries:
+                    # the zeroes durable before an entry that shows them can be
+                    await self.flush_child()
+                    await self._change(entries)
+            finally:
+                for idx, ev in held:
+                    self._release(idx, ev)
+
+    async def _drop_sector_bitmaps(self) -> None:
+        """Step 2 of :meth:`_drop_parent`."""
+        g = self.geometry
+        entries = {}
+        for chunk in range(g.bitmap_blocks):
+            idx = (chunk + 1) * (g.chunk_ratio + 1) - 1
+            if await self._entry(idx) & BAT_STATE_MASK == _SB_PRESENT:
+                entries[idx] = 0
+        if entries:
+            await self._change(entries)
+
+    async def _start_changing(self) -> None:
+        """Before a change of metadata alone (the parent locator, block states that read the
+        same): a new FileWriteGuid, once per session (MS-VHDX 2.2.2); the DataWriteGuid stays,
+        as the disk reads the same (images above this one stay linked to it)."""
+        async with self._start_lock:
+            if self._writing or self._file_changed:
+                return
+            if self._broken is not None:
+                raise self._refusal()
+            if self.read_only:
+                raise ReadOnlyError(f"{self.filename} is open read-only")
+            await self._update_header(file_write_guid=uuid.uuid4())
+            self._file_changed = True
+
+    async def _change_metadata(self, changes: dict[uuid.UUID, bytes | None]) -> None:
+        """Give metadata items new values (None: remove the item): the changed sectors of the
+        metadata table and items go into one log entry (all or nothing at a crash), which is
+        flushed before this returns. :raise UsageError: the region has no room, or the change
+        is too large for one entry (nothing written). :raise BlockfsError: a write failed (the
+        node stopped)."""
+        if self._broken is not None:
+            raise self._refusal()
+        if not self._log_length_ok():
+            raise UnsupportedFeature(f"{self.filename}: the image has no log to change metadata")
+        region = self.regions[METADATA_GUID]
+        base = region.file_offset
+        async with self._log.lock:
+            table = await self._read_meta(base, METADATA_TABLE_SIZE)
+            new, writes = change_metadata_items(table, region.length, changes, self.filename)
+            images: dict[int, bytes] = {}
+            for s in range(0, METADATA_TABLE_SIZE, SECTOR):
+                if new[s : s + SECTOR] != table[s : s + SECTOR]:
+                    images[base + s] = new[s : s + SECTOR]
+            for off, value in writes:
+                start, end = base + off, base + off + len(value)
+                for s in range(start - start % SECTOR, end, SECTOR):
+                    cur = bytearray(images.get(s) or await self._read_meta(s, SECTOR))
+                    lo, hi = max(s, start), min(s + SECTOR, end)
+                    cur[lo - s : hi - s] = value[lo - start : hi - start]
+                    images[s] = bytes(cur)
+            if len(images) > MAX_ENTRY_UPDATES:
+                raise UsageError(
+                    f"{self.filename}: a metadata change of {len(images)} sectors (at most "
+                    f"{MAX_ENTRY_UPDATES} fit one log entry)"
+                )
+            # Refused changes wrote nothing; this one begins with the header (lock order: the
+            # log's lock, then the header's, as an entry that sets a new log GUID takes them).
+            await self._start_changing()
+            await self._log.append(
+                [LoggedSector("metadata_update", DataUpdate(s, images[s])) for s in sorted(images)]
+            )
+        await self._log.flush()
+
     # -- flush, close, reopen ------------------------------------------------------------------
 
     async def flush(self) -> None:
@@ -1153,7 +1443,7 @@ class VhdxNode(Node):
                 await self._log.close()
                 await self.flush_child()
             await super().reopen(True)
-            self._writing = False
+            self._writing = self._file_changed = False
             if self._broken is None:
                 for name in _GUARDED:
                     self.__dict__.pop(name, None)
