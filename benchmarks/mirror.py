@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import subprocess
 import time
@@ -33,17 +32,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Self
 
-from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp import ExecuteError
 
 from benchmarks import procstat
 from benchmarks.exposures import START_TIMEOUT, STOP_TIMEOUT, BlockfsMount, QsdExport, is_mounted
 from benchmarks.fio import FioError, FioJob, FioResult, mean_latency_us, run_fio
+from benchmarks.jobctl import (
+    CONCLUDE_TIMEOUT,
+    POLL_INTERVAL,
+    QSD_SOURCE,
+    BlockfsJobFiles,
+    JobFailed,
+    QmpJob,
+    drop_fuse_export,
+    export_read_only,
+    wait_until,
+)
 
-POLL_INTERVAL = 0.02
 #: fio runs this long before the mirror starts
 FIO_HEAD_START = 0.5
-#: how long a job may take to conclude once completed or cancelled
-CONCLUDE_TIMEOUT = 60.0
 
 #: the guest's write latency while a (speed-limited) mirror copies
 LATENCY_DURING_MIRROR = FioJob(
@@ -53,16 +60,12 @@ LATENCY_DURING_MIRROR = FioJob(
 WRITE_LOAD_MIB_S = 20
 WRITE_LOAD = FioJob(f"rand write 4k at {WRITE_LOAD_MIB_S} MiB/s", "randwrite", "4k", 8, "MB/s")
 
-#: QsdExport's names: its FUSE export and the format node it exports
-QSD_EXPORT_ID = "exp0"
-QSD_SOURCE = "fmt0"
-
 
 class MirrorUnavailable(Exception):
     """This side cannot run a mirror (yet); the message says why."""
 
 
-class MirrorFailed(RuntimeError):
+class MirrorFailed(JobFailed):
     pass
 
 
@@ -84,20 +87,11 @@ class QsdMirror:
         self.target = target
         self.size = size
         self.read_only_export = read_only_export
+        self.job = QmpJob(export, self.JOB_ID, "mirror", MirrorFailed)
 
     def prepare(self) -> None:
         if self.read_only_export:  # the same file, exported read-only
-            _drop_fuse_export(self.export)
-            self.export.qmp(
-                "block-export-add",
-                **{
-                    "type": "fuse",
-                    "id": QSD_EXPORT_ID,
-                    "node-name": QSD_SOURCE,
-                    "mountpoint": self.export.path,
-                    "writable": False,
-                },
-            )
+            export_read_only(self.export, MirrorFailed)
         if os.path.exists(self.target):
             os.unlink(self.target)
         subprocess.run(
@@ -141,72 +135,40 @@ class QsdMirror:
                 ) from None
             raise MirrorFailed(f"qemu refused the mirror: {exc}") from None
 
-    def _job(self) -> dict[str, object]:
-        for job in self.export.qmp("query-jobs"):
-            if job["id"] == self.JOB_ID:
-                return job  # type: ignore[no-any-return]
-        raise MirrorFailed("the qemu mirror job disappeared")
-
     def ready(self) -> bool:
         """:raise MirrorFailed: the job ended before it was ready."""
-        job = self._job()
-        if job["status"] == "ready":
-            return True
-        if job["status"] in ("aborting", "concluded", "null"):
-            raise MirrorFailed(f"qemu mirror ended before ready: {job.get('error', 'no error')}")
-        return False
+        return self.job.ready()
 
     def set_speed(self, speed: int) -> None:
         self.export.qmp("block-job-set-speed", device=self.JOB_ID, speed=speed)
 
     def complete(self) -> None:
-        self.export.qmp("job-complete", id=self.JOB_ID)
+        self.job.complete()
 
     def concluded(self) -> bool:
         """:raise MirrorFailed: the job concluded with an error."""
-        job = self._job()
-        if job["status"] != "concluded":
-            return False
-        if job.get("error"):
-            raise MirrorFailed(f"qemu mirror failed: {job['error']}")
-        return True
+        return self.job.concluded()
 
     def close(self) -> None:
         """Cancel the job if it is still going, dismiss it, delete the target. The daemon is
         stopped right after, so a failure here only loses the tidying."""
         try:
-            jobs = {j["id"]: j for j in self.export.qmp("query-jobs")}
-            job = jobs.get(self.JOB_ID)
-            if job is not None and job["status"] != "concluded":
-                self.export.qmp("job-cancel", id=self.JOB_ID)
-                _wait(self._ended, time.monotonic() + CONCLUDE_TIMEOUT, "cancel")
-            if job is not None:
-                self.export.qmp("job-dismiss", id=self.JOB_ID)
-        except (QMPError, MirrorFailed, OSError):
-            pass
+            self.job.close()
         finally:
             if os.path.exists(self.target):
                 os.unlink(self.target)
 
-    def _ended(self) -> bool:
-        try:
-            return self.concluded()
-        except MirrorFailed:
-            return True
-
 
 class BlockfsMirror:
-    JOB_ID = "disk"  # a job's ID defaults to its device's name
-
     def __init__(self, mount: BlockfsMount, target: str, size: int) -> None:
         self.mount = mount
         self.target = target
         self.size = size
-        self.jobs = os.path.join(mount.control, "jobs")
+        self.job = BlockfsJobFiles(mount, "mirror", "mirror", MirrorFailed)
 
     def prepare(self) -> None:
         """:raise MirrorUnavailable: this blockfs has no mirror job."""
-        if not os.path.exists(os.path.join(self.jobs, "mirror")):
+        if not self.job.available():
             raise MirrorUnavailable("blockfs has no mirror job yet (.control/jobs/mirror absent)")
         if os.path.exists(self.target):  # mode=new refuses an existing target
             os.unlink(self.target)
@@ -218,60 +180,27 @@ class BlockfsMirror:
             spec += f" speed={speed}"
         if background:
             spec += " copy-mode=background"
-        _write_control(os.path.join(self.jobs, "mirror"), spec, "blockfs refused the mirror")
-
-    def _status(self) -> dict[str, object]:
-        try:
-            with open(os.path.join(self.jobs, self.JOB_ID, "status")) as f:
-                return json.load(f)  # type: ignore[no-any-return]
-        except FileNotFoundError:
-            raise MirrorFailed("the blockfs mirror job disappeared") from None
-
-    def _ctl(self, verb: str) -> None:
-        path = os.path.join(self.jobs, self.JOB_ID, "ctl")
-        _write_control(path, verb, f"blockfs refused {verb!r}")
+        self.job.start(spec)
 
     def ready(self) -> bool:
         """:raise MirrorFailed: the job ended before it was ready."""
-        status = self._status()
-        if status.get("ready") is True:
-            return True
-        if status.get("state") == "concluded":
-            raise MirrorFailed(f"blockfs mirror ended before ready: {status.get('error')}")
-        return False
+        return self.job.ready()
 
     def set_speed(self, speed: int) -> None:
-        self._ctl(f"speed={speed}")
+        self.job.ctl(f"speed={speed}")
 
     def complete(self) -> None:
-        self._ctl("complete")
+        self.job.ctl("complete")
 
     def concluded(self) -> bool:
         """:raise MirrorFailed: the job concluded with an error."""
-        status = self._status()
-        if status.get("state") != "concluded":
-            return False
-        if status.get("error"):
-            raise MirrorFailed(f"blockfs mirror failed: {status['error']}")
-        return True
-
-    def _ended(self) -> bool:
-        try:
-            return self.concluded()
-        except MirrorFailed:
-            return True
+        return self.job.concluded()
 
     def close(self) -> None:
         """Cancel the job if it is still going, dismiss it, delete the target (and a partial
         target a failed job left behind)."""
         try:
-            if os.path.exists(os.path.join(self.jobs, self.JOB_ID)):
-                if not self._ended():
-                    self._ctl("cancel force")
-                    _wait(self._ended, time.monotonic() + CONCLUDE_TIMEOUT, "cancel")
-                self._ctl("dismiss")
-        except (MirrorFailed, OSError):
-            pass
+            self.job.close()
         finally:
             folder, name = os.path.split(self.target)
             for path in [self.target, *glob.glob(os.path.join(folder, f".{name}.*.part"))]:
@@ -280,33 +209,6 @@ class BlockfsMirror:
 
 
 Mirror = QsdMirror | BlockfsMirror
-
-
-def _write_control(path: str, line: str, refused: str) -> None:
-    """Write one line to a blockfs control file, unbuffered: a refusal fails that write, and a
-    read of the same open file then gives the reason.
-
-    :raise MirrorFailed: refused (the message starts with ``refused``).
-    """
-    fd = os.open(path, os.O_RDWR)
-    try:
-        try:
-            os.write(fd, (line + "\n").encode())
-        except OSError as exc:
-            reason = os.read(fd, 4096).decode(errors="replace").strip() or exc.strerror
-            raise MirrorFailed(f"{refused}: {reason}") from None
-    finally:
-        os.close(fd)
-
-
-def _drop_fuse_export(export: QsdExport) -> None:
-    """Remove qemu's FUSE export (its file stays, unmounted); return once it is gone."""
-    export.qmp("block-export-del", id=QSD_EXPORT_ID)
-    deadline = time.monotonic() + CONCLUDE_TIMEOUT
-    while any(e["id"] == QSD_EXPORT_ID for e in export.qmp("query-block-exports")):
-        if time.monotonic() > deadline:
-            raise MirrorFailed("qemu did not remove its FUSE export in time")
-        time.sleep(POLL_INTERVAL)
 
 
 class QsdRelay:
@@ -323,7 +225,7 @@ class QsdRelay:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Self:
-        _drop_fuse_export(self.export)
+        drop_fuse_export(self.export, MirrorFailed)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         self.export.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": self.socket}})
@@ -386,10 +288,7 @@ def guest_file(exposure: BlockfsMount | QsdExport, workdir: str) -> Iterator[str
 
 
 def _wait(done: Callable[[], bool], deadline: float, what: str) -> None:
-    while not done():
-        if time.monotonic() > deadline:
-            raise MirrorFailed(f"the mirror did not reach {what} in time")
-        time.sleep(POLL_INTERVAL)
+    wait_until(done, deadline, MirrorFailed, f"the mirror did not reach {what} in time")
 
 
 def _fio_beside(

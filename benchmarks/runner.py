@@ -3,8 +3,10 @@
 For each format: prepare one image of random data; then, round after round, expose it through a
 fresh blockfs daemon (A) and a fresh qemu-storage-daemon (B), never both at once (they share the
 image file), and run every fio job, then the backups, on each; then each mirror measurement on a
-daemon of its own (a completed mirror switches the disk over to its copy). A B A B ...; medians
-over rounds. A fresh daemon per run makes its peak RSS (VmHWM) the peak of that run alone.
+daemon of its own (a completed mirror switches the disk over to its copy); then, for qcow2, each
+commit and stream measurement on a fresh copy of a backing chain and a daemon of its own. A B A
+B ...; medians over rounds. A fresh daemon per run makes its peak RSS (VmHWM) the peak of that
+run alone.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ from benchmarks.backup import (
     QsdBackup,
     latency_during_backup,
     timed_backup,
+)
+from benchmarks.chainjobs import (
+    CHAIN_JOBS,
+    Chain,
+    ChainJobFailed,
+    ChainJobUnavailable,
+    chain_driver,
+    check_result,
+    copy_chain,
+    make_chain,
+    timed_chain_job,
 )
 from benchmarks.exposures import BlockfsMount, ExposureError, QsdExport
 from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, run_fio
@@ -65,6 +78,8 @@ FORMATS = ("raw", "qcow2", "vhdx")
 #: ``qemu-img convert`` options of each format's image (a dynamic VHDX: blocks allocated as
 #: written, so every block of random data is there; the BAT maps each one, as qcow2's L2 tables)
 CONVERT_OPTIONS: dict[str, tuple[str, ...]] = {"vhdx": ("-o", "subformat=dynamic")}
+#: the formats of the commit and stream lines (a backing chain of that format)
+CHAIN_FORMATS = ("qcow2",)
 GiB = 1 << 30
 
 
@@ -96,6 +111,8 @@ def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, s
                 (f"{fmt} {LATENCY_DURING_BACKUP.name}", "µs", "lower"),
             ]
             specs += mirror_specs(fmt)
+            if fmt in CHAIN_FORMATS:
+                specs += chain_specs(fmt)
     return specs
 
 
@@ -107,6 +124,17 @@ def mirror_specs(fmt: str) -> list[tuple[str, str, str]]:
         (f"{fmt} {LATENCY_DURING_MIRROR.name}", "µs", "lower"),
         (f"{fmt} mirror full time to ready under {WRITE_LOAD_MIB_S} MiB/s writes", "s", "lower"),
     ]
+
+
+def chain_specs(fmt: str) -> list[tuple[str, str, str]]:
+    """(name, unit, better) of the commit and stream lines of one format."""
+    specs = []
+    for job in CHAIN_JOBS:
+        specs += [
+            (f"{fmt} {job.name} throughput", "MB/s", "higher"),
+            (f"{fmt} {job.name} daemon CPU", "s/GiB", "lower"),
+        ]
+    return specs
 
 
 def _size(text: str) -> int:
@@ -137,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(FORMATS),
         help=f"comma-separated image formats (default {','.join(FORMATS)})",
     )
-    p.add_argument("--no-jobs", action="store_true", help="skip the backup and mirror lines")
+    p.add_argument(
+        "--no-jobs",
+        action="store_true",
+        help="skip the backup, mirror, commit and stream lines",
+    )
     p.add_argument(
         "--io-mode",
         choices=("hybrid", "inline", "threads"),
@@ -433,6 +465,75 @@ def run_mirrors(
             _say(f"  {side:7} mirror: FAILED {type(exc).__name__}: {exc}")
 
 
+def run_chain_jobs(
+    runs: Runs,
+    fmt: str,
+    workdir: str,
+    chain: Chain,
+    expose: Callable[[str], BlockfsMount | QsdExport],
+) -> None:
+    """The commit and stream lines of one side. Each measurement runs on a fresh copy of the
+    chain (its cost not measured) under a fresh daemon from ``expose(top)``; the result is then
+    checked with qemu-img. A side without the kind of job is n/a; a failed measurement is n/a
+    with why."""
+    s = runs.s
+    folder = os.path.join(workdir, "chain-run")
+    unavailable: dict[str, str] = {}  # kind of job -> why this side has none
+    for job in CHAIN_JOBS:
+        lines = [f"{fmt} {job.name} throughput", f"{fmt} {job.name} daemon CPU"]
+        exposure = expose(os.path.join(folder, "top.qcow2"))
+        side = exposure.side
+        if job.kind in unavailable:
+            runs.note(lines, side, unavailable[job.kind])
+            continue
+        try:
+            copy_chain(chain, folder)
+            with exposure:
+                t = timed_chain_job(chain_driver(exposure, job), exposure.pid, s.backup_timeout)
+            check_result(job, chain, folder)
+            folded = chain.folded[job.name]
+            runs.add(lines[0], side, folded / t.seconds / 1e6)
+            runs.add(lines[1], side, t.cpu_s / (folded / GiB))
+            how = " (read-only export)" if t.read_only_export else ""
+            until = f"ready in {t.seconds:.2f} s" if job.active else f"in {t.seconds:.2f} s"
+            switched = f", switched over in {t.switch_s * 1000:.0f} ms" if job.active else ""
+            _say(
+                f"  {side:7} {job.name}: {folded >> 20} MiB {until} "
+                f"({folded / t.seconds / 1e6:.0f} MB/s){switched}{how}"
+            )
+        except ChainJobUnavailable as exc:  # so is every later job of that kind
+            unavailable[job.kind] = str(exc)
+            runs.note(lines, side, str(exc))
+            _say(f"  {side:7} {job.what}: n/a ({exc})")
+        except ExposureError as exc:
+            runs.note(lines, side, f"{fmt} chain: {exc}")
+            _say(f"  {side:7} {job.what}: n/a ({exc})")
+        except (ChainJobFailed, OSError, subprocess.SubprocessError) as exc:
+            runs.note(lines, side, f"{job.what} failed: {exc}")
+            _say(f"  {side:7} {job.what}: FAILED {exc}")
+        except QMPError as exc:
+            runs.note(lines, side, f"{job.what} failed: {type(exc).__name__}: {exc}")
+            _say(f"  {side:7} {job.what}: FAILED {type(exc).__name__}: {exc}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def prepare_chain(runs: Runs, fmt: str, workdir: str, image: str) -> Chain | None:
+    """The chain of the commit and stream lines, over a copy of the bench image; None (and
+    every such line n/a with why) if it cannot be made."""
+    try:
+        chain = make_chain(os.path.join(workdir, "chain"), image, runs.s.size)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        names = [name for name, _, _ in chain_specs(fmt)]
+        for side in ("blockfs", "qemu"):
+            runs.note(names, side, f"{fmt} chain: could not be made: {exc}")
+        _say(f"{fmt}: no commit and stream lines: the chain could not be made: {exc}")
+        return None
+    sizes = ", ".join(f"{name} {n >> 20} MiB" for name, n in chain.folded.items())
+    _say(f"{fmt}: chain base <- mid <- top made; data folded: {sizes}")
+    return chain
+
+
 def run_side(runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExport) -> None:
     """One fresh daemon: every fio job, then the backups; a side that cannot be exposed is n/a."""
     side = exposure.side
@@ -457,6 +558,9 @@ def run_all(s: Settings, workdir: str) -> Runs:
     images = prepare_images(workdir, s)
     for fmt in s.formats:
         image = images[fmt]
+        chain = None
+        if s.jobs and fmt in CHAIN_FORMATS:  # from the image as prepared, before any write
+            chain = prepare_chain(runs, fmt, workdir, image)
         for rnd in range(s.rounds):
             _say(f"{fmt}: round {rnd + 1} of {s.rounds}")
             blockfs = functools.partial(BlockfsMount, image, fmt, workdir, s.io_mode)
@@ -465,7 +569,15 @@ def run_all(s: Settings, workdir: str) -> Runs:
                 run_side(runs, fmt, workdir, expose())
                 if s.jobs:
                     run_mirrors(runs, fmt, workdir, expose)
+            if chain is not None:
+                for on_chain in (
+                    functools.partial(BlockfsMount, fmt=fmt, workdir=workdir, io_mode=s.io_mode),
+                    functools.partial(QsdExport, fmt=fmt, workdir=workdir),
+                ):
+                    run_chain_jobs(runs, fmt, workdir, chain, on_chain)
         os.unlink(image)
+        if chain is not None:
+            shutil.rmtree(chain.folder, ignore_errors=True)
     return runs
 
 
