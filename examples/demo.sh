@@ -104,6 +104,48 @@ if qemu-img compare -q -F raw "$WORK/top.qcow2" "$WORK/vm-final.raw"; then
 fi
 qemu-img check "$WORK/top.qcow2"
 
+step "Live chain surgery: external snapshots, an intermediate commit, an active commit, a stream"
+"${BLOCKFS[@]}" mount --log "$WORK/blockfs.log" "$MNT" "vm=$WORK/moved.qcow2,format=qcow2"
+scribble() {  # a writer that keeps going while a job runs
+  for i in $(seq 1 "$1"); do
+    dd if=/dev/urandom of="$MNT/vm" bs=64k count=2 seek=$((RANDOM % 1000)) conv=notrunc status=none
+  done
+}
+chain() {
+  python3 -c 'import json,sys; print("   chain:", " <- ".join(reversed([l["filename"].rsplit("/",1)[1] for l in json.load(sys.stdin)["backing-chain"]])))' < "$MNT/.control/images/vm/info"
+}
+"${BLOCKFS[@]}" snapshot --external snap1.qcow2 "$MNT/vm"
+scribble 20
+echo "snapshot=snap2.qcow2" > "$MNT/.control/images/vm/ctl"   # the same, with echo
+scribble 20
+chain
+echo "fold snap1 into moved.qcow2 while the disk is written (snap2 then names moved.qcow2):"
+"${BLOCKFS[@]}" job start commit "$MNT" device=vm top=snap1.qcow2 base=moved.qcow2 speed=16M
+scribble 20
+"${BLOCKFS[@]}" job wait "$MNT" vm
+"${BLOCKFS[@]}" job dismiss "$MNT" vm
+chain
+echo "active commit: snap2 into moved.qcow2, ready, complete (the device reads moved.qcow2 again):"
+"${BLOCKFS[@]}" job start commit "$MNT" device=vm base=moved.qcow2
+scribble 10
+"${BLOCKFS[@]}" job wait "$MNT" vm --until ready
+"${BLOCKFS[@]}" job complete "$MNT" vm
+"${BLOCKFS[@]}" job wait "$MNT" vm
+"${BLOCKFS[@]}" job dismiss "$MNT" vm
+chain
+echo "stream: a new snapshot pulls everything up from moved.qcow2 and stands alone:"
+"${BLOCKFS[@]}" snapshot --external snap3.qcow2 "$MNT/vm"
+"${BLOCKFS[@]}" job start stream "$MNT" device=vm
+scribble 10
+"${BLOCKFS[@]}" job wait "$MNT" vm
+chain
+cp "$MNT/vm" "$WORK/chain-final.raw"
+"${BLOCKFS[@]}" umount "$MNT"
+qemu-img info "$WORK/snap3.qcow2" | grep -E "^image|backing" | sed 's/^/   /'
+qemu-img check "$WORK/snap3.qcow2"
+qemu-img compare -F raw "$WORK/snap3.qcow2" "$WORK/chain-final.raw"
+for f in moved snap1 snap2; do qemu-img check -q "$WORK/$f.qcow2" && echo "   $f.qcow2: qemu-img check clean"; done
+
 step "VHDX (Hyper-V): a dynamic parent written by qemu-io, a differencing child made by blockfs"
 "${BLOCKFS[@]}" create -f vhdx "$WORK/parent.vhdx" 64M -o block_size=8M
 qemu-io -f vhdx -c 'write -P 0x7e 0 24M' "$WORK/parent.vhdx" | head -1
@@ -117,4 +159,5 @@ cmp "$MNT/child" "$WORK/parent.raw" && echo "the mounted child reads through to 
 "${BLOCKFS[@]}" umount "$MNT"
 
 step "Shown: raw, qcow2 and VHDX images mounted as files, written by dd and qemu-io, a live
-   backup and a live mirror with switch-over, all proven by qemu-img, cmp and libvhdi."
+   backup, a live mirror with switch-over, snapshots, commits and a stream on a disk in use,
+   all proven by qemu-img, cmp and libvhdi."

@@ -388,7 +388,7 @@ def test_job_cycles_keep_rss_bounded(mount, tmp_path: Path) -> None:
     assert grown < RSS_SLACK, grown
     assert not control(m, "jobs", "d").exists()
     # only the files that start jobs are left (one per kind), no job's folder
-    assert sorted(os.listdir(control(m, "jobs"))) == ["backup", "mirror"]
+    assert sorted(os.listdir(control(m, "jobs"))) == ["backup", "commit", "mirror", "stream"]
 
 
 # -- hole 5: who may read what -----------------------------------------------------------------
@@ -481,8 +481,14 @@ def test_allow_other_mirrors_image_owner_and_mode(shared_dir: Path, other_user) 
         private.read_bytes()  # the owner still reads it
     assert as_user(other_user, "cat", str(ctl / "README")).returncode == 0
     assert as_user(other_user, "ls", str(ctl / "images")).returncode == 0
-    res = as_user(other_user, "sh", "-c", f"echo 'device=public target=/tmp/x' > {ctl}/jobs/backup")
-    assert res.returncode != 0 and "Permission denied" in res.stderr, res
+    for path, text in [
+        ("jobs/backup", "device=public target=/tmp/x"),
+        ("jobs/commit", "device=public"),
+        ("jobs/stream", "device=public"),
+        ("images/public/ctl", "snapshot=/tmp/x.qcow2"),
+    ]:
+        res = as_user(other_user, "sh", "-c", f"echo '{text}' > {ctl}/{path}")
+        assert res.returncode != 0 and "Permission denied" in res.stderr, (path, res)
 
 
 def test_job_status_is_the_owners_alone(shared_dir: Path, other_user) -> None:  # type: ignore[no-untyped-def]

@@ -384,7 +384,9 @@ def _as_raw(image: Path, fmt: str, out: Path) -> Path:
     return out
 
 
-def _before_extents_in(view: Path, workload: guestvm.PointInTimeWorkload) -> list[str]:
+def _before_extents_in(
+    view: Path, workload: guestvm.PointInTimeWorkload | guestvm.SwitchOverWorkload
+) -> list[str]:
     """Read the BEFORE extents of a file: what they do not hold."""
     problems = []
     with open(view, "rb") as f:
@@ -604,3 +606,77 @@ def test_mirror_moves_a_running_guest_disk_and_switches_it_over_under_the_guest(
     old = _as_raw(image, "qcow2", tmp_path / "old-converted.raw")
     problems = workload.verify_left_behind(old)
     assert not problems, f"the old image after unmount: {problems}"
+
+
+def test_guest_writes_across_a_snapshot_a_stream_and_an_active_commit(
+    guest_kit: guestvm.GuestKit, tmp_path: Path
+) -> None:
+    """The guest's disk is a qcow2 image full of FILL data; the guest writes BEFORE markers
+    and pauses. The host takes a live external snapshot (snap1 becomes the active layer) and
+    starts a slow stream of the whole chain into it; the guest writes DURING markers while the
+    stream copies (its writes race the copies), and pauses. The host lets the stream finish
+    (snap1 now stands alone), takes a second snapshot (snap2) and starts a slow active commit
+    of it into snap1; the guest writes AFTER markers while it copies, and powers off. The host
+    completes the commit: the device reads snap1 again. After unmount snap1 alone (no backing
+    file, ``qemu-img check`` clean) holds every marker and the FILL data around them; the
+    first image holds the BEFORE markers and nothing later."""
+    if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    workload = guestvm.SwitchOverWorkload(BACKUP_DISK_BYTES)
+    image = _filled_image(tmp_path, "qcow2")
+    mount = BlockfsMount(tmp_path / "mnt", tmp_path / "blockfs.log")
+    snap1, snap2 = tmp_path / "snap1.qcow2", tmp_path / "snap2.qcow2"
+    info_file = mount.mnt / ".control" / "images" / "vm" / "info"
+
+    def chain() -> list[str]:
+        return [layer["filename"] for layer in json.loads(info_file.read_text())["backing-chain"]]
+
+    try:
+        mount.open(image, "qcow2")
+        disk = guestvm.Disk(mount.disk, format="raw", cache="none")
+        with guest_kit.start(workload.script(), [disk]) as guest:
+            guest.expect("phase", "before-written", timeout=120)
+            assert _control(mount.mnt, "images/vm/ctl", f"snapshot={snap1.name}") == str(snap1)
+            assert chain() == [str(snap1), str(image)]
+            assert _control(mount.mnt, "jobs/stream", "device=vm speed=2M id=st") == "st"
+            guest.send("go")
+            guest.expect("phase", "during-written", timeout=120)
+            status: dict[str, Any] = _job_status(mount.mnt, "st")
+            assert status["state"] == "running", status  # the DURING writes raced the copy
+            _control(mount.mnt, "jobs/st/ctl", "speed=0")
+            status = _wait_concluded(mount.mnt, "st")
+            assert status["error"] is None and status["stitched"], status
+            assert chain() == [str(snap1)]
+            assert _control(mount.mnt, "images/vm/ctl", f"snapshot={snap2}") == str(snap2)
+            assert _control(mount.mnt, "jobs/commit", "device=vm speed=256K id=ac") == "ac"
+            guest.send("go")
+            result = guest.wait(timeout=90)
+            assert result.ok, result.explain()
+            _control(mount.mnt, "jobs/ac/ctl", "speed=0")
+            _wait_job(mount.mnt, "ac", "ready", lambda s: s["ready"] is True)
+            _control(mount.mnt, "jobs/ac/ctl", "complete")
+            status = _wait_concluded(mount.mnt, "ac")
+            assert status["error"] is None, status
+            assert chain() == [str(snap1)]
+        live = workload.verify_host(mount.disk)
+        assert not live, f"live disk through the mount: {live}"
+        mount.umount()
+    finally:
+        mount.close()
+    text = mount.log_text()
+    assert "Traceback" not in text, f"blockfs daemon log holds a traceback:\n{text}"
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(snap1)], check=True, capture_output=True,
+            text=True,
+        ).stdout
+    )  # fmt: skip
+    assert "backing-filename" not in info, info
+    problems = workload.verify_host(_as_raw(snap1, "qcow2", tmp_path / "snap1.raw"))
+    assert not problems, f"snap1 after unmount: {problems}"
+    first = _as_raw(image, "qcow2", tmp_path / "first.raw")
+    with open(first, "rb") as f:
+        data = f.read()
+    assert b"DURING" not in data and b"AFTER" not in data
+    assert not _before_extents_in(first, workload)
+
