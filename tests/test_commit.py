@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_mirror import fio_finish, fio_start, fio_verify_only
 
 from conftest import (
     blockfs,
@@ -29,7 +30,6 @@ from conftest import (
     wait_ready,
     wait_state,
 )
-from test_mirror import fio_finish, fio_start, fio_verify_only
 
 MiB = 1 << 20
 SIZE = 64 * MiB

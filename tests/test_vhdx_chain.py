@@ -270,7 +270,8 @@ async def test_the_child_opens_over_a_parent_a_commit_writes_into(tmp_path: Path
             assert loc is not None
             pending = parent.pending_data_write_guid()
             assert {loc.linkage, loc.linkage2} == {before, pending}
-            assert loc.linkage == before  # the linkage that matches now is kept
+            # the GUID the parent will have comes first (libvhdi reads parent_linkage only)
+            assert loc.linkage == pending
             await node.parent_will_change(parent)  # again: nothing more to record
             assert node.metadata.parent == loc
             snap = snapshot(tmp_path, files, f"before-{round_}")
@@ -290,11 +291,16 @@ async def test_the_child_opens_over_a_parent_a_commit_writes_into(tmp_path: Path
                 pos += ext.length
             await parent.flush()
             assert await node.read(0, SIZE) == view
+            await node.parent_settled(parent)  # the commit is over: one linkage again
+            loc = node.metadata.parent
+            assert loc is not None and loc.linkage2 is None
+            assert loc.linkage == parent.headers.current.data_write_guid == pending
+            assert node.read_only
         finally:
             await close_chain(node)
         got, d = await read_image(child)
         assert got == view
-        assert uuid.UUID(str(d["parent-linkage"])) == before
+        assert uuid.UUID(str(d["parent-linkage"])) == pending
         assert (await read_image(base))[0] == view  # the commit was complete
 
 

@@ -145,6 +145,19 @@ async def _reopen_read_only(node: Node) -> None:
         log.warning("%s stays writable: %s", node.filename, exc)
 
 
+async def _leave_base(base: Node, child: Node, reopened: bool) -> None:
+    """A commit ended with ``child`` still over ``base`` (the device quiesced): base is made
+    durable, ``child`` records what base is now (:meth:`Node.parent_settled`), and base is
+    read-only again if the commit made it writable."""
+    try:
+        await base.flush()
+        await child.parent_settled(base)
+    except BlockfsError as exc:
+        log.warning("%s: recording its parent %s failed: %s", child.filename, base.filename, exc)
+    if reopened:
+        await _reopen_read_only(base)
+
+
 class CommitJob(Job):
     """Intermediate commit: see the module docstring."""
 
@@ -236,9 +249,13 @@ class CommitJob(Job):
         return await self.io_error(self.spec.on_error, exc.cause, "read", "read of top failed")
 
     async def finalize(self, ok: bool) -> None:
-        if self._base_reopened:
-            async with self.export.quiesced():
-                await _reopen_read_only(self.base)
+        async with self.export.quiesced():
+            if self.stitched:
+                if self._base_reopened:
+                    await _reopen_read_only(self.base)
+            else:
+                child = self.layers[self._base_depth - 1]
+                await _leave_base(self.base, child, self._base_reopened)
 
     def status(self) -> dict[str, object]:
         st = super().status()
@@ -253,9 +270,11 @@ class _ChainTarget(OpenedTarget):
     """An active commit's target: base, a layer of the device's own chain. The job does not
     own it: closing it makes it read-only again (unless the device switched to it)."""
 
-    def __init__(self, base: Node, export: Export) -> None:
+    def __init__(self, base: Node, child: Node, export: Export) -> None:
         super().__init__(base, zero_init=False, file=None, path=base.filename)
         self.export = export
+        #: the image directly above base
+        self.child = child
         self.reopened = False
 
     async def reopen(self) -> Node:
@@ -266,10 +285,9 @@ class _ChainTarget(OpenedTarget):
         )
 
     async def close(self) -> None:
-        if self.reopened:
-            with trio.CancelScope(shield=True):
-                async with self.export.quiesced():
-                    await _reopen_read_only(self.node)
+        with trio.CancelScope(shield=True):
+            async with self.export.quiesced():
+                await _leave_base(self.node, self.child, self.reopened)
 
     async def discard(self) -> None:
         await self.close()
@@ -298,7 +316,7 @@ class ActiveCommitJob(MirrorJob):
             on_target_error=spec.on_error,
             id=spec.id,
         )
-        self.chain_target = _ChainTarget(base_node, export)
+        self.chain_target = _ChainTarget(base_node, layers[base - 1], export)
         super().__init__(mspec, host, export, self.chain_target)
         self.chain_spec = spec
         self.layers = layers

@@ -248,6 +248,11 @@ class Node(abc.ABC):
         nothing (qcow2 records no fact of its backing file that a write changes); VHDX records
         the parent's next DataWriteGuid as its second linkage."""
 
+    async def parent_settled(self, parent: Node) -> None:  # noqa: B027 (optional)
+        """A commit into ``parent`` (this image's backing node) ended with this image still
+        over it: record what :meth:`parent_will_change` left provisional as final. The
+        default does nothing; VHDX keeps one linkage, the parent's DataWriteGuid now."""
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release everything; called once, after the last request finished."""

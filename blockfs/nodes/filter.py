@@ -40,6 +40,7 @@ NODE_OPERATIONS = frozenset(
         "reconnect",
         "change_backing_file",
         "parent_will_change",
+        "parent_settled",
         "aclose",
     }
 )
@@ -57,6 +58,7 @@ WRITE_HOOK_PASSES = frozenset(
         "reconnect",
         "change_backing_file",
         "parent_will_change",
+        "parent_settled",
     }
 )
 

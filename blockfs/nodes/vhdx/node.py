@@ -1240,14 +1240,32 @@ class VhdxNode(Node):
         loc = self.metadata.parent
         assert loc is not None
         now = parent.headers.current.data_write_guid
-        need = {now, parent.pending_data_write_guid()}
-        if need <= {loc.linkage, loc.linkage2}:
+        pending = parent.pending_data_write_guid()
+        if {now, pending} <= {loc.linkage, loc.linkage2}:
             return
-        # Keep the linkage while it still names the parent, else the header's GUID; the other
-        # GUID needed goes into the second linkage (a stale one is dropped).
-        linkage = loc.linkage if loc.linkage in need else now
-        rest = need - {linkage}
-        linkage2 = rest.pop() if rest else None
+        # The GUID the parent will have goes first: readers that check only parent_linkage
+        # (libvhdi) then open the chain once the parent was written, which a commit does at
+        # once; the spec's readers accept either. :meth:`parent_settled` tidies up after.
+        await self._set_linkage(pending, now if now != pending else None)
+
+    async def parent_settled(self, parent: Node) -> None:
+        """A commit into ``parent`` ended with this image still over it (cancelled, failed):
+        its one linkage becomes the parent's DataWriteGuid as it is now."""
+        if not isinstance(parent, VhdxNode) or not self._diff:
+            return
+        loc = self.metadata.parent
+        assert loc is not None
+        now = parent.headers.current.data_write_guid
+        if loc.linkage == now and loc.linkage2 is None:
+            return
+        await self._set_linkage(now, None)
+
+    async def _set_linkage(self, linkage: uuid.UUID, linkage2: uuid.UUID | None) -> None:
+        """Record the parent's identity (two GUIDs, the second optional) in the locator,
+        through the log, flushed; an image open read-only is made writable for it (the caller
+        holds the export quiesced, as for any reopen)."""
+        loc = self.metadata.parent
+        assert loc is not None
         entries = dict(loc.entries)
         entries[KEY_LINKAGE] = linkage_text(linkage)
         entries.pop(KEY_LINKAGE2, None)
