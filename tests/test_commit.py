@@ -107,23 +107,26 @@ def check_all(paths: list[Path]) -> None:
 
 
 @pytest.mark.parametrize(
-    "top,base,left",
+    "top,base,left,recorded",
     [
-        # top directly below the active layer: the active layer is stitched to base
-        ("s2.qcow2", "s1.qcow2", ["s3.qcow2", "s1.qcow2", "base.qcow2"]),
-        # top one deeper: a read-only layer between is made writable for its header
-        ("2", "base.qcow2", ["s3.qcow2", "s2.qcow2", "base.qcow2"]),
+        # top directly below the active layer: the active layer is stitched to base, under
+        # the name backing-file= gives
+        ("s2.qcow2", "s1.qcow2", ["s3.qcow2", "s1.qcow2", "base.qcow2"], "./s1.qcow2"),
+        # top one deeper: a read-only layer between is made writable for its header; its
+        # relative name stays relative
+        ("2", "base.qcow2", ["s3.qcow2", "s2.qcow2", "base.qcow2"], "base.qcow2"),
     ],
 )
 def test_intermediate_commit_under_fio(
-    mount, tmp_path: Path, top: str, base: str, left: list[str]
+    mount, tmp_path: Path, top: str, base: str, left: list[str], recorded: str
 ) -> None:
     chain = make_chain(tmp_path, 4)
     active = chain[-1]
     ref = flatten(active, tmp_path / "ref.raw")
     m = mount(f"vm={active},format=qcow2")
     fio = fio_start(m / "vm", tmp_path, FIO_OFF, FIO_SIZE, seed=3)
-    assert start(m, f"device=vm top={top} base={base} speed=8M", "commit") == "vm"
+    extra = f" backing-file={recorded}" if recorded.startswith("./") else ""
+    assert start(m, f"device=vm top={top} base={base} speed=8M{extra}", "commit") == "vm"
     s = status(m, "vm")
     assert s["type"] == "commit" and not s["ready"], s
     s = wait_state(m, "vm", ("concluded",))
@@ -136,7 +139,7 @@ def test_intermediate_commit_under_fio(
 
     assert chain_of(active) == left
     above = tmp_path / left[left.index(os.path.basename(s["base"])) - 1]
-    assert recorded_backing(above) == os.path.basename(s["base"]), "relative stays relative"
+    assert recorded_backing(above) == recorded == s["backing-file"]
     check_all(chain)
     qemu_img("compare", "-F", "raw", str(active), str(final))
     same_outside_fio(final, ref)

@@ -113,7 +113,7 @@ def _reached(s: dict[str, Any], until: str) -> bool:
 
 def _wait(args: argparse.Namespace, *, show: bool) -> int:
     """Wait until the named jobs (or all) conclude, or with ``--until ready`` until each is
-    ready (a mirror in sync); exit 0 only if none failed."""
+    ready (a mirror or an active commit in sync); exit 0 only if none failed."""
     ids = [args.id] if args.id else _job_ids(args.mountpoint)
     if not ids:
         return 0
@@ -174,7 +174,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "--until",
             choices=("concluded", "ready"),
             default="concluded",
-            help="what to wait for (ready: a mirror in sync, waiting for complete)",
+            help="what to wait for (ready: a mirror or active commit in sync, waiting for complete)",
         )
         p.set_defaults(func=lambda a, show=show: _wait(a, show=show))
 
