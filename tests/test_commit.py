@@ -267,13 +267,20 @@ def test_bad_specs_are_refused_with_errno_and_reason(mount, tmp_path: Path) -> N
     chain = make_chain(tmp_path, 3, seed=5)
     raw = tmp_path / "plain.raw"
     raw.write_bytes(bytes(MiB))
-    m = mount(f"vm={chain[-1]},format=qcow2", f"flat={raw},format=raw")
+    # a chain whose base is smaller than the layers above it (grown by qemu-img)
+    small = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(small), str(SIZE // 2))
+    grown = tmp_path / "grown.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", small.name, "-F", "qcow2", str(grown), str(SIZE))
+    m = mount(f"vm={chain[-1]},format=qcow2", f"flat={raw},format=raw",
+              f"grown={grown},format=qcow2")  # fmt: skip
     cases = [
         ("commit", "device=vm top=nothere.qcow2", errno.ENOENT, "is not in the chain"),
         ("commit", "device=vm top=7", errno.ENOENT, "has 3 layers"),
         ("commit", "device=vm top=base.qcow2 base=s1.qcow2", errno.EINVAL, "is not below top"),
         ("commit", "device=vm top=1 base=1", errno.EINVAL, "is not below top"),
         ("commit", "device=flat", errno.EINVAL, "no backing file"),
+        ("commit", "device=grown", errno.EINVAL, "cannot hold the data"),
         ("commit", "device=nope", errno.ENOENT, "no device"),
         ("commit", "device=vm speed=fast", errno.EINVAL, "speed"),
         ("commit", "device=vm on-error=panic", errno.EINVAL, "on-error"),

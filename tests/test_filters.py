@@ -13,12 +13,16 @@ import pytest
 
 from blockfs.jobs.backup import CopyBeforeWriteFilter
 from blockfs.jobs.mirror import MirrorFilter
+from blockfs.jobs.stream import StreamFilter
 from blockfs.nodes.base import Node
 from blockfs.nodes.filter import NODE_OPERATIONS, FilterNode, WriteNotifyFilter
 from blockfs.nodes.inject import InjectFilter
 from blockfs.nodes.retry import RetryFilter
 
-FILTERS = [CopyBeforeWriteFilter, InjectFilter, MirrorFilter, RetryFilter, WriteNotifyFilter]
+FILTERS = [
+    CopyBeforeWriteFilter, InjectFilter, MirrorFilter, RetryFilter, StreamFilter,
+    WriteNotifyFilter,
+]  # fmt: skip
 
 
 def test_operation_list_matches_the_node_interface() -> None:

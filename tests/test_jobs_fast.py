@@ -243,7 +243,7 @@ async def test_registry_starts_every_kind_through_one_path(
             "backup": JobKind(BackupSpec.parse, BackupJob.make, open_target),
             "broken": JobKind(BackupSpec.parse, make_failing, open_target),
         }
-        assert set(JOB_KINDS) == {"backup", "mirror"}
+        assert set(JOB_KINDS) == {"backup", "mirror", "commit", "stream"}
         registry = JobRegistry(host, kinds)
         added: list[str] = []
         registry.on_added = lambda job: added.append(job.id)

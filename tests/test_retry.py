@@ -104,7 +104,10 @@ CALLS: dict[str, Callable[[Node], Awaitable[object]]] = {
 def test_the_filter_retries_every_operation_but_the_graph_ones() -> None:
     assert set(RETRIED) == set(CALLS)
     # graph changes and closing happen with no request in flight: nothing to retry there
-    assert RetryFilter.passes_through == {"aclose", "reopen", "reconnect", "change_backing_file"}
+    assert RetryFilter.passes_through == {
+        "aclose", "reopen", "reconnect", "change_backing_file", "parent_will_change",
+        "parent_settled",
+    }  # fmt: skip
 
 
 async def test_transient_failures_are_retried_after_backoff_and_a_reconnect(

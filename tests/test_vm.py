@@ -250,7 +250,9 @@ def _boot_and_check(
     assert not problems, f"backing image after unmount: {problems}"
 
 
-@pytest.mark.parametrize("cache", ["none", "writeback"])
+# each cache mode once by default (the patterns here, the file system below); both with
+# BLOCKFS_FULL=1
+@pytest.mark.parametrize("cache", ["none", "writeback"] if FULL else ["none"])
 def test_guest_patterns_written_with_dd_read_back_in_guest_and_host(
     guest_kit: guestvm.GuestKit, target: Target, cache: str
 ) -> None:
@@ -286,7 +288,7 @@ def test_guest_ext2_on_a_dynamic_and_a_differencing_vhdx(
     _boot_and_check(guest_kit, vhdx_target, "none", guestvm.Ext2Workload(), "ext2")
 
 
-@pytest.mark.parametrize("cache", ["none", "writeback"])
+@pytest.mark.parametrize("cache", ["none", "writeback"] if FULL else ["writeback"])
 def test_guest_ext2_survives_poweroff_fsck_clean_and_files_intact(
     guest_kit: guestvm.GuestKit, target: Target, cache: str
 ) -> None:
@@ -403,8 +405,11 @@ def _before_extents_in(
 
 @pytest.mark.parametrize(
     "source_fmt,target_fmt,view",
-    [("raw", "qcow2", False), ("qcow2", "qcow2", False), ("raw", "raw", True)],
-    ids=["raw-to-qcow2", "qcow2-to-qcow2", "raw-to-raw-view"],
+    # qcow2 and raw sources, qcow2 and raw targets, the view: each at least once by default
+    [("raw", "qcow2", False), ("qcow2", "qcow2", False), ("raw", "raw", True)][
+        0 if FULL else 1 :
+    ],
+    ids=["raw-to-qcow2", "qcow2-to-qcow2", "raw-to-raw-view"][0 if FULL else 1 :],
 )
 def test_backup_started_mid_run_holds_the_disk_as_it_was_at_the_start(
     guest_kit: guestvm.GuestKit, tmp_path: Path, source_fmt: str, target_fmt: str, view: bool

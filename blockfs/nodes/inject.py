@@ -137,7 +137,8 @@ class InjectFilter(FilterNode):
     """Fails requests to its child as its rules say; otherwise passes them on unchanged."""
 
     passes_through: ClassVar[frozenset[str]] = frozenset(
-        {"block_status", "allocated_bytes", "reopen", "reconnect", "change_backing_file", "aclose"}
+        {"block_status", "allocated_bytes", "reopen", "reconnect", "change_backing_file",
+         "parent_will_change", "parent_settled", "aclose"}
     )
 
     def __init__(self, child: Node) -> None:

@@ -85,7 +85,8 @@ class RetryFilter(FilterNode):
     :class:`RetryPolicy` says (see the module docstring)."""
 
     passes_through: ClassVar[frozenset[str]] = frozenset(
-        {"aclose", "reopen", "reconnect", "change_backing_file"}
+        {"aclose", "reopen", "reconnect", "change_backing_file", "parent_will_change",
+         "parent_settled"}
     )
 
     def __init__(self, child: Node, policy: RetryPolicy | None = None) -> None:
