@@ -216,3 +216,52 @@ def wait_ready(m, job_id: str, timeout: float = 120) -> dict:  # type: ignore[no
 def events(m) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
     text = (m.path / ".control" / "events").read_text()
     return [json.loads(line) for line in text.splitlines()]
+
+
+# -- a real OpenSSH server (tests/sshd.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The client keys every ``sshd`` server authorizes for root (session: made once)."""
+    from sshd import SshKeys
+
+    return SshKeys(tmp_path_factory.mktemp("ssh-keys"))
+
+
+@pytest.fixture(scope="session")
+def ssh_password_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
+    """A throwaway local account with a random password (session: created once, removed at
+    the end)."""
+    from sshd import PasswordUser
+
+    user = PasswordUser(tmp_path_factory.mktemp("ssh-user"))
+    yield user
+    user.remove()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory, ssh_keys, ssh_password_user) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    """A running sshd on 127.0.0.1 shared by a test module (don't stop it; use ``sshd_fn``)."""
+    from sshd import SshServer
+
+    with SshServer(tmp_path_factory.mktemp("sshd"), ssh_keys, ssh_password_user) as server:
+        yield server
+
+
+@pytest.fixture
+def sshd_fn(tmp_path, ssh_keys, ssh_password_user) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    """A running sshd of the test's own, free to stop/start."""
+    from sshd import SshServer
+
+    with SshServer(tmp_path / "sshd", ssh_keys, ssh_password_user) as server:
+        yield server
+
+
+@pytest.fixture
+def ssh_agent(ssh_keys) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    """The socket path of an ssh-agent holding the plain key (``ssh_keys.identity``)."""
+    from sshd import ssh_agent as agent
+
+    with agent([ssh_keys.identity]) as sock:
+        yield sock

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from blockfs.errors import UsageError
+from blockfs.errors import BlockfsError, UsageError
 from blockfs.info import chain_info
 from blockfs.nodes.base import Node
 from blockfs.values import parse_size
@@ -202,7 +202,11 @@ async def create_image_file(
         use; whatever ``write`` raises.
     """
     from blockfs.nodes.file import FileNode
+    from blockfs.nodes.protocols import scheme_of
 
+    if scheme_of(path) not in (None, "file"):
+        await _create_remote(path, overwrite, write)
+        return
     base = os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # --force on a FIFO: no hang
     created = True
     try:
@@ -236,6 +240,32 @@ async def create_image_file(
         raise
     finally:
         await target.aclose()
+
+
+async def _create_remote(
+    location: str, overwrite: bool, write: Callable[[Node], Awaitable[None]]
+) -> None:
+    """:func:`create_image_file` for a remote location: the file is made exclusively by the
+    protocol (``--force`` removes an existing one first) and removed if ``write`` fails."""
+    from blockfs.nodes.protocols import protocol_for
+
+    driver = protocol_for(location)
+    if overwrite:
+        try:
+            await driver.remove(location)
+        except BlockfsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    target = await driver.create(location)
+    try:
+        await write(target)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await target.aclose()
+            await driver.remove(location)
+        raise
+    await target.flush()
+    await target.aclose()
 
 
 # -- snapshot ---------------------------------------------------------------------------------

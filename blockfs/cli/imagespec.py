@@ -13,6 +13,11 @@ from blockfs.errors import UsageError
 from blockfs.values import check_name, parse_bool
 
 SPEC_KEYS = {"format", "read-only", "backing-dirs", "inject"}
+#: the ssh properties an ``ssh://`` image takes as options (folded into its location)
+SSH_KEYS = {
+    "host", "port", "user", "path", "identity", "identity-passphrase-file", "password-file",
+    "host-key-check", "timeout",
+}  # fmt: skip
 
 
 def parse_image_spec(text: str) -> ImageSpec:
@@ -28,20 +33,29 @@ def parse_image_spec(text: str) -> ImageSpec:
     if not path:
         raise UsageError(f"{text!r}: no image path")
     if not name:
-        name = os.path.basename(path.rstrip("/"))
+        name = os.path.basename(path.split("?")[0].rstrip("/"))
     check_name(name)
+    remote = path.lower().startswith("ssh://")
+    known = SPEC_KEYS | (SSH_KEYS if remote else set())
     options: dict[str, str] = {}
     for opt in opts:
         key, sep, value = opt.partition("=")
         if not sep:
             raise UsageError(f"{text!r}: option {opt!r} is not key=value")
-        if key not in SPEC_KEYS:
+        if key not in known:
             raise UsageError(
-                f"{text!r}: unknown option {key!r} (known: {', '.join(sorted(SPEC_KEYS))})"
+                f"{text!r}: unknown option {key!r} (known: {', '.join(sorted(known))})"
             )
         if key in options:
             raise UsageError(f"{text!r}: option {key!r} given twice")
         options[key] = value
+    if remote:
+        # The connection's properties travel in the location itself (to the backing files
+        # found on the same host too).
+        from blockfs.nodes.ssh import fold_properties
+
+        props = {k: options.pop(k) for k in list(options) if k in SSH_KEYS}
+        path = fold_properties(path, props)
     fmt = options.get("format")
     read_only = parse_bool("read-only", options["read-only"]) if "read-only" in options else False
     dirs: tuple[str, ...] = ()

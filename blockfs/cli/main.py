@@ -60,9 +60,12 @@ def _setup_logging(log_file: str | None, foreground: bool, verbose: bool) -> Non
 def _cmd_mount(args: argparse.Namespace) -> int:
     from blockfs.daemon import check_mountpoint, mount_state
     from blockfs.nodes.file import check_image_file
+    from blockfs.nodes.protocols import scheme_of
 
     specs = parse_image_specs(args.images)
     for spec in specs:
+        if scheme_of(spec.path) not in (None, "file"):
+            continue  # a remote image is checked when the daemon opens it
         try:
             check_image_file(spec.path)
         except BlockfsError as exc:

@@ -22,6 +22,7 @@ import abc
 import os
 import re
 from collections.abc import Hashable
+from types import ModuleType
 from typing import ClassVar
 
 from blockfs.errors import UsageError
@@ -68,6 +69,22 @@ class ProtocolDriver(abc.ABC):
         if it can be learnt cheaply and without a connection; None otherwise."""
         return None
 
+    def retry_for(self, location: str) -> RetryPolicy | None:
+        """The retry policy of a node opened at ``location`` (a remote one may take it from
+        the location's properties); :attr:`retry` by default."""
+        return self.retry
+
+    async def create(self, location: str) -> Node:
+        """A new, empty file at ``location`` (never an existing one), open read-write.
+
+        :raise UsageError: (EEXIST) it exists; the protocol cannot make files.
+        """
+        raise UsageError(f"{location}: {self.name} cannot make new files here")
+
+    async def remove(self, location: str) -> None:
+        """Remove the file at ``location`` (a new file whose making failed)."""
+        raise UsageError(f"{location}: {self.name} cannot remove files")
+
 
 class FileProtocol(ProtocolDriver):
     """Local files and block devices: plain paths, or ``file:///ABSOLUTE/PATH`` (taken as
@@ -106,8 +123,44 @@ class FileProtocol(ProtocolDriver):
         return (st.st_dev, st.st_ino)
 
 
+class SshProtocol(ProtocolDriver):
+    """Files on any host with an OpenSSH server: ``ssh://[USER@]HOST[:PORT]/PATH[?...]``.
+    The driver is :mod:`blockfs.nodes.ssh`, imported at the first use (it brings asyncssh)."""
+
+    name = "ssh"
+
+    @staticmethod
+    def _impl() -> ModuleType:
+        from blockfs.nodes import ssh
+
+        return ssh
+
+    def retry_for(self, location: str) -> RetryPolicy | None:
+        policy: RetryPolicy = self._impl().retry_policy(location)
+        return policy
+
+    async def open(self, location: str, *, read_only: bool) -> Node:
+        node: Node = await self._impl().open_node(location, read_only=read_only)
+        return node
+
+    async def create(self, location: str) -> Node:
+        node: Node = await self._impl().create_node(location)
+        return node
+
+    async def remove(self, location: str) -> None:
+        await self._impl().remove(location)
+
+    def resolve(self, relative_to: str, name: str) -> str:
+        where: str = self._impl().resolve(relative_to, name)
+        return where
+
+    def real_location(self, node: Node) -> str:
+        where: str = self._impl().real_location(node)
+        return where
+
+
 #: every protocol, by scheme (a plain path is ``file``)
-PROTOCOLS: dict[str, ProtocolDriver] = {d.name: d for d in (FileProtocol(),)}
+PROTOCOLS: dict[str, ProtocolDriver] = {d.name: d for d in (FileProtocol(), SshProtocol())}
 
 
 def protocol_for(location: str) -> ProtocolDriver:

@@ -243,8 +243,9 @@ async def open_image(
                 f"{_overlay_name or location}: backing chain loops back to {real}",
                 errno=errno.ELOOP,
             )
-        if driver.retry is not None:
-            child = RetryFilter(child, driver.retry)
+        retry = driver.retry_for(location)
+        if retry is not None:
+            child = RetryFilter(child, retry)
         if inject:
             child = InjectFilter(child)
         return await open_format(

@@ -1,0 +1,764 @@
+"""The ssh protocol: images on any host that runs an OpenSSH server with sftp (nothing to
+install there), reached with asyncssh.
+
+Location::
+
+    ssh://[USER@]HOST[:PORT]/PATH[?KEY=VALUE&...]      (an IPv6 HOST in brackets)
+
+The user defaults to the local one, the port to 22. The query carries the connection's
+properties (the mount command line's ``user=``, ``port=``, ``host=``, ``path=`` and these are
+folded into it, see :func:`fold_properties`):
+
+``identity``                  a private key file (default: the agent, then ~/.ssh/id_*)
+``identity-passphrase-file``  a file holding the key's passphrase
+``password-file``             a file holding the password (never a password in a URI)
+``host-key-check``            ``known_hosts`` (the default: ~/.ssh/known_hosts and
+                              /etc/ssh/ssh_known_hosts), ``sha256:FINGERPRINT``,
+                              ``md5:FINGERPRINT``, or ``none`` (only when asked; a warning)
+``timeout``                   seconds a request may take, retries included, before it fails
+                              with EIO (default 30); also the connect timeout
+
+asyncssh runs on asyncio; blockfs on trio. The bridge is one asyncio loop in one daemon
+thread for the whole process (:class:`_Loop`), started at the first use (after the daemon
+forked): a request is a coroutine handed to that loop, whose completion wakes the trio task
+through its token. That costs two thread wake-ups per request and no polling; trio-asyncio
+would run both loops in one thread, but it pins the trio loop to asyncio's scheduler and its
+per-request cost is not lower (see benchmarks/README.md for the figures).
+
+One SSH connection per (host, port, user, credentials, host-key rule) serves every image on
+it (a chain's backing files share their overlay's); SFTP carries many requests in flight on
+it at once. A lost connection, or a request that takes longer than the connection's request
+timeout, is a :class:`~blockfs.errors.TransientError`: the retry filter above the node
+(:class:`~blockfs.nodes.retry.RetryFilter`, policy from ``timeout=``) reconnects and sends it
+again, until the deadline, then EIO. A flush is ``fsync@openssh.com``: the remote file's data
+reach its disk. A server without that extension gets no stronger promise than "the server has
+the data" (logged once); the README says so.
+
+This module and its thread are the only place that knows asyncssh or asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import getpass
+import logging
+import os
+import posixpath
+import threading
+import urllib.parse
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import trio
+
+from blockfs.errors import BlockfsError, TransientError, UsageError
+from blockfs.nodes.base import Extent, Node, Status
+from blockfs.nodes.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: properties a location's query (or the mount spec) may give
+QUERY_KEYS = ("identity", "identity-passphrase-file", "password-file", "host-key-check", "timeout")
+#: the mount spec's options that name parts of the URI itself
+URI_KEYS = ("host", "port", "user", "path")
+DEFAULT_TIMEOUT = 30.0
+#: the largest single SFTP read or write sent (OpenSSH answers at most 256 KiB per read)
+MAX_REQUEST = 256 << 10
+#: a secret file is read only if it is this small
+MAX_SECRET_FILE = 64 << 10
+_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+
+
+# -- the location -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshLocation:
+    """A parsed ``ssh://`` location."""
+
+    host: str
+    port: int
+    user: str
+    path: str
+    options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def opts(self) -> dict[str, str]:
+        return dict(self.options)
+
+    @property
+    def timeout(self) -> float:
+        return float(self.opts.get("timeout", DEFAULT_TIMEOUT))
+
+    @property
+    def server(self) -> str:
+        """``user@host:port``, for messages."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}:{self.port}"
+
+    def uri(self, path: str | None = None) -> str:
+        """The canonical location (same connection properties, perhaps another path)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        p = urllib.parse.quote(path if path is not None else self.path, safe="/~._-+,@=:")
+        query = urllib.parse.urlencode(self.options, safe="/~:.@")
+        user = urllib.parse.quote(self.user, safe="._-")
+        return f"ssh://{user}@{host}:{self.port}{p}" + (f"?{query}" if query else "")
+
+    def connection_key(self) -> Hashable:
+        opts = self.opts
+        opts.pop("timeout", None)
+        return (self.host, self.port, self.user, tuple(sorted(opts.items())))
+
+    @classmethod
+    def parse(cls, location: str) -> SshLocation:
+        """:raise UsageError: anything malformed (one line naming it)."""
+        where = location if len(location) <= 200 else location[:197] + "..."
+        try:
+            u = urllib.parse.urlsplit(location)
+            port = u.port
+        except ValueError as exc:
+            raise UsageError(f"{where}: not an ssh:// URI ({exc})") from None
+        if u.scheme.lower() != "ssh":
+            raise UsageError(f"{where}: not an ssh:// URI")
+        host = u.hostname or ""
+        if not host:
+            raise UsageError(f"{where}: no host (ssh://[USER@]HOST[:PORT]/PATH)")
+        if u.fragment:
+            raise UsageError(f"{where}: a fragment (#...) means nothing here")
+        if u.password is not None:
+            raise UsageError(f"{where}: no password in a URI: give password-file=")
+        path = urllib.parse.unquote(u.path)
+        if not path.startswith("/") or path == "/":
+            raise UsageError(f"{where}: no absolute path to an image (ssh://HOST/PATH)")
+        if "\0" in path:
+            raise UsageError(f"{where}: the path holds a NUL byte")
+        user = urllib.parse.unquote(u.username) if u.username else getpass.getuser()
+        options: dict[str, str] = {}
+        for key, value in urllib.parse.parse_qsl(u.query, keep_blank_values=True):
+            if key not in QUERY_KEYS:
+                raise UsageError(
+                    f"{where}: unknown property {key[:40]!r} (known: {', '.join(QUERY_KEYS)})"
+                )
+            if key in options:
+                raise UsageError(f"{where}: property {key!r} given twice")
+            options[key] = value
+        _check_options(options, where)
+        return cls(host, port or 22, user, posixpath.normpath(path), tuple(sorted(options.items())))
+
+
+def _check_options(options: dict[str, str], where: str) -> None:
+    check = options.get("host-key-check")
+    if check is not None and check not in ("known_hosts", "none"):
+        kind, sep, value = check.partition(":")
+        if not sep or kind not in ("sha256", "md5") or not value:
+            raise UsageError(
+                f"{where}: host-key-check={check[:60]}: known_hosts, sha256:FINGERPRINT, "
+                "md5:FINGERPRINT or none"
+            )
+    if "timeout" in options:
+        try:
+            t = float(options["timeout"])
+        except ValueError:
+            t = -1
+        if not 0 < t <= 86400:
+            raise UsageError(f"{where}: timeout={options['timeout'][:20]}: seconds, 0 to 86400")
+    for key in ("identity", "identity-passphrase-file", "password-file"):
+        if key in options and not options[key]:
+            raise UsageError(f"{where}: {key}= is empty")
+
+
+def fold_properties(location: str, props: dict[str, str]) -> str:
+    """The location with the mount spec's ssh properties folded in (``host=``, ``port=``,
+    ``user=``, ``path=`` replace parts of the URI; the rest join its query).
+
+    :raise UsageError: a malformed URI or property.
+    """
+    loc = SshLocation.parse(location)
+    changes: dict[str, Any] = {}
+    if "host" in props:
+        changes["host"] = props["host"].strip("[]")
+    if "port" in props:
+        if not props["port"].isdigit() or not 0 < int(props["port"]) < 65536:
+            raise UsageError(f"port={props['port'][:20]}: a port number, 1 to 65535")
+        changes["port"] = int(props["port"])
+    if "user" in props:
+        changes["user"] = props["user"]
+    if "path" in props:
+        changes["path"] = props["path"]
+    opts = loc.opts
+    for key, value in props.items():
+        if key in QUERY_KEYS:
+            opts[key] = value
+    _check_options(opts, location)
+    loc = replace(loc, **changes, options=tuple(sorted(opts.items())))
+    return SshLocation.parse(loc.uri()).uri()
+
+
+# -- the asyncio side ----------------------------------------------------------------------------
+
+
+class _Loop:
+    """One asyncio loop in a daemon thread, for every ssh node of the process."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _pid = 0
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def main() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(target=main, name="blockfs-ssh", daemon=True).start()
+                ready.wait()
+                cls._loop, cls._pid = loop, os.getpid()
+            return cls._loop
+
+
+async def _on_loop(make: Callable[[], Awaitable[T]]) -> T:
+    """Run ``make()`` on the asyncio loop and wait for it in trio (cancelling it if trio
+    cancels the wait)."""
+    loop = _Loop.get()
+
+    async def wrapped() -> T:
+        return await make()
+
+    fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(wrapped(), loop)
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    fut.add_done_callback(lambda f: token.run_sync_soon(done.set, idempotent=True))
+    try:
+        await done.wait()
+    except BaseException:
+        fut.cancel()
+        raise
+    return fut.result()
+
+
+def _read_secret(path: str, what: str) -> str:
+    """The first line of a small file (a passphrase, a password). :raise UsageError:"""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read(MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+    if len(data) > MAX_SECRET_FILE:
+        raise UsageError(f"{what} {path}: larger than {MAX_SECRET_FILE} bytes")
+    return data.decode(errors="replace").splitlines()[0] if data.strip() else ""
+
+
+class _Connection:
+    """One SSH connection and its SFTP session (asyncio side). ``generation`` tells a node
+    whether the connection it used is still the current one."""
+
+    def __init__(self, loc: SshLocation) -> None:
+        self.loc = loc
+        self.conn: Any = None
+        self.sftp: Any = None
+        self.users = 0
+        self.generation = 0
+        self.fsync_warned = False
+        self._connecting: asyncio.Lock | None = None
+
+    async def ensure(self, generation: int | None = None) -> tuple[Any, int]:
+        """The SFTP session; a new connection if there is none, or if the caller's
+        ``generation`` is the current one (the caller saw it fail)."""
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self.sftp is not None and generation != self.generation:
+                return self.sftp, self.generation
+            self.close()
+            self.conn, self.sftp = await self._connect()
+            self.generation += 1
+            return self.sftp, self.generation
+
+    async def _connect(self) -> tuple[Any, Any]:
+        import asyncssh
+
+        loc = self.loc
+        opts = loc.opts
+        tried = []
+        kwargs: dict[str, Any] = {
+            "username": loc.user,
+            "config": None,
+            "connect_timeout": loc.timeout,
+            "keepalive_interval": max(1.0, min(15.0, loc.timeout / 3)),
+            "keepalive_count_max": 3,
+        }
+        if "identity" in opts:
+            passphrase = None
+            if "identity-passphrase-file" in opts:
+                passphrase = _read_secret(opts["identity-passphrase-file"], "passphrase file")
+            path = os.path.expanduser(opts["identity"])
+            try:
+                key = asyncssh.read_private_key(path, passphrase)
+            except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+                raise UsageError(
+                    f"{loc.server}: identity {path}: {_describe(exc)}", errno=errno.EACCES
+                ) from None
+            kwargs["client_keys"] = [key]
+            kwargs["agent_path"] = None
+            tried.append(f"key {path}")
+        else:
+            if os.environ.get("SSH_AUTH_SOCK"):
+                tried.append("agent")
+            tried.append("keys in ~/.ssh")
+        if "password-file" in opts:
+            kwargs["password"] = _read_secret(opts["password-file"], "password file")
+            tried.append("password")
+        check = opts.get("host-key-check", "known_hosts")
+        client_factory = None
+        if check == "known_hosts":
+            files = [p for p in (os.path.expanduser(k) for k in _KNOWN_HOSTS) if os.path.exists(p)]
+            kwargs["known_hosts"] = files
+        elif check == "none":
+            log.warning("%s: host key not checked (host-key-check=none)", loc.server)
+            kwargs["known_hosts"] = None
+        else:
+            kind, _, want = check.partition(":")
+            kwargs["known_hosts"] = ([], [], [])
+            client_factory = _fingerprint_client(kind, want)
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(loc.host, loc.port, client_factory=client_factory, **kwargs),
+                loc.timeout,
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise UsageError(
+                f"{loc.server}: host key not trusted ({exc.reason}; host-key-check={check})",
+                errno=errno.EACCES,
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise UsageError(
+                f"{loc.server}: authentication failed (tried: {', '.join(tried)})",
+                errno=errno.EACCES,
+            ) from None
+        except (TimeoutError, OSError, asyncssh.Error) as exc:
+            raise TransientError(
+                f"{loc.server}: cannot connect: {_describe(exc)}",
+                errno=getattr(exc, "errno", None) or errno.EHOSTUNREACH,
+                reached=False,
+            ) from None
+        try:
+            sftp = await asyncio.wait_for(conn.start_sftp_client(), loc.timeout)
+        except (TimeoutError, OSError, asyncssh.Error) as exc:
+            conn.close()
+            raise TransientError(
+                f"{loc.server}: no sftp session: {_describe(exc)}", reached=False
+            ) from None
+        return conn, sftp
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = self.sftp = None
+
+
+def _fingerprint_client(kind: str, want: str) -> Callable[[], Any]:
+    import asyncssh
+
+    class Client(asyncssh.SSHClient):
+        def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
+            got = key.get_fingerprint(kind)  # "SHA256:..." / "MD5:..."
+            return bool(got.partition(":")[2] == want.removeprefix(kind.upper() + ":"))
+
+    return Client
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+#: connections by :meth:`SshLocation.connection_key` (asyncio side, touched only on its loop)
+_CONNECTIONS: dict[Hashable, _Connection] = {}
+
+
+async def _acquire(loc: SshLocation) -> _Connection:
+    key = loc.connection_key()
+    conn = _CONNECTIONS.get(key)
+    if conn is None:
+        conn = _CONNECTIONS[key] = _Connection(loc)
+    conn.users += 1
+    try:
+        await conn.ensure()
+    except BaseException:
+        _release(conn)
+        raise
+    return conn
+
+
+def _release(conn: _Connection) -> None:
+    conn.users -= 1
+    if conn.users <= 0:
+        _CONNECTIONS.pop(conn.loc.connection_key(), None)
+        conn.close()
+
+
+# -- the node ------------------------------------------------------------------------------------
+
+
+def _sftp_error(exc: BaseException, what: str, where: str, *, reached: bool) -> BlockfsError:
+    """The exception a failed SFTP request becomes: a refusal of the server keeps its errno;
+    anything on the way (a lost connection, a timeout) is transient."""
+    import asyncssh
+
+    if isinstance(exc, asyncssh.SFTPError):
+        code = {
+            asyncssh.FX_NO_SUCH_FILE: errno.ENOENT,
+            asyncssh.FX_PERMISSION_DENIED: errno.EACCES,
+            asyncssh.FX_EOF: errno.EIO,
+            asyncssh.FX_OP_UNSUPPORTED: errno.EOPNOTSUPP,
+        }.get(exc.code)
+        if code is not None or exc.code == asyncssh.FX_FAILURE:
+            return BlockfsError(f"{where}: {what}: {exc.reason}", errno=code or errno.EIO)
+        if exc.code in (asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION):
+            return TransientError(f"{where}: {what}: {exc.reason}", reached=reached)
+        return BlockfsError(f"{where}: {what}: {exc.reason}", errno=errno.EIO)
+    if isinstance(exc, asyncio.TimeoutError):
+        return TransientError(f"{where}: {what} timed out", errno=errno.ETIMEDOUT, reached=reached)
+    if isinstance(exc, (OSError, asyncssh.Error, EOFError, ConnectionError)):
+        return TransientError(
+            f"{where}: {what}: {_describe(exc)}",
+            errno=getattr(exc, "errno", None) or errno.ECONNRESET,
+            reached=reached,
+        )
+    raise exc
+
+
+class SshNode(Node):
+    """A file on a remote host, through SFTP (see the module docstring)."""
+
+    format_name = "ssh"
+
+    def __init__(self, loc: SshLocation, read_only: bool) -> None:
+        self.loc = loc
+        self.filename = loc.uri()
+        self.read_only = read_only
+        self.size = 0
+        self._conn: _Connection | None = None
+        self._file: Any = None
+        self._generation = 0
+        self._ident: Hashable | None = None
+        self._real = loc.path
+        self._closed = False
+        #: a request's own time limit, below the retry deadline so that a retry fits
+        self._request_timeout = max(1.0, loc.timeout / 3)
+
+    @classmethod
+    async def open(cls, loc: SshLocation, *, read_only: bool, create: bool = False) -> SshNode:
+        """:raise UsageError: no such file, not a regular file, refused (EACCES, EEXIST);
+        BlockfsError: the host cannot be reached in ``timeout`` seconds (EIO)."""
+        node = cls(loc, read_only)
+        try:
+            await node._open(create=create)
+        except TransientError as exc:
+            raise BlockfsError(str(exc), errno=errno.EHOSTUNREACH) from None
+        return node
+
+    async def _open(self, *, create: bool = False) -> None:
+        loc = self.loc
+
+        async def go() -> tuple[_Connection, Any, int, str, int]:
+            import asyncssh
+
+            conn = await _acquire(loc)
+            try:
+                sftp = conn.sftp
+                if create:
+                    if await sftp.exists(loc.path):
+                        raise UsageError(f"{loc.uri()}: file exists", errno=errno.EEXIST)
+                    f = await sftp.open(
+                        loc.path,
+                        asyncssh.FXF_READ | asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
+                        | asyncssh.FXF_EXCL,
+                        asyncssh.SFTPAttrs(permissions=0o644),
+                        encoding=None,
+                    )  # fmt: skip
+                else:
+                    f = await sftp.open(loc.path, "rb" if self.read_only else "rb+")
+                attrs = await f.stat()
+                if attrs.type not in (None, asyncssh.FILEXFER_TYPE_REGULAR):
+                    await f.close()
+                    raise UsageError(f"{loc.uri()}: not a regular file")
+                try:
+                    real = await sftp.realpath(loc.path)
+                except asyncssh.SFTPError:
+                    real = loc.path
+                return conn, f, conn.generation, real, attrs.size or 0
+            except BaseException:
+                _release(conn)
+                raise
+
+        try:
+            conn, f, gen, real, size = await _on_loop(
+                lambda: asyncio.wait_for(go(), loc.timeout)
+            )
+        except (UsageError, TransientError):
+            raise
+        except Exception as exc:
+            err = _sftp_error(exc, "open", loc.uri(), reached=False)
+            if err.errno == errno.ENOENT:
+                raise UsageError(f"{loc.uri()}: no such file", errno=errno.ENOENT) from None
+            if err.errno == errno.EACCES:
+                raise UsageError(f"{loc.uri()}: permission denied", errno=errno.EACCES) from None
+            if isinstance(err, TransientError):
+                raise err from None
+            if create:
+                raise UsageError(f"{loc.uri()}: cannot be made ({err})", errno=errno.EEXIST) from None
+            raise err from None
+        self._conn, self._file, self._generation = conn, f, gen
+        self._real = real
+        self._ident = ("ssh", loc.host, loc.port, real)
+        self.size = size
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def _call(
+        self, what: str, make: Callable[[Any], Awaitable[T]], *, reached: bool = True
+    ) -> T:
+        f = self._file
+        if f is None:
+            raise TransientError(f"{self.filename}: {what}: not connected", reached=False)
+        timeout = self._request_timeout
+
+        async def go() -> T:
+            return await asyncio.wait_for(make(f), timeout)
+
+        try:
+            return await _on_loop(go)
+        except BlockfsError:
+            raise
+        except Exception as exc:
+            raise _sftp_error(exc, what, self.filename, reached=reached) from None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if length <= MAX_REQUEST:
+            data: bytes = await self._call("read", lambda f: _read_at(f, offset, length))
+        else:
+            data = await self._call("read", lambda f: _read_split(f, offset, length))
+        if len(data) < length:
+            data += bytes(length - len(data))  # past the end of the file: zeroes
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self.read_only:
+            raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
+        await self._call("write", lambda f: _write_split(f, offset, data))
+        if offset + len(data) > self.size:
+            self.size = offset + len(data)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end - pos, 1 << 20)
+            await self.write(pos, bytes(n))
+            pos += n
+
+    async def flush(self) -> None:
+        if self.read_only:
+            return
+        conn = self._conn
+
+        async def fsync(f: Any) -> None:
+            import asyncssh
+
+            try:
+                await f.fsync()
+            except asyncssh.SFTPError as exc:
+                if exc.code != asyncssh.FX_OP_UNSUPPORTED:
+                    raise
+                if conn is not None and not conn.fsync_warned:
+                    conn.fsync_warned = True
+                    log.warning("%s: the server lacks fsync@openssh.com: a flush only "
+                                "waits for its replies", self.loc.server)  # fmt: skip
+
+        await self._call("flush", fsync)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        return Extent(offset, length, Status.DATA | Status.ALLOCATED)
+
+    async def truncate(self, size: int) -> None:
+        if self.read_only:
+            raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
+        await self._call("truncate", lambda f: f.truncate(size))
+        self.size = size
+
+    async def reconnect(self) -> None:
+        """A new connection (unless another node already made one since this node's broke)
+        and the file opened again in the same mode."""
+        conn = self._conn
+        if conn is None or self._closed:
+            raise BlockfsError(f"{self.filename}: closed", errno=errno.EIO)
+        loc, gen, ro = self.loc, self._generation, self.read_only
+
+        async def go() -> tuple[Any, int]:
+            sftp, new_gen = await conn.ensure(gen)
+            f = await sftp.open(loc.path, "rb" if ro else "rb+")
+            return f, new_gen
+
+        try:
+            f, new_gen = await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
+        except BlockfsError:
+            raise
+        except Exception as exc:
+            err = _sftp_error(exc, "reconnect", self.filename, reached=False)
+            raise err from None
+        self._file, self._generation = f, new_gen
+
+    async def reopen(self, read_only: bool) -> None:
+        if read_only == self.read_only:
+            return
+        conn, loc = self._conn, self.loc
+        assert conn is not None
+
+        async def go() -> Any:
+            return await conn.sftp.open(loc.path, "rb" if read_only else "rb+")
+
+        try:
+            f = await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
+        except Exception as exc:
+            raise _sftp_error(exc, "reopen", self.filename, reached=False) from None
+        old, self._file = self._file, f
+        self.read_only = read_only
+        if old is not None:
+            await _on_loop(lambda: _close_quietly(old))
+
+    def identity(self) -> Hashable | None:
+        return self._ident
+
+    @property
+    def real_path(self) -> str:
+        return self.loc.uri(self._real).partition("?")[0]
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        f, conn = self._file, self._conn
+        self._file = self._conn = None
+
+        async def go() -> None:
+            if f is not None:
+                await _close_quietly(f)
+            if conn is not None:
+                _release(conn)
+
+        with trio.CancelScope(shield=True):
+            await _on_loop(lambda: asyncio.wait_for(go(), 5))
+
+    def describe(self) -> dict[str, object]:
+        d = super().describe()
+        d["server"] = self.loc.server
+        return d
+
+
+async def _close_quietly(f: Any) -> None:
+    try:
+        await f.close()
+    except Exception:
+        pass
+
+
+async def _read_at(f: Any, offset: int, length: int) -> bytes:
+    data: bytes = await f.read(length, offset)
+    return data
+
+
+async def _read_split(f: Any, offset: int, length: int) -> bytes:
+    """A large read as requests of :data:`MAX_REQUEST` in flight together."""
+    parts = await asyncio.gather(
+        *(
+            f.read(min(MAX_REQUEST, length - pos), offset + pos)
+            for pos in range(0, length, MAX_REQUEST)
+        )
+    )
+    out = bytearray()
+    for pos, part in zip(range(0, length, MAX_REQUEST), parts, strict=True):
+        if len(out) < pos:
+            out += bytes(pos - len(out))
+        out += part
+    return bytes(out)
+
+
+async def _write_split(f: Any, offset: int, data: bytes) -> None:
+    if len(data) <= MAX_REQUEST:
+        await f.write(data, offset)
+        return
+    view = memoryview(data)
+    await asyncio.gather(
+        *(
+            f.write(bytes(view[pos : pos + MAX_REQUEST]), offset + pos)
+            for pos in range(0, len(data), MAX_REQUEST)
+        )
+    )
+
+
+# -- what the ssh driver (blockfs.nodes.protocols.SshProtocol) delegates here --------------------
+
+
+def retry_policy(location: str) -> RetryPolicy:
+    """Retries within ``timeout=`` seconds of a request's first try, then EIO."""
+    timeout = SshLocation.parse(location).timeout
+    return RetryPolicy(
+        retries=1000, delay=min(0.2, timeout / 10), backoff=2.0,
+        max_delay=max(0.5, min(5.0, timeout / 4)), deadline=timeout,
+    )  # fmt: skip
+
+
+async def open_node(location: str, *, read_only: bool) -> Node:
+    return await SshNode.open(SshLocation.parse(location), read_only=read_only)
+
+
+async def create_node(location: str) -> Node:
+    """A new, empty remote file (made exclusively), open read-write.
+
+    :raise UsageError: (EEXIST) it exists; (ENOENT, EACCES) no folder, no right.
+    """
+    return await SshNode.open(SshLocation.parse(location), read_only=False, create=True)
+
+
+async def remove(location: str) -> None:
+    """Remove a remote file. :raise BlockfsError:"""
+    loc = SshLocation.parse(location)
+
+    async def go() -> None:
+        conn = await _acquire(loc)
+        try:
+            await conn.sftp.remove(loc.path)
+        finally:
+            _release(conn)
+
+    try:
+        await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
+    except BlockfsError:
+        raise
+    except Exception as exc:
+        raise _sftp_error(exc, "remove", loc.uri(), reached=False) from None
+
+
+def resolve(relative_to: str, name: str) -> str:
+    """A backing name found in the image at ``relative_to``: on the same host, through the
+    same connection properties; a relative name from the image's folder."""
+    loc = SshLocation.parse(relative_to)
+    if name.startswith("/"):
+        return loc.uri(posixpath.normpath(name))
+    return loc.uri(posixpath.normpath(posixpath.join(posixpath.dirname(loc.path), name)))
+
+
+def real_location(node: Node) -> str:
+    assert isinstance(node, SshNode), node
+    return node.real_path
