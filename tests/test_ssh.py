@@ -310,3 +310,46 @@ def test_a_dropped_connection_is_invisible_and_a_long_outage_is_eio(
     assert (m / "vm").read_bytes() == before
     m.umount()
     assert img.read_bytes() == before
+
+
+# -- jobs with ssh targets -----------------------------------------------------------------
+
+
+def test_backup_and_mirror_to_ssh_targets(mount, sshd, tmp_path: Path) -> None:
+    from conftest import ctl, start, status, wait_ready, wait_state
+
+    raw = random_file(tmp_path / "src.raw", 32 * MiB, seed=8)
+    src = tmp_path / "src.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(raw), str(src))
+    m = mount(f"vm={src},format=qcow2")
+    far = tmp_path / "far"
+    far.mkdir()
+    backup = far / "backup.qcow2"
+    assert start(m, f"device=vm target={url(sshd, backup)} id=bk", "backup") == "bk"
+    s = wait_state(m, "bk", ("concluded",))
+    assert s["error"] is None, s
+    qemu_img("compare", "-F", "raw", str(backup), str(raw))
+    assert sorted(p.name for p in far.iterdir()) == ["backup.qcow2"]  # no temporary left
+    # a taken name is refused at once
+    fd = os.open(m.path / ".control" / "jobs" / "backup", os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as err:
+            os.write(fd, f"device=vm target={url(sshd, backup)} id=again\n".encode())
+        assert err.value.errno == 17 and "exists already" in os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+    moved = far / "moved.qcow2"
+    assert start(m, f"device=vm target={url(sshd, moved)} id=mr", "mirror") == "mr"
+    wait_ready(m, "mr")
+    ctl(m, "mr", "complete")
+    s = wait_state(m, "mr", ("concluded",))
+    assert s["error"] is None and status(m, "mr")["target-state"].startswith("switched"), s
+    assert m.info("vm")["filename"].startswith("ssh://"), m.info("vm")
+    with open(m / "vm", "r+b") as f:  # the disk now lives on the remote side
+        f.seek(5 * MiB)
+        f.write(b"\x66" * MiB)
+    final = tmp_path / "final.raw"
+    run(["cp", str(m / "vm"), str(final)])
+    m.umount()
+    qemu_img("check", str(moved))
+    qemu_img("compare", "-F", "raw", str(moved), str(final))

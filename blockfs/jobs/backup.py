@@ -39,7 +39,13 @@ from blockfs.jobs.blockcopy import (
 )
 from blockfs.jobs.host import JobHost, PublishedFile
 from blockfs.jobs.job import ErrorAction, Job, JobFailed
-from blockfs.jobs.target import OpenedTarget, TargetFile, open_job_target, parse_target_job
+from blockfs.jobs.target import (
+    OpenedTarget,
+    RemoteTargetFile,
+    TargetFile,
+    open_job_target,
+    parse_target_job,
+)
 from blockfs.nodes.base import Capability, Extent, Node, Status
 from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
 from blockfs.nodes.registry import close_chain
@@ -200,7 +206,7 @@ class BackupJob(Job):
         target: Node,
         *,
         target_zero_init: bool,
-        target_file: TargetFile | None = None,
+        target_file: TargetFile | RemoteTargetFile | None = None,
         opened: OpenedTarget | None = None,
     ) -> None:
         super().__init__(spec.id, export.name, host.events)
@@ -455,9 +461,9 @@ class BackupJob(Job):
                 await self.opened.close()
             else:
                 await close_chain(self.target)
-            self._settle_target_file(ok)
+            await self._settle_target_file(ok)
 
-    def _settle_target_file(self, ok: bool) -> None:
+    async def _settle_target_file(self, ok: bool) -> None:
         """A new target gets its name only when the copy is whole; otherwise it goes."""
         tfile = self.target_file
         if tfile is None:
@@ -465,9 +471,9 @@ class BackupJob(Job):
         self.target_file = None
         try:
             if ok:
-                tfile.publish()
+                await tfile.publish()
             else:
-                tfile.discard()
+                await tfile.discard()
         except BlockfsError as exc:
             self.error = str(exc)
             log.error("job %s: %s", self.id, exc)

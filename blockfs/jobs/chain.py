@@ -277,7 +277,7 @@ async def external_snapshot(export: Export, text: bytes | str) -> Node:
             tfile = target.file
             assert tfile is not None
             try:
-                tfile.publish()
+                await tfile.publish()
             except BaseException:
                 await target.discard()
                 raise

@@ -375,7 +375,7 @@ class MirrorJob(Job):
         tfile = self.opened.file
         if tfile is not None:
             try:
-                tfile.publish()  # before the switch: a target without its name is no switch
+                await tfile.publish()  # before the switch: a target without its name is no switch
             except BlockfsError as exc:
                 # The copy is whole but its name is taken: it stays where it is, the device
                 # keeps its source, and the job fails with publish's message.
@@ -481,18 +481,18 @@ class MirrorJob(Job):
         finally:
             await self.opened.close()
             if tfile is not None:
-                self._settle_target_file(ok)
+                await self._settle_target_file(ok)
 
-    def _settle_target_file(self, ok: bool) -> None:
+    async def _settle_target_file(self, ok: bool) -> None:
         tfile = self.opened.file
         assert tfile is not None
         try:
             if ok:
-                tfile.publish()
+                await tfile.publish()
             elif self._keep_partial:
                 self.target_state = f"complete, in {tfile.partial_path} (its name was taken)"
             elif tfile.temp is not None:
-                tfile.discard()
+                await tfile.discard()
                 self.target_state = "incomplete: removed"
             else:
                 self.target_state = "incomplete"

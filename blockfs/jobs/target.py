@@ -35,8 +35,10 @@ from blockfs.errors import BlockfsError, UsageError
 from blockfs.jobs.job import ErrorAction
 from blockfs.nodes.base import Node
 from blockfs.nodes.file import FileNode, check_not_served
+from blockfs.nodes.protocols import protocol_for, scheme_of
 from blockfs.nodes.qcow2 import create_qcow2, create_raw
 from blockfs.nodes.registry import OpenPolicy, close_chain, open_format, protocol_file
+from blockfs.nodes.retry import RetryFilter
 from blockfs.nodes.vhdx import create_vhdx
 from blockfs.values import choice, job_id, parse_words, size_value
 
@@ -239,7 +241,7 @@ class TargetFile:
             raise
         return cls(folder, name, fd, None, False)
 
-    def publish(self) -> None:
+    async def publish(self) -> None:
         """Give a new target its final name, never replacing a file that took the name in
         the meantime. :raise UsageError: (EEXIST) the name is taken; the data stays under
         :attr:`partial_path`."""
@@ -260,7 +262,7 @@ class TargetFile:
             ) from None
         self.temp = None
 
-    def discard(self, *, even_named: bool = False) -> None:
+    async def discard(self, *, even_named: bool = False) -> None:
         """Remove an unfinished new target (its descriptor is closed by its node); with
         ``even_named``, also one created under its final name (a job that never started)."""
         name = self.temp or (self.name if even_named and self.created else None)
@@ -275,6 +277,77 @@ class TargetFile:
     def close(self) -> None:
         """Release the folder (the file's descriptor belongs to the node over it)."""
         self.folder.close()
+
+
+class RemoteTargetFile:
+    """A job's target on a remote host (an ``ssh://`` location): made exclusively under a
+    hidden temporary name beside its final one, given that name by a rename that never
+    replaces a file (SFTP's rename fails on an existing name), or removed."""
+
+    def __init__(self, path: str, temp: str | None, created: bool) -> None:
+        self.path = path
+        #: the temporary location until :meth:`publish` (None: it has its final name)
+        self.temp = temp
+        self.created = created
+
+    @property
+    def partial_path(self) -> str | None:
+        return self.temp
+
+    @classmethod
+    async def make(
+        cls, path: str, *, mode: str, temporary: bool
+    ) -> tuple[RemoteTargetFile, Node]:
+        """The file (made, or opened with mode=existing) and its protocol node, under the
+        protocol's retry filter. :raise UsageError: EEXIST, ENOENT, EACCES as fits."""
+        driver = protocol_for(path)
+        if mode == "new":
+            if await driver.exists(path):
+                raise UsageError(
+                    f"target {path} exists already (use mode=existing)", errno=errno.EEXIST
+                )
+            temp = driver.resolve(path, f".{_base_name(path)[:200]}.{secrets.token_hex(4)}.part")
+            where = temp if temporary else path
+            node = await driver.create(where)
+            tfile = cls(path, temp if temporary else None, True)
+        else:
+            node = await driver.open(path, read_only=False)
+            tfile = cls(path, None, False)
+        retry = driver.retry_for(path)
+        return tfile, RetryFilter(node, retry) if retry is not None else node
+
+    async def publish(self) -> None:
+        """:raise UsageError: (EEXIST) the name was taken; the data stay in the temporary
+        file."""
+        if self.temp is None:
+            return
+        try:
+            await protocol_for(self.path).rename(self.temp, self.path)
+        except BlockfsError as exc:
+            raise UsageError(
+                f"cannot name the target {self.path}: {exc}; the copy is in {self.temp}",
+                errno=errno.EEXIST if exc.errno in (errno.EIO, errno.EEXIST) else exc.errno,
+            ) from None
+        self.temp = None
+
+    async def discard(self, *, even_named: bool = False) -> None:
+        where = self.temp or (self.path if even_named and self.created else None)
+        if where is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    await protocol_for(self.path).remove(where)
+                except BlockfsError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+            self.temp = None
+            self.created = False
+
+    def close(self) -> None:
+        """Nothing held: the node over the file owns its remote handle."""
+
+
+def _base_name(location: str) -> str:
+    return location.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def _split(path: str) -> tuple[TargetFolder, str]:
@@ -355,7 +428,7 @@ class OpenedTarget:
         node: Node,
         *,
         zero_init: bool,
-        file: TargetFile | None,
+        file: TargetFile | RemoteTargetFile | None,
         path: str,
         shared_backing: Node | None = None,
     ) -> None:
@@ -407,7 +480,7 @@ class OpenedTarget:
                 await self.close()
             finally:
                 if self.file is not None:
-                    self.file.discard(even_named=True)
+                    await self.file.discard(even_named=True)
                     self.file.close()
 
 
@@ -455,6 +528,19 @@ async def open_job_target(
                 f"a vhdx target can read through {backing.filename} only if it is a vhdx "
                 "image no one writes (sync=top over a vhdx chain); use format=qcow2"
             )
+    tfile: TargetFile | RemoteTargetFile
+    child: Node | None = None
+    remote = scheme_of(path) not in (None, "file")
+    if mode == "new" and backing is not None and remote != (
+        scheme_of(backing.filename) not in (None, "file")
+    ):
+        raise UsageError(
+            f"target {path} would read through {backing.filename}, on other storage: "
+            "use sync=full"
+        )
+    if remote:
+        tfile, child = await RemoteTargetFile.make(path, mode=mode, temporary=temporary)
+    elif mode == "new":
         source = protocol_file(like)
         perm = stat.S_IMODE(os.fstat(source.fd).st_mode) & 0o666 if source else 0o600
         tfile = await trio.to_thread.run_sync(
@@ -462,10 +548,11 @@ async def open_job_target(
         )
     else:
         tfile = await trio.to_thread.run_sync(lambda: TargetFile.open_existing(path))
-    child: Node | None = None
     node: Node | None = None
     try:
-        child = FileNode.from_fd(tfile.fd, tfile.path)
+        if child is None:
+            assert isinstance(tfile, TargetFile)
+            child = FileNode.from_fd(tfile.fd, tfile.path)
         if mode == "new":
             if fmt == "raw":
                 await create_raw(child, size)
@@ -498,9 +585,9 @@ async def open_job_target(
                 await close_chain(node)
             elif child is not None:
                 await child.aclose()
-            else:
+            elif isinstance(tfile, TargetFile):
                 os.close(tfile.fd)
-            tfile.discard(even_named=True)
+            await tfile.discard(even_named=True)
             tfile.close()
         raise
     shared = backing if backing is not None and node.backing is backing else None

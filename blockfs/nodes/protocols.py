@@ -85,6 +85,15 @@ class ProtocolDriver(abc.ABC):
         """Remove the file at ``location`` (a new file whose making failed)."""
         raise UsageError(f"{location}: {self.name} cannot remove files")
 
+    async def exists(self, location: str) -> bool:
+        """Whether something is at ``location``."""
+        raise UsageError(f"{location}: {self.name} cannot look for files")
+
+    async def rename(self, old: str, new: str) -> None:
+        """Give the file at ``old`` the name ``new`` (same storage), never replacing a file
+        there. :raise BlockfsError: (EEXIST) ``new`` exists."""
+        raise UsageError(f"{old}: {self.name} cannot rename files")
+
 
 class FileProtocol(ProtocolDriver):
     """Local files and block devices: plain paths, or ``file:///ABSOLUTE/PATH`` (taken as
@@ -149,6 +158,13 @@ class SshProtocol(ProtocolDriver):
 
     async def remove(self, location: str) -> None:
         await self._impl().remove(location)
+
+    async def exists(self, location: str) -> bool:
+        found: bool = await self._impl().exists(location)
+        return found
+
+    async def rename(self, old: str, new: str) -> None:
+        await self._impl().rename(old, new)
 
     def resolve(self, relative_to: str, name: str) -> str:
         where: str = self._impl().resolve(relative_to, name)

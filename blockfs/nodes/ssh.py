@@ -732,22 +732,49 @@ async def create_node(location: str) -> Node:
 
 
 async def remove(location: str) -> None:
-    """Remove a remote file. :raise BlockfsError:"""
+    """Remove a remote file. :raise BlockfsError: (ENOENT) there is none."""
+
+    async def act(sftp: Any, loc: SshLocation) -> None:
+        await sftp.remove(loc.path)
+
+    await _sftp_call(location, "remove", act)
+
+
+async def _sftp_call(location: str, what: str, act: Callable[[Any, SshLocation], Awaitable[T]]) -> T:
+    """One SFTP call on a connection of ``location``'s (made if needed, released after)."""
     loc = SshLocation.parse(location)
 
-    async def go() -> None:
+    async def go() -> T:
         conn = await _acquire(loc)
         try:
-            await conn.sftp.remove(loc.path)
+            return await act(conn.sftp, loc)
         finally:
             _release(conn)
 
     try:
-        await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
+        return await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
     except BlockfsError:
         raise
     except Exception as exc:
-        raise _sftp_error(exc, "remove", loc.uri(), reached=False) from None
+        raise _sftp_error(exc, what, loc.uri(), reached=False) from None
+
+
+async def exists(location: str) -> bool:
+    async def act(sftp: Any, loc: SshLocation) -> bool:
+        found: bool = await sftp.exists(loc.path)
+        return found
+
+    return await _sftp_call(location, "stat", act)
+
+
+async def rename(old: str, new: str) -> None:
+    """SFTP's rename (SSH_FXP_RENAME), which OpenSSH's server refuses over an existing name."""
+    new_path = SshLocation.parse(new).path
+
+    async def act(sftp: Any, loc: SshLocation) -> None:
+        await sftp.rename(loc.path, new_path)
+
+    await _sftp_call(old, "rename", act)
 
 
 def resolve(relative_to: str, name: str) -> str:
