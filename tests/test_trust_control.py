@@ -39,7 +39,7 @@ from conftest import BLOCKFS, FULL, blockfs, force_unmount, have_fuse, is_mounte
 
 MiB = 1 << 20
 #: the issue's figure; 1,000 in the normal run (measured: see test_job_cycles_keep_rss_bounded)
-JOB_CYCLES = 10_000 if FULL else 1_000
+JOB_CYCLES = 10_000 if FULL else 400
 #: what job cycles and 10,000 opens of `events` may add to the daemon's RSS
 RSS_SLACK = 40 * MiB
 OTHER_USER = "blockfs-test"
