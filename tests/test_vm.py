@@ -696,3 +696,26 @@ def test_guest_writes_across_a_snapshot_a_stream_and_an_active_commit(
     assert b"DURING" not in data and b"AFTER" not in data
     assert not _before_extents_in(first, workload)
 
+
+
+def test_guest_runs_on_a_qcow2_image_reached_over_ssh(
+    guest_kit: guestvm.GuestKit, sshd: Any, tmp_path: Path
+) -> None:
+    """The guest's disk is a qcow2 image on the far side of a real sshd (ssh://, key auth,
+    the host key checked by fingerprint): it makes, fills and checks an ext2 file system
+    (cache=none), and the image, read by qemu-img after unmount, holds it all."""
+    if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    from test_ssh import url
+
+    t = Target("blockfs-qcow2", tmp_path)
+    assert t.mount is not None
+    try:
+        t.mount.open(url(sshd, t.image), "qcow2")  # type: ignore[arg-type]
+        info = json.loads((t.mount.mnt / ".control" / "images" / "vm" / "info").read_text())
+        assert info["filename"].startswith("ssh://"), info
+        _boot_and_check(guest_kit, t, "none", guestvm.Ext2Workload(), "ext2")
+    finally:
+        t.mount.close()
+    text = t.mount.log_text()
+    assert "Traceback" not in text, f"blockfs daemon log holds a traceback:\n{text}"
