@@ -106,6 +106,27 @@ def test_mount_properties_fold_into_the_uri() -> None:
         fold_properties("ssh://host/a", {"port": "http"})
 
 
+def test_a_backing_uri_found_in_an_image_carries_none_of_its_own_properties() -> None:
+    """An image's bytes are hostile: a backing name ``ssh://evil/x?password-file=/etc/shadow``
+    must not make the daemon read a secret of its own and send it to a host the image chose."""
+    from blockfs.nodes.protocols import resolve_backing
+
+    overlay = "ssh://alice@good:2222/srv/top.qcow2?identity=/home/alice/.ssh/k&timeout=5"
+    evil = "ssh://root@evil/x.qcow2?password-file=/etc/shadow&host-key-check=none"
+    loc = SshLocation.parse(resolve_backing(overlay, evil))
+    assert (loc.host, loc.path, loc.options) == ("evil", "/x.qcow2", ())
+    # on the overlay's own server it goes with the overlay's (the user's) properties
+    same = "ssh://alice@good:2222/srv/base.qcow2?identity=/etc/shadow"
+    loc = SshLocation.parse(resolve_backing(overlay, same))
+    assert loc.opts == {"identity": "/home/alice/.ssh/k", "timeout": "5"}
+    # and so does a relative name
+    loc = SshLocation.parse(resolve_backing(overlay, "base.qcow2"))
+    assert loc.path == "/srv/base.qcow2" and loc.opts["identity"] == "/home/alice/.ssh/k"
+    # a local image naming a remote backing file: the defaults only
+    loc = SshLocation.parse(resolve_backing("/srv/local.qcow2", evil))
+    assert loc.options == ()
+
+
 # -- images through a mount ------------------------------------------------------------------
 
 

@@ -74,6 +74,13 @@ class ProtocolDriver(abc.ABC):
         the location's properties); :attr:`retry` by default."""
         return self.retry
 
+    def found_location(self, name: str, relative_to: str) -> str:
+        """A location of this protocol found inside the image at ``relative_to`` (a backing
+        name with a scheme): what of it may be followed. Whatever the image's bytes say is
+        hostile, so a driver drops what would make the daemon use its own secrets on the
+        image's behalf. As written, by default."""
+        return name
+
     async def create(self, location: str) -> Node:
         """A new, empty file at ``location`` (never an existing one), open read-write.
 
@@ -170,6 +177,10 @@ class SshProtocol(ProtocolDriver):
         where: str = self._impl().resolve(relative_to, name)
         return where
 
+    def found_location(self, name: str, relative_to: str) -> str:
+        where: str = self._impl().found_location(name, relative_to)
+        return where
+
     def real_location(self, node: Node) -> str:
         where: str = self._impl().real_location(node)
         return where
@@ -197,8 +208,9 @@ def resolve_backing(relative_to: str, name: str) -> str:
     """The location of backing name ``name`` found in the image at ``relative_to``: a name
     with a scheme stands alone; any other is resolved by the overlay's own protocol.
 
-    :raise UsageError: the overlay's scheme is unknown.
+    :raise UsageError: the overlay's (or the name's) scheme is unknown, or the name is
+        malformed.
     """
     if scheme_of(name) is not None:
-        return name
+        return protocol_for(name).found_location(name, relative_to)
     return protocol_for(relative_to).resolve(relative_to, name)

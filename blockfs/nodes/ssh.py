@@ -801,6 +801,29 @@ def resolve(relative_to: str, name: str) -> str:
     return loc.uri(posixpath.normpath(posixpath.join(posixpath.dirname(loc.path), name)))
 
 
+def found_location(name: str, relative_to: str) -> str:
+    """An ``ssh://`` backing name found inside an image: its properties are the image's
+    words, not the user's, so none is kept (a ``password-file=/etc/shadow`` would send a
+    secret of the daemon's to a host the image names; ``host-key-check=none`` would let
+    anyone answer). On the overlay's own server (same host, port and user) it takes the
+    overlay's properties, which the user gave; elsewhere the defaults (agent and keys,
+    known_hosts) apply.
+
+    :raise UsageError: a malformed name.
+    """
+    loc = SshLocation.parse(name)
+    opts: tuple[tuple[str, str], ...] = ()
+    if scheme_of_ssh(relative_to):
+        over = SshLocation.parse(relative_to)
+        if (over.host, over.port, over.user) == (loc.host, loc.port, loc.user):
+            opts = over.options
+    return replace(loc, options=opts).uri()
+
+
+def scheme_of_ssh(location: str) -> bool:
+    return location[:6].lower() == "ssh://"
+
+
 def real_location(node: Node) -> str:
     assert isinstance(node, SshNode), node
     return node.real_path
