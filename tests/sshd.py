@@ -171,6 +171,15 @@ def _preexec() -> Any:
     return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
+def _have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -339,6 +348,8 @@ class SshServer:
         self.port = port
         lines = [
             f"ListenAddress {HOST}",
+            # ::1 too (IPv6 locations), where the loopback has it
+            *(["ListenAddress ::1"] if _have_ipv6_loopback() else []),
             f"Port {port}",
             *(f"HostKey {key}" for key in self.host_keys),
             f"PidFile {self.pid_file}",

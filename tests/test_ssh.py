@@ -267,6 +267,17 @@ def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_pat
         assert f"{sshd.host}" in err or "no such file" in err, (what, err)
 
 
+def test_an_ipv6_host_in_brackets(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from sshd import _have_ipv6_loopback
+
+    if not _have_ipv6_loopback():
+        pytest.skip("the loopback has no ::1")
+    img, _ = _image(tmp_path, "qcow2")
+    loc = url(sshd, img).replace(f"@{sshd.host}:", "@[::1]:")
+    res = _info(loc)
+    assert res.returncode == 0 and "virtual size: 16 MiB" in res.stdout, res.stderr
+
+
 def test_host_key_checks(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     img, _ = _image(tmp_path, "qcow2")
     home = tmp_path / "home"
