@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
-	qemu-utils qemu-system-common qemu-block-extra qemu-system-x86 fio \
+	qemu-utils qemu-system-common qemu-block-extra qemu-system-x86 fio sshfs \
 	openssh-server openssh-client glusterfs-server libvhdi-utils \
 	e2fsprogs util-linux iproute2 busybox-static cpio kmod xz-utils zstd bzip2
 

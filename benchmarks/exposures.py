@@ -156,6 +156,15 @@ class QsdExport:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self._qmp: Any = None
+        #: the daemon's environment (None: this process's)
+        self.env: dict[str, str] | None = None
+
+    def blockdevs(self) -> list[str]:
+        """The ``--blockdev`` options, the node to export last (``fmt0``)."""
+        return [
+            f"driver=file,node-name=file0,filename={self.image},cache.direct=off",
+            f"driver={self.fmt},node-name=fmt0,file=file0",
+        ]
 
     def __enter__(self) -> Self:
         from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -166,10 +175,7 @@ class QsdExport:
             os.unlink(self.socket)
         cmd = [
             "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=file,node-name=file0,filename={self.image},cache.direct=off",
-            "--blockdev",
-            f"driver={self.fmt},node-name=fmt0,file=file0",
+            *(arg for blockdev in self.blockdevs() for arg in ("--blockdev", blockdev)),
             "--export",
             f"type=fuse,id=exp0,node-name=fmt0,mountpoint={self.path},writable=on",
             "--chardev",
@@ -178,7 +184,9 @@ class QsdExport:
             "chardev=qmp0",
         ]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
+            )
         self.pid = self.proc.pid
         try:
             deadline = time.monotonic() + START_TIMEOUT

@@ -1,4 +1,8 @@
-"""The results: one :class:`Line` per figure, shown as a table, saved as JSON, drawn as a chart."""
+"""The results: one :class:`Line` per figure, shown as a table, saved as JSON, drawn as a chart.
+
+Most lines have two sides, blockfs and qemu (qemu-storage-daemon), and the ratio blockfs/qemu.
+The ssh lines have a third, sshfs, and a second ratio, blockfs/sshfs: they get a table of their
+own and two bars each in the chart."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Line:
-    """One figure on both sides. A side's samples are one per round; the median is reported.
-    A side without samples is "n/a" and ``notes`` say why."""
+    """One figure on each side (blockfs, qemu; sshfs too on the ssh lines). A side's samples are
+    one per round; the median is reported. A side without samples is "n/a" and ``notes`` say
+    why."""
 
     name: str
     unit: str
@@ -20,15 +25,24 @@ class Line:
     notes: dict[str, str] = field(default_factory=dict)
 
     def value(self, side: str) -> float | None:
-        s = self.samples[side]
+        s = self.samples.get(side)
         return statistics.median(s) if s else None
 
     @property
-    def ratio(self) -> float | None:
-        b, q = self.value("blockfs"), self.value("qemu")
+    def sshfs(self) -> bool:
+        """A line with an sshfs side (the ssh lines)."""
+        return "sshfs" in self.samples
+
+    def ratio_to(self, side: str) -> float | None:
+        """blockfs / ``side``."""
+        b, q = self.value("blockfs"), self.value(side)
         if b is None or q is None or q == 0:
             return None
         return b / q
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ratio_to("qemu")
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -36,9 +50,13 @@ class Line:
             "unit": self.unit,
             "blockfs": _round(self.value("blockfs")),
             "qemu": _round(self.value("qemu")),
-            "ratio": _round(self.ratio, 3),
-            "better": self.better,
         }
+        if self.sshfs:
+            d["sshfs"] = _round(self.value("sshfs"))
+        d["ratio"] = _round(self.ratio, 3)
+        if self.sshfs:
+            d["ratio_sshfs"] = _round(self.ratio_to("sshfs"), 3)
+        d["better"] = self.better
         if any(len(v) > 1 for v in self.samples.values()):
             d["samples"] = {side: [_round(x) for x in v] for side, v in self.samples.items()}
         if self.notes:
@@ -62,31 +80,57 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}"
 
 
-def table(lines: list[Line]) -> str:
-    """The terminal table, with one footnote per "n/a" reason."""
-    head = ("line", "unit", "blockfs", "qemu", "ratio", "better")
+def _ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}"
+
+
+def _rows(lines: list[Line], three: bool) -> list[tuple[str, ...]]:
+    """The header and a row per line: name, unit, the sides' figures, the ratios, better."""
+    if three:
+        head: tuple[str, ...] = (
+            "line", "unit", "blockfs", "qemu", "sshfs", "b/qemu", "b/sshfs", "better",
+        )  # fmt: skip
+    else:
+        head = ("line", "unit", "blockfs", "qemu", "ratio", "better")
     rows = [head]
     for ln in lines:
-        r = ln.ratio
+        sides = ("blockfs", "qemu", "sshfs") if three else ("blockfs", "qemu")
+        ratios = (ln.ratio, ln.ratio_to("sshfs")) if three else (ln.ratio,)
         rows.append(
             (
                 ln.name,
                 ln.unit,
-                _fmt(ln.value("blockfs")),
-                _fmt(ln.value("qemu")),
-                "n/a" if r is None else f"{r:.2f}",
+                *(_fmt(ln.value(side)) for side in sides),
+                *(_ratio(r) for r in ratios),
                 ln.better,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    out = []
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:5], widths[2:5], strict=True)]
-        cells.append(row[5])
-        out.append("  ".join(cells))
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
+    return rows
+
+
+def _groups(lines: list[Line]) -> list[tuple[list[Line], bool]]:
+    """The two-sided lines, then the ssh lines (three sides), each group if any."""
+    two = [ln for ln in lines if not ln.sshfs]
+    three = [ln for ln in lines if ln.sshfs]
+    return [(group, is3) for group, is3 in ((two, False), (three, True)) if group]
+
+
+def table(lines: list[Line]) -> str:
+    """The terminal table (the ssh lines in a second one, with sshfs), with one footnote per
+    "n/a" reason."""
+    out: list[str] = []
+    for group, three in _groups(lines):
+        rows = _rows(group, three)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        if out:
+            out.append("")
+        for i, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [c.rjust(w) for c, w in zip(row[2:-1], widths[2:-1], strict=True)]
+            cells.append(row[-1])
+            out.append("  ".join(cells))
+            if i == 0:
+                out.append("  ".join("-" * w for w in widths))
     reasons = sorted({f"{side}: {why}" for ln in lines for side, why in ln.notes.items()})
     if reasons:
         out.append("")
@@ -95,14 +139,14 @@ def table(lines: list[Line]) -> str:
 
 
 def markdown_table(lines: list[Line]) -> str:
-    out = ["| line | unit | blockfs | qemu | ratio | better |", "|---|---|--:|--:|--:|---|"]
-    for ln in lines:
-        r = ln.ratio
-        out.append(
-            f"| {ln.name} | {ln.unit} | {_fmt(ln.value('blockfs'))} | "
-            f"{_fmt(ln.value('qemu'))} | {'n/a' if r is None else f'{r:.2f}'} | "
-            f"{ln.better} |"
-        )
+    out: list[str] = []
+    for group, three in _groups(lines):
+        rows = _rows(group, three)
+        if out:
+            out.append("")
+        out.append("| " + " | ".join(rows[0]) + " |")
+        out.append("|---|---|" + "--:|" * (len(rows[0]) - 3) + "---|")
+        out.extend("| " + " | ".join(row) + " |" for row in rows[1:])
     return "\n".join(out)
 
 
@@ -125,7 +169,9 @@ def read_json(path: str) -> tuple[dict[str, object], dict[str, object], list[Lin
     lines = []
     for r in doc["results"]:
         ln = Line(r["name"], r["unit"], r["better"], notes=dict(r.get("notes", {})))
-        for side in ("blockfs", "qemu"):
+        if "sshfs" in r:
+            ln.samples["sshfs"] = []
+        for side in ln.samples:
             if r[side] is not None:
                 ln.samples[side].append(r[side])
         lines.append(ln)
@@ -144,19 +190,27 @@ def chart_title(machine: dict[str, object], config: dict[str, object]) -> str:
 
 def write_chart(path: str, lines: list[Line], title: str) -> None:
     """A horizontal bar per line: the ratio blockfs/qemu on a log scale, green where blockfs is
-    at least as good as qemu, red where it is worse; "n/a" lines keep their row, without a bar."""
+    at least as good as qemu, red where it is worse; "n/a" lines keep their row, without a bar.
+    An ssh line has two rows: blockfs/qemu and blockfs/sshfs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"{ln.name} ({ln.unit})" for ln in lines]
-    ratios = [ln.ratio for ln in lines]
+    rows: list[tuple[str, Line, float | None]] = []
+    for ln in lines:
+        if ln.sshfs:
+            rows.append((f"{ln.name} ({ln.unit}) / qemu", ln, ln.ratio))
+            rows.append((f"{ln.name} ({ln.unit}) / sshfs", ln, ln.ratio_to("sshfs")))
+        else:
+            rows.append((f"{ln.name} ({ln.unit})", ln, ln.ratio))
+    names = [name for name, _, _ in rows]
+    ratios = [r for _, _, r in rows]
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig, ax = plt.subplots(figsize=(11, 0.28 * len(lines) + 1.8))
-    ys = list(range(len(lines)))[::-1]
-    for y, ln, r in zip(ys, lines, ratios, strict=True):
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.8))
+    ys = list(range(len(rows)))[::-1]
+    for y, (_, ln, r) in zip(ys, rows, strict=True):
         if r is None:
             ax.text(1.0, y, "  n/a", va="center", fontsize=7, color="grey")
             continue
@@ -177,8 +231,8 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xlabel(
-        "ratio blockfs / qemu-storage-daemon (log scale; green = blockfs as good or "
-        "better, red = worse)",
+        "ratio blockfs / qemu-storage-daemon, or / sshfs where a row says so (log scale; "
+        "green = blockfs as good or better, red = worse)",
         fontsize=8,
     )
     ax.set_title(title, fontsize=9)

@@ -6,7 +6,9 @@ image file), and run every fio job, then the backups, on each; then each mirror 
 daemon of its own (a completed mirror switches the disk over to its copy); then, for qcow2, each
 commit and stream measurement on a fresh copy of a backing chain and a daemon of its own. A B A
 B ...; medians over rounds. A fresh daemon per run makes its peak RSS (VmHWM) the peak of that
-run alone.
+run alone. Then the ssh lines (``--no-ssh`` skips them, ``--only ssh`` runs them alone): a raw
+image on a loopback sshd through blockfs, qemu-storage-daemon's ssh driver and sshfs in turn,
+round after round (:mod:`benchmarks.ssh`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ from benchmarks.report import (
     write_chart,
     write_json,
 )
+from benchmarks.ssh import (
+    BUFFERED_ARGS,
+    SIDES,
+    SSH_JOBS,
+    QsdSshExport,
+    SshfsMount,
+    SshSite,
+    SshUnavailable,
+    ssh_specs,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORMATS = ("raw", "qcow2", "vhdx")
@@ -94,6 +106,7 @@ class Settings:
     io_mode: str | None
     backup_timeout: float
     load_timeout: float  # how long a mirror may take to reach READY under the write load
+    ssh: bool = True  # the ssh lines (blockfs, qemu's ssh driver and sshfs over a loopback sshd)
 
 
 def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, str, str]]:
@@ -171,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the backup, mirror, commit and stream lines",
     )
     p.add_argument(
+        "--no-ssh",
+        action="store_true",
+        help="skip the ssh lines (the image over a loopback sshd: blockfs, qemu, sshfs)",
+    )
+    p.add_argument(
+        "--only",
+        choices=("ssh",),
+        help="run only these lines (ssh: the ssh lines alone, no image format's lines)",
+    )
+    p.add_argument(
         "--io-mode",
         choices=("hybrid", "inline", "threads"),
         help="BLOCKFS_IO_MODE for the blockfs daemon (default: the daemon's own)",
@@ -206,6 +229,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise SystemExit(f"unknown format(s) {sorted(unknown)}; known: {', '.join(FORMATS)}")
+    if args.only == "ssh":
+        if args.no_ssh:
+            raise SystemExit("--only ssh and --no-ssh leave nothing to run")
+        formats = ()
     quick = args.quick
     s = Settings(
         size=args.size or (256 << 20 if quick else 2 * GiB),
@@ -217,6 +244,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         io_mode=args.io_mode,
         backup_timeout=60.0 if quick else 600.0,
         load_timeout=20.0 if quick else 300.0,
+        ssh=not args.no_ssh,
     )
     if s.size < 16 << 20 or s.size % (1 << 20):
         raise SystemExit("--size must be a whole number of MiB, at least 16M")
@@ -249,6 +277,8 @@ def prepare_raw(path: str, size: int) -> None:
 
 
 def prepare_images(workdir: str, s: Settings) -> dict[str, str]:
+    if not s.formats:
+        return {}
     raw = os.path.join(workdir, "source.raw")
     _say(f"writing {s.size >> 20} MiB of random data to {raw}")
     prepare_raw(raw, s.size)
@@ -309,6 +339,11 @@ class Runs:
         self.lines = {
             name: Line(name, unit, better) for name, unit, better in line_specs(s.formats, s.jobs)
         }
+        if s.ssh:
+            for name, unit, better in ssh_specs():
+                self.lines[name] = Line(name, unit, better, samples={side: [] for side in SIDES})
+        #: how each ssh side ran fio, for the JSON's config (sshfs: O_DIRECT, or buffered)
+        self.ssh_io: dict[str, str] = {}
 
     def add(self, name: str, side: str, value: float) -> None:
         self.lines[name].samples[side].append(value)
@@ -553,6 +588,70 @@ def run_side(runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExp
         _say(f"{fmt} on {side}: FAILED {type(exc).__name__}: {exc}")
 
 
+def run_ssh(runs: Runs, workdir: str) -> None:
+    """The ssh lines: a raw image of random data served by a loopback sshd, round after round
+    through blockfs, qemu-storage-daemon's ssh driver and sshfs in turn (never two at once:
+    they share the image). Without a sshd every ssh line is n/a with why."""
+    s = runs.s
+    names = [name for name, _, _ in ssh_specs()]
+    folder = os.path.join(workdir, "ssh")
+    image = os.path.join(folder, "data", "disk.raw")
+    try:
+        os.makedirs(os.path.dirname(image), exist_ok=True)
+        _say(f"ssh: writing {s.size >> 20} MiB of random data to {image}")
+        prepare_raw(image, s.size)
+        with SshSite(folder, image) as site:
+            _say(f"ssh: sshd on {site.host}:{site.port} serving {image}")
+            for rnd in range(s.rounds):
+                _say(f"ssh: round {rnd + 1} of {s.rounds}")
+                for side in SIDES:
+                    run_ssh_side(runs, site, side, workdir)
+    except (SshUnavailable, OSError, subprocess.SubprocessError) as exc:
+        for side in SIDES:
+            runs.note(names, side, f"ssh: {exc}")
+        _say(f"ssh: n/a ({exc})")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_ssh_side(runs: Runs, site: SshSite, side: str, workdir: str) -> None:
+    """One fresh exposure of the ssh image on ``side``, every fio job of the ssh lines."""
+    s = runs.s
+    names = [name for name, _, _ in ssh_specs()]
+    exposure: BlockfsMount | QsdSshExport | SshfsMount
+    if side == "blockfs":
+        exposure = BlockfsMount(site.blockfs_location(), "raw", workdir, s.io_mode)
+    elif side == "qemu":
+        exposure = QsdSshExport(site, workdir)
+    else:
+        exposure = SshfsMount(site, workdir)
+    try:
+        with exposure:
+            extra: tuple[str, ...] = ()
+            how = "O_DIRECT"
+            if isinstance(exposure, SshfsMount) and not exposure.direct:
+                extra = BUFFERED_ARGS
+                how = f"buffered, {' '.join(BUFFERED_ARGS[1:])}: {exposure.direct_error}"
+            runs.ssh_io[side] = how
+            _say(f"ssh raw on {side} (pid {exposure.pid}, {how})")
+            for job in SSH_JOBS:
+                name = f"ssh raw {job.name}"
+                try:
+                    result = run_fio(job, exposure.path, s.runtime, s.ramp, extra_args=extra)
+                except (FioError, OSError) as exc:
+                    runs.note([name], side, f"{name}: {exc}")
+                    _say(f"  {side} {job.name}: FAILED {exc}")
+                    continue
+                runs.add(name, side, result.figure(job))
+                _say(f"  {side:7} {job.name:28} {result.figure(job):10.1f} {job.figure}")
+    except ExposureError as exc:
+        runs.note(names, side, f"ssh: {exc}")
+        _say(f"ssh raw on {side}: n/a ({exc})")
+    except Exception as exc:  # a side that fails is n/a with why; the others still run
+        runs.note(names, side, f"ssh: {type(exc).__name__}: {exc}")
+        _say(f"ssh raw on {side}: FAILED {type(exc).__name__}: {exc}")
+
+
 def run_all(s: Settings, workdir: str) -> Runs:
     runs = Runs(s)
     images = prepare_images(workdir, s)
@@ -578,6 +677,8 @@ def run_all(s: Settings, workdir: str) -> Runs:
         os.unlink(image)
         if chain is not None:
             shutil.rmtree(chain.folder, ignore_errors=True)
+    if s.ssh:
+        run_ssh(runs, workdir)
     return runs
 
 
@@ -624,7 +725,10 @@ def main(argv: list[str] | None = None) -> int:
         "formats": list(s.formats),
         "io_mode": s.io_mode or os.environ.get("BLOCKFS_IO_MODE") or "default",
         "quick": bool(args.quick),
+        "ssh": s.ssh,
     }
+    if runs.ssh_io:
+        config["ssh_io"] = dict(runs.ssh_io)
     print(table(lines))
     if args.markdown:
         print()
