@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from conftest import FULL, blockfs, need_tool, qemu_img, run
 
 #: mutants per test: (normal run, long mode)
-STRUCTURAL = 20000 * 3 // 4 if FULL else 200
+STRUCTURAL = 20000 * 3 // 4 if FULL else 120
 BYTES = 20000 // 4 if FULL else 80
 #: the long mode runs for tens of minutes per test (about 10 mutants a second)
 _long = pytest.mark.timeout(4 * 3600 if FULL else 300)

@@ -19,7 +19,7 @@ import pytest
 
 from blockfs.errors import UsageError
 from blockfs.nodes.ssh import SshLocation, fold_properties
-from conftest import blockfs, qemu_img, random_file, run
+from conftest import FULL, blockfs, qemu_img, random_file, run
 
 MiB = 1 << 20
 
@@ -141,7 +141,8 @@ def _image(tmp: Path, fmt: str) -> tuple[Path, Path]:
     return img, raw
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "raw", "vhdx"])
+# raw by default in the fault test below and the bench; all three with BLOCKFS_FULL=1
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "vhdx"] if FULL else ["qcow2", "vhdx"])
 def test_images_read_and_written_through_a_mount(
     mount, sshd, ssh_agent, tmp_path: Path, fmt: str
 ) -> None:
