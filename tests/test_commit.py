@@ -346,7 +346,12 @@ def _kill_during(mount, tmp_path: Path, kind: str, spec: str, until: str) -> Non
     os.kill(pid, signal.SIGKILL)
     assert wait_gone(pid)
     subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
-    check_all(chain)
+    for p in chain:
+        # G3: after a crash qemu-img check exits 0 or 3 (leaks only: clusters a writer had
+        # reserved ahead, which a kill leaves counted and unused)
+        res = qemu_img("check", str(p), check=False)
+        assert res.returncode in (0, 3), (p, res.stdout, res.stderr)
+        assert "ERROR" not in res.stdout + res.stderr, (p, res.stdout, res.stderr)
     after = flatten(active, tmp_path / "after.raw")
     qemu_img("compare", "-f", "raw", "-F", "raw", str(after), str(expect))
 
