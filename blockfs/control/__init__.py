@@ -130,7 +130,7 @@ Commit keys: device (required), top (default: the active layer), base (default: 
 bottom of the chain), backing-file (the name the image above top records for base; default
 relative where its old name was), speed, on-error (report|ignore|stop|enospc), id. Layers
 are named by depth (0 = the active layer, 1 its backing file, ...) or by file name (as
-images/NAME/info shows it, its real path, or a base name only one layer has).
+images/NAME/info shows it, or a base name only one layer has).
   top below the active layer: what top and the layers down to base hold is written into
   base; the image above top then names base as its backing file; the layers between leave
   the chain (their files stay as they were). The job ends on its own.

@@ -3,8 +3,8 @@ list of layers, naming a layer, and the graph verbs that reshape a chain in use.
 
 A device's chain is its root's layers below any filters, top (the *active layer*, depth 0)
 first: ``[active, active.backing, ...]``. A spec names a layer by depth (``top=1``) or by file
-name: the name a layer's ``info`` shows, its real path, or its base name when only one layer
-has it. The names are checked against the chain as it is when the job starts; the job then
+name: the name a layer's ``info`` shows (as written, or normalised), or its base name when only
+one layer has it. Names are compared, never looked up. The names are checked against the chain as it is when the job starts; the job then
 holds the device (one job per device), so the chain cannot change under it.
 
 Reshaping (:func:`stitch`) happens at a quiescent point of the device: the image above the
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.export import Export
+from blockfs.jobs.blockcopy import BlockCopy
 from blockfs.jobs.job import ErrorAction
 from blockfs.nodes.base import Node, Status
 from blockfs.nodes.filter import FilterNode
@@ -111,9 +113,11 @@ def find_layer(layers: list[Node], name: str, key: str, device: str) -> int:
         if layer.filename == name:
             return depth
     if os.path.isabs(name):
-        real = os.path.realpath(name)
+        # Compared as written (normalised), never resolved: a spec's path may lead into this
+        # very mount, and a lookup there from the event loop would wait on itself.
+        norm = os.path.normpath(name)
         for depth, layer in enumerate(layers):
-            if os.path.isabs(layer.filename) and os.path.realpath(layer.filename) == real:
+            if os.path.isabs(layer.filename) and os.path.normpath(layer.filename) == norm:
                 return depth
     hits = [d for d, layer in enumerate(layers) if os.path.basename(layer.filename) == name]
     if len(hits) == 1:
@@ -184,6 +188,46 @@ async def allocated_between(
         n = max(1, min(n, ext.length))
         node = node.backing
     return False, n
+
+
+#: the longest a walk of the chain runs before it lets other tasks in
+_SLICE_SECONDS = 0.002
+#: copies in flight at once for commit and stream
+CHAIN_WORKERS = 4
+
+
+async def mark_held_above(
+    copy: BlockCopy,
+    top: Node,
+    base: Node | None,
+    size: int,
+    checkpoint: Callable[[], Awaitable[None]],
+    *,
+    unless_held_by: Node | None = None,
+) -> None:
+    """Mark in ``copy``'s bitmap, over ``[0, size)``, what a layer from ``top`` down to
+    (not including) ``base`` decides (:func:`allocated_between`); ``unless_held_by``: not what
+    that node holds itself (a stream's active layer). Calls ``checkpoint`` (a job's pause
+    point) every few milliseconds, so a walk of a big chain never holds the event loop."""
+    bitmap, cs = copy.bitmap, copy.cluster_size
+    pos = 0
+    deadline = trio.current_time() + _SLICE_SECONDS
+    while pos < size:
+        n = size - pos
+        held = True
+        if unless_held_by is not None:
+            ext = await unless_held_by.block_status(pos, n)
+            n = max(1, min(ext.length, n))
+            held = not ext.status & Status.ALLOCATED
+        if held:
+            held, n = await allocated_between(top, base, pos, n)
+        if held:
+            first, last = pos // cs, (pos + n - 1) // cs
+            bitmap.set_range(first, last + 1 - first)
+        pos += n
+        if trio.current_time() > deadline:
+            await checkpoint()
+            deadline = trio.current_time() + _SLICE_SECONDS
 
 
 async def stitch(

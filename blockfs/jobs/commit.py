@@ -35,12 +35,13 @@ from blockfs.errors import BlockfsError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.blockcopy import BlockCopy, CopyError, RateLimiter, TargetError, job_cluster_size
 from blockfs.jobs.chain import (
+    CHAIN_WORKERS,
     ChainSpec,
-    allocated_between,
     chain_layers,
     check_can_back,
     close_layers,
     find_layer,
+    mark_held_above,
     new_backing_name,
     stitch,
 )
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 #: the unit a commit tracks and copies in (below: more requests; above: more copied for
 #: each small write the guest makes during an active commit)
 COMMIT_GRANULARITY = 65536
-WORKERS = 4
-_SLICE_SECONDS = 0.002
 
 
 def _checked_chain(spec: ChainSpec, export: Export, what: str) -> list[Node]:
@@ -196,25 +195,14 @@ class CommitJob(Job):
         )
 
     async def _initial_bitmap(self) -> None:
-        """Mark what a layer from top down to base holds; yields every few ms."""
-        bitmap, cs = self.copy.bitmap, self.copy.cluster_size
-        size, pos = self.top.size, 0
-        deadline = trio.current_time() + _SLICE_SECONDS
-        while pos < size:
-            held, n = await allocated_between(self.top, self.base, pos, size - pos)
-            if held:
-                first, last = pos // cs, (pos + n - 1) // cs
-                bitmap.set_range(first, last + 1 - first)
-            pos += n
-            if trio.current_time() > deadline:
-                await self.checkpoint()
-                deadline = trio.current_time() + _SLICE_SECONDS
-        self.len = min(size, bitmap.count * cs)
+        """Mark what a layer from top down to base holds."""
+        await mark_held_above(self.copy, self.top, self.base, self.top.size, self.checkpoint)
+        self.len = min(self.top.size, self.copy.bitmap.count * self.copy.cluster_size)
 
     async def run(self) -> None:
         await self._initial_bitmap()
         await self.copy.run(
-            workers=WORKERS,
+            workers=CHAIN_WORKERS,
             on_error=self._copy_failed,
             limiter=RateLimiter(lambda: self.speed),
             checkpoint=self.checkpoint,
@@ -337,20 +325,9 @@ class ActiveCommitJob(MirrorJob):
             raise
 
     async def _initial_bitmap(self) -> None:
-        """Mark what a layer above base holds; yields every few ms."""
-        bitmap, cs = self.copy.bitmap, self.copy.cluster_size
+        """Mark what a layer above base holds."""
         top = self.layers[0]
-        size, pos = top.size, 0
-        deadline = trio.current_time() + _SLICE_SECONDS
-        while pos < size:
-            held, n = await allocated_between(top, self.base, pos, size - pos)
-            if held:
-                first, last = pos // cs, (pos + n - 1) // cs
-                bitmap.set_range(first, last + 1 - first)
-            pos += n
-            if trio.current_time() > deadline:
-                await self.checkpoint()
-                deadline = trio.current_time() + _SLICE_SECONDS
+        await mark_held_above(self.copy, top, self.base, top.size, self.checkpoint)
 
     async def _retire_source(self, old_root: Node) -> None:
         """After the switch: the layers above base leave the chain, their files as they were

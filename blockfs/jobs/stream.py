@@ -27,23 +27,22 @@ from blockfs.errors import BlockfsError, JobError, UsageError
 from blockfs.export import Export
 from blockfs.jobs.blockcopy import BlockCopy, CopyError, RateLimiter, TargetError, job_cluster_size
 from blockfs.jobs.chain import (
+    CHAIN_WORKERS,
     ChainSpec,
-    allocated_between,
     chain_layers,
     check_can_back,
     close_layers,
     find_layer,
+    mark_held_above,
     new_backing_name,
     stitch,
 )
 from blockfs.jobs.host import JobHost
 from blockfs.jobs.job import Job, JobFailed
-from blockfs.nodes.base import Node, Status
+from blockfs.nodes.base import Node
 from blockfs.nodes.filter import WRITE_HOOK_PASSES, FilterNode
 
 STREAM_GRANULARITY = 65536
-WORKERS = 4
-_SLICE_SECONDS = 0.002
 
 
 async def _nothing() -> None:
@@ -179,31 +178,19 @@ class StreamJob(Job):
         """Mark what the active layer lacks and an image above base holds. Without a base,
         nothing past the end of the active layer's backing file: it reads as zeroes with no
         backing file too."""
-        bitmap, cs = self.copy.bitmap, self.copy.cluster_size
         active, below = self.active, self.active.backing
         assert below is not None
         size = active.size if self.base is not None else min(active.size, below.size)
-        pos = 0
-        deadline = trio.current_time() + _SLICE_SECONDS
-        while pos < size:
-            ext = await active.block_status(pos, size - pos)
-            n = max(1, min(ext.length, size - pos))
-            if not ext.status & Status.ALLOCATED:
-                held, n = await allocated_between(below, self.base, pos, n)
-                if held:
-                    first, last = pos // cs, (pos + n - 1) // cs
-                    bitmap.set_range(first, last + 1 - first)
-            pos += n
-            if trio.current_time() > deadline:
-                await self.checkpoint()
-                deadline = trio.current_time() + _SLICE_SECONDS
-        self.len = min(active.size, bitmap.count * cs)
+        await mark_held_above(
+            self.copy, below, self.base, size, self.checkpoint, unless_held_by=active
+        )
+        self.len = min(active.size, self.copy.bitmap.count * self.copy.cluster_size)
 
     async def _copy(self, limiter: RateLimiter | None, *, held: bool = False) -> None:
         """Copy until nothing is marked. ``held``: the device is quiesced, so no pause point
         (a job paused here would hold the guest back)."""
         await self.copy.run(
-            workers=WORKERS,
+            workers=CHAIN_WORKERS,
             on_error=self._copy_failed,
             limiter=limiter,
             checkpoint=trio.lowlevel.checkpoint if held else self.checkpoint,
