@@ -244,6 +244,8 @@ def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_pat
     img, _ = _image(tmp_path, "qcow2")
     wrong_pw = tmp_path / "wrong-password"
     wrong_pw.write_text("not the password\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
     no_agent = {"SSH_AUTH_SOCK": "", "HOME": str(tmp_path)}
     cases = [
         ("a wrong password", url(sshd, img, user=ssh_password_user.name, identity="",
@@ -259,6 +261,10 @@ def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_pat
         ("a wrong md5", url(sshd, img, **{"host-key-check": "md5:" + ":".join(["00"] * 16)}),
          {}, "host key not trusted"),
         ("no file there", url(sshd, tmp_path / "nothing.qcow2"), {}, "no such file"),
+        ("a FIFO as the password file (no hang)", url(sshd, img, identity="",
+                                                      **{"password-file": str(fifo)}),
+         no_agent, "not a regular file"),
+        ("a FIFO as the key", url(sshd, img, identity=str(fifo)), {}, "not a regular file"),
     ]  # fmt: skip
     for what, loc, env, text in cases:
         res = _info(loc, env)

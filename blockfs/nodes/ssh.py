@@ -45,6 +45,7 @@ import getpass
 import logging
 import os
 import posixpath
+import stat
 import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
@@ -218,6 +219,9 @@ class _Loop:
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
+        loop = cls._loop
+        if loop is not None and cls._pid == os.getpid():
+            return loop  # every request after the first: no lock
         with cls._lock:
             if cls._loop is None or cls._pid != os.getpid():
                 loop = asyncio.new_event_loop()
@@ -270,15 +274,29 @@ async def _on_loop(make: Callable[[], Awaitable[T]]) -> T:
     return box[0].result()
 
 
-def _read_secret(path: str, what: str) -> str:
-    """The first line of a small file (a passphrase, a password). :raise UsageError:"""
+def _read_small_file(path: str, what: str) -> bytes:
+    """The bytes of a small regular file the user named (a key, a passphrase, a password):
+    opened once, without blocking (a FIFO would hang the connection forever); anything but a
+    regular file (a FIFO, a device) is refused. :raise UsageError:"""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        with open(os.path.expanduser(path), "rb") as f:
-            data = f.read(MAX_SECRET_FILE + 1)
+        fd = os.open(os.path.expanduser(path), flags)
     except OSError as exc:
         raise UsageError(f"{what} {path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{what} {path}: not a regular file", errno=errno.EINVAL)
+        data = os.read(fd, MAX_SECRET_FILE + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_SECRET_FILE:
         raise UsageError(f"{what} {path}: larger than {MAX_SECRET_FILE} bytes")
+    return data
+
+
+def _read_secret(path: str, what: str) -> str:
+    """The first line of a small file (a passphrase, a password). :raise UsageError:"""
+    data = _read_small_file(path, what)
     return data.decode(errors="replace").splitlines()[0] if data.strip() else ""
 
 
@@ -328,10 +346,13 @@ class _Connection:
         if "identity" in opts:
             passphrase = None
             if "identity-passphrase-file" in opts:
-                passphrase = _read_secret(opts["identity-passphrase-file"], "passphrase file")
+                passphrase = _read_secret(
+                    opts["identity-passphrase-file"], f"{loc.server}: passphrase file"
+                )
             path = os.path.expanduser(opts["identity"])
             try:
-                key = asyncssh.read_private_key(path, passphrase)
+                data = _read_small_file(path, f"{loc.server}: identity")
+                key = asyncssh.import_private_key(data, passphrase)
             except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
                 raise UsageError(
                     f"{loc.server}: identity {path}: {_describe(exc)}", errno=errno.EACCES
@@ -344,7 +365,7 @@ class _Connection:
                 tried.append("agent")
             tried.append("keys in ~/.ssh")
         if "password-file" in opts:
-            kwargs["password"] = _read_secret(opts["password-file"], "password file")
+            kwargs["password"] = _read_secret(opts["password-file"], f"{loc.server}: password file")
             tried.append("password")
         check = opts.get("host-key-check", "known_hosts")
         client_factory = None
