@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import struct
@@ -68,6 +67,7 @@ import trio
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UsageError
 from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
 from blockfs.nodes.cache import TableCache
+from blockfs.nodes.failsafe import FailsafeNode
 from blockfs.nodes.qcow2.compressed import (
     SECTOR,
     CompressedArea,
@@ -124,8 +124,11 @@ DECOMPRESSED_CACHE_ENTRIES = 8
 COMPRESS_IN_THREAD_BYTES = 64 * 1024
 
 
-class Qcow2Node(Node):
+class Qcow2Node(FailsafeNode):
     """A qcow2 image over one child node (normally a ``file`` node)."""
+
+    GUARDED = ("write", "write_zeroes", "discard", "write_compressed")
+    AFTER_BREAK = "'qemu-img check' shows at most leaks"
 
     format_name = "qcow2"
     capabilities = (
@@ -172,9 +175,8 @@ class Qcow2Node(Node):
         self._pending_decref: list[int] = []
         self._data_clusters: int | None = None
         self._closed = False
-        #: why the node stopped accepting writes (see "Failsafe" above); None while healthy
-        self._broken: str | None = None
-        self._broken_by_flush = False
+        # the failsafe (see "Failsafe" above; blockfs.nodes.failsafe)
+        self._init_failsafe()
         self.refcounts = Refcounts(
             child,
             self,
@@ -859,53 +861,6 @@ class Qcow2Node(Node):
         await self.flush_child()
 
     # -- failsafe (see the module docstring) ---------------------------------------------------
-
-    async def write_metadata(self, event: str, offset: int, data: bytes) -> None:
-        """The one way metadata reaches the child: announced first as ``event``; a failure
-        stops the node (:meth:`_break`) before the error goes on to the caller."""
-        if self._broken is not None:
-            raise self._refusal()
-        self.child.debug_event(event)
-        try:
-            await self.child.write(offset, data)
-        except Exception as exc:
-            self._break(f"{event} write failed", exc)
-            raise
-
-    async def flush_child(self) -> None:
-        """Flush the child; a failure stops the node and makes every later flush fail (the
-        kernel may have dropped the dirty pages whose write-back failed)."""
-        try:
-            await self.child.flush()
-        except Exception as exc:
-            self._break("flush failed", exc, by_flush=True)
-            raise
-
-    def _break(self, what: str, exc: Exception, *, by_flush: bool = False) -> None:
-        self._broken_by_flush |= by_flush
-        if self._broken is not None:
-            return
-        self._broken = self.write_failure = f"{what}: {exc}"
-        log.error(
-            "%s: %s: %s; the image refuses writes until it is reopened (reads go on; "
-            "'qemu-img check' shows at most leaks)",
-            self.filename,
-            what,
-            exc,
-        )
-
-        # The mapped-write fast path stays free of a check: the entry points are shadowed.
-        async def refuse(*args: object, **kwargs: object) -> None:
-            raise self._refusal()
-
-        for name in ("write", "write_zeroes", "discard", "write_compressed"):
-            setattr(self, name, refuse)
-
-    def _refusal(self) -> BlockfsError:
-        return BlockfsError(
-            f"{self.filename}: stopped writing after a failure ({self._broken}); reopen the image",
-            errno=errno.EIO,
-        )
 
     def children(self) -> list[Node]:
         return [self.child]

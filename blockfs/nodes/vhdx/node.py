@@ -113,6 +113,7 @@ from bitarray import bitarray
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UnsupportedFeature, UsageError
 from blockfs.nodes.base import Capability, Extent, Limits, Node, Status, chain_block_status
 from blockfs.nodes.cache import TableCache
+from blockfs.nodes.failsafe import FailsafeNode
 from blockfs.nodes.protocols import protocol_for, resolve_backing
 from blockfs.nodes.vhdx.create import locator_entries, parent_location
 from blockfs.nodes.vhdx.format import (
@@ -194,8 +195,6 @@ _SECTOR_ENTRIES = SECTOR // 8
 _ZERO_BATCH = 4 * _SECTOR_ENTRIES
 #: partially present blocks made fully present per batch (claims held, one flush)
 _FILL_BATCH = 64
-#: the node operations a first write after an open, and the failsafe, shadow
-_GUARDED = ("write", "write_zeroes", "discard")
 
 WriteFn = Callable[[str, int, bytes], Awaitable[None]]
 FlushFn = Callable[[], Awaitable[None]]
@@ -268,8 +267,11 @@ class LogOutcome:
     entries: int = 0  # entries of the active sequence replayed
 
 
-class VhdxNode(Node):
+class VhdxNode(FailsafeNode):
     """A VHDX image over one child node (normally a ``file`` node)."""
+
+    AFTER_BREAK = "its log is replayed at the next open"
+    BREAK_ON_CANCEL = True
 
     format_name = FORMAT_NAME
 
@@ -358,9 +360,8 @@ class VhdxNode(Node):
         self._pending_guid: uuid.UUID | None = None
         #: the parent is being dropped (:meth:`_drop_parent`): no new partially present block
         self._dropping_parent = False
-        #: why the node stopped accepting writes (see "Failsafe" above); None while healthy
-        self._broken: str | None = None
-        self._broken_by_flush = False
+        # the failsafe (see "Failsafe" above; blockfs.nodes.failsafe)
+        self._init_failsafe()
         self._closed = False
 
     # -- opening -------------------------------------------------------------------------------
@@ -660,7 +661,7 @@ class VhdxNode(Node):
         "Writing" in the module docstring); the hook removes itself."""
         if self.read_only or self._writing or self._broken is not None:
             return
-        for name in _GUARDED:
+        for name in self.GUARDED:
             method = getattr(type(self), name)
 
             async def first(
@@ -683,7 +684,7 @@ class VhdxNode(Node):
             await self._update_header(file_write_guid=uuid.uuid4(), data_write_guid=guid)
             self._pending_guid = None
             self._writing = True
-            for name in _GUARDED:
+            for name in self.GUARDED:
                 self.__dict__.pop(name, None)
 
     async def _update_header(self, **guids: uuid.UUID) -> None:
@@ -1463,7 +1464,7 @@ class VhdxNode(Node):
             await super().reopen(True)
             self._writing = self._file_changed = False
             if self._broken is None:
-                for name in _GUARDED:
+                for name in self.GUARDED:
                     self.__dict__.pop(name, None)
             return
         if isinstance(self.child, ReplayedFile):
@@ -1499,57 +1500,6 @@ class VhdxNode(Node):
             await self.child.aclose()
 
     # -- failsafe (see the module docstring) ---------------------------------------------------
-
-    async def write_metadata(self, event: str, offset: int, data: bytes) -> None:
-        """The one way metadata reaches the child: announced first as ``event``; a failure
-        stops the node (:meth:`_break`) before the error goes on to the caller."""
-        if self._broken is not None:
-            raise self._refusal()
-        self.child.debug_event(event)
-        try:
-            await self.child.write(offset, data)
-        except BaseException as exc:  # cancelled too: it may have happened, or not
-            self._break(f"{event} write failed", exc)
-            raise
-
-    async def flush_child(self) -> None:
-        """Flush the child; a failure stops the node and makes every later flush fail (the
-        kernel may have dropped the dirty pages whose write-back failed). A cancelled flush
-        only fails (nothing is known durable that was not before)."""
-        try:
-            await self.child.flush()
-        except Exception as exc:
-            self._break("flush failed", exc, by_flush=True)
-            raise
-
-    def _break(self, what: str, exc: BaseException, *, by_flush: bool = False) -> None:
-        self._broken_by_flush |= by_flush
-        if self._broken is not None:
-            return
-        if isinstance(exc, Exception):
-            reason = f"{what}: {exc}"
-        else:  # cancelled half way: the write may or may not have happened
-            reason = f"{what}: interrupted"
-        self._broken = self.write_failure = reason
-        log.error(
-            "%s: %s; the image refuses writes until it is reopened (reads go on; its log "
-            "is replayed at the next open)",
-            self.filename,
-            reason,
-        )
-
-        # The mapped-write fast path stays free of a check: the entry points are shadowed.
-        async def refuse(*args: object, **kwargs: object) -> None:
-            raise self._refusal()
-
-        for name in _GUARDED:
-            setattr(self, name, refuse)
-
-    def _refusal(self) -> BlockfsError:
-        return BlockfsError(
-            f"{self.filename}: stopped writing after a failure ({self._broken}); reopen the image",
-            errno=errno.EIO,
-        )
 
     def describe(self) -> dict[str, object]:
         d = super().describe()
