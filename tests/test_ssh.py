@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -189,7 +190,38 @@ def test_an_overlay_reads_its_backing_file_beside_it_on_the_host(
     assert chain[1].split("?")[0].endswith(f"{base}"), chain
     data = (m / "vm").read_bytes()
     assert data[:MiB] == b"\x11" * MiB and data[MiB:] == raw.read_bytes()[MiB:]
-    m.umount()
+    # both layers share one connection: one relay process (blockfs.nodes.ssh_relay)
+    relays = _relays(m.pid)
+    assert len(relays) == 1, relays
+    # the daemon killed outright: its relay sees its input end and goes too
+    os.kill(m.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{relays[0]}").exists() and _state(relays[0]) != "Z":
+        assert time.monotonic() < deadline, "the relay outlived its daemon"
+        time.sleep(0.05)
+
+
+def _relays(daemon: int) -> list[int]:
+    """The ssh relay processes whose parent is ``daemon``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon and b"ssh_relay" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_create_and_info_on_ssh_uris(sshd, tmp_path: Path) -> None:

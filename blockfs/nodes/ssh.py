@@ -1,5 +1,5 @@
 """The ssh protocol: images on any host that runs an OpenSSH server with sftp (nothing to
-install there), reached with asyncssh.
+install there), reached with asyncssh and SFTP.
 
 Location::
 
@@ -18,12 +18,13 @@ folded into it, see :func:`fold_properties`):
 ``timeout``                   seconds a request may take, retries included, before it fails
                               with EIO (default 30); also the connect timeout
 
-asyncssh runs on asyncio; blockfs on trio. The bridge is one asyncio loop in one daemon
-thread for the whole process (:class:`_Loop`), started at the first use (after the daemon
-forked): a request is a coroutine handed to that loop, whose completion wakes the trio task
-through its token. That costs two thread wake-ups per request and no polling; trio-asyncio
-would run both loops in one thread, but it pins the trio loop to asyncio's scheduler and its
-per-request cost is not lower (see benchmarks/README.md for the figures).
+The SSH layer (asyncssh, on asyncio) runs in a process of its own for each connection,
+:mod:`blockfs.nodes.ssh_relay`, which authenticates, checks the host key and then only carries
+the bytes of the SFTP channel over two pipes; the daemon speaks SFTP itself over them, on its
+own trio loop (:mod:`blockfs.nodes.sftp`). A request costs the daemon one pipe write and its
+share of one pipe read, and no thread hand-off; the ciphers and SSH packets run on another
+core. (The first bridge, an asyncio loop in a thread of the daemon, and trio-asyncio were
+measured against it: see benchmarks/README.md.)
 
 One SSH connection per (host, port, user, credentials, host-key rule) serves every image on
 it (a chain's backing files share their overlay's); SFTP carries many requests in flight on
@@ -34,19 +35,18 @@ again, until the deadline, then EIO. A flush is ``fsync@openssh.com``: the remot
 reach its disk. A server without that extension gets no stronger promise than "the server has
 the data" (logged once); the README says so.
 
-This module and its thread are the only place that knows asyncssh or asyncio.
+Only the relay knows asyncssh or asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import getpass
+import json
 import logging
 import os
 import posixpath
-import stat
-import threading
+import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -55,8 +55,10 @@ from typing import Any, TypeVar
 import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
+from blockfs.nodes import sftp
 from blockfs.nodes.base import Extent, Node, Status
 from blockfs.nodes.retry import RetryPolicy
+from blockfs.nodes.sftp import SftpError, SftpSession
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,6 @@ DEFAULT_TIMEOUT = 30.0
 #: announces none
 MAX_REQUEST = 256 << 10
 _SAFE_REQUEST = 32 << 10
-#: a secret file is read only if it is this small
-MAX_SECRET_FILE = 64 << 10
-_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
-#: the ciphers offered, in order (all that OpenSSH's server takes by default)
-_CIPHERS = (
-    "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
-    "aes128-ctr", "aes192-ctr", "aes256-ctr",
-)  # fmt: skip
 
 
 # -- the location -----------------------------------------------------------------------------
@@ -207,239 +201,160 @@ def fold_properties(location: str, props: dict[str, str]) -> str:
     return SshLocation.parse(loc.uri()).uri()
 
 
-# -- the asyncio side ----------------------------------------------------------------------------
-
-
-class _Loop:
-    """One asyncio loop in a daemon thread, for every ssh node of the process."""
-
-    _lock = threading.Lock()
-    _loop: asyncio.AbstractEventLoop | None = None
-    _pid = 0
-
-    @classmethod
-    def get(cls) -> asyncio.AbstractEventLoop:
-        loop = cls._loop
-        if loop is not None and cls._pid == os.getpid():
-            return loop  # every request after the first: no lock
-        with cls._lock:
-            if cls._loop is None or cls._pid != os.getpid():
-                loop = asyncio.new_event_loop()
-                ready = threading.Event()
-
-                def main() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(ready.set)
-                    loop.run_forever()
-
-                threading.Thread(target=main, name="blockfs-ssh", daemon=True).start()
-                ready.wait()
-                cls._loop, cls._pid = loop, os.getpid()
-            return cls._loop
-
-
-async def _on_loop(make: Callable[[], Awaitable[T]]) -> T:
-    """Run ``make()`` as a task of the asyncio loop and wait for it in trio; cancelling the
-    wait cancels the task. The hand-off is one ``call_soon_threadsafe`` there and one
-    ``run_sync_soon`` back: ``python -m benchmarks.bridge`` measured it at 36 us per request
-    with 16 in flight (77 us one at a time), against 48 (62) for trio-asyncio's
-    ``aio_as_trio`` and 65 (200) for ``asyncio.run_coroutine_threadsafe``."""
-    loop = _Loop.get()
-    token = trio.lowlevel.current_trio_token()
-    done = trio.Event()
-    box: list[asyncio.Future[T]] = []
-    abandoned = False
-
-    def finished(_: object) -> None:
-        token.run_sync_soon(done.set, idempotent=True)
-
-    def start() -> None:
-        if abandoned:
-            return
-        task = asyncio.ensure_future(make(), loop=loop)
-        box.append(task)
-        task.add_done_callback(finished)
-
-    def cancel() -> None:
-        if box:
-            box[0].cancel()
-
-    loop.call_soon_threadsafe(start)
-    try:
-        await done.wait()
-    except BaseException:
-        abandoned = True
-        loop.call_soon_threadsafe(cancel)
-        raise
-    return box[0].result()
-
-
-def _read_small_file(path: str, what: str) -> bytes:
-    """The bytes of a small regular file the user named (a key, a passphrase, a password):
-    opened once, without blocking (a FIFO would hang the connection forever); anything but a
-    regular file (a FIFO, a device) is refused. :raise UsageError:"""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(os.path.expanduser(path), flags)
-    except OSError as exc:
-        raise UsageError(f"{what} {path}: {exc.strerror}", errno=exc.errno or errno.EIO) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"{what} {path}: not a regular file", errno=errno.EINVAL)
-        data = os.read(fd, MAX_SECRET_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE:
-        raise UsageError(f"{what} {path}: larger than {MAX_SECRET_FILE} bytes")
-    return data
-
-
-def _read_secret(path: str, what: str) -> str:
-    """The first line of a small file (a passphrase, a password). :raise UsageError:"""
-    data = _read_small_file(path, what)
-    return data.decode(errors="replace").splitlines()[0] if data.strip() else ""
+# -- the connection: a relay process and an SFTP session over its pipes -------------------------
 
 
 class _Connection:
-    """One SSH connection and its SFTP session (asyncio side). ``generation`` tells a node
-    whether the connection it used is still the current one."""
+    """One SSH connection (a :mod:`~blockfs.nodes.ssh_relay` process) and the SFTP session
+    over its pipes. ``generation`` tells a node whether the session it used is still the
+    current one."""
 
     def __init__(self, loc: SshLocation) -> None:
         self.loc = loc
-        self.conn: Any = None
-        self.sftp: Any = None
+        self.session: SftpSession | None = None
+        self.proc: trio.Process | None = None
         self.users = 0
         self.generation = 0
         self.fsync_warned = False
-        self._connecting: asyncio.Lock | None = None
+        self._connecting = trio.Lock()
 
-    async def ensure(self, generation: int | None = None) -> tuple[Any, int]:
-        """The SFTP session; a new connection if there is none, or if the caller's
-        ``generation`` is the current one (the caller saw it fail)."""
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
+    async def ensure(self, generation: int | None = None) -> tuple[SftpSession, int]:
+        """The SFTP session; a new connection if there is none, if it died, or if the
+        caller's ``generation`` is the current one (the caller saw it fail)."""
         async with self._connecting:
-            if self.sftp is not None and generation != self.generation:
-                return self.sftp, self.generation
+            s = self.session
+            if s is not None and s.dead is None and generation != self.generation:
+                return s, self.generation
             self.close()
-            self.conn, self.sftp = await self._connect()
+            with trio.fail_after(self.loc.timeout + _RELAY_START):
+                self.session, self.proc = await _start_relay(self.loc)
             self.generation += 1
-            return self.sftp, self.generation
-
-    async def _connect(self) -> tuple[Any, Any]:
-        import asyncssh
-
-        loc = self.loc
-        opts = loc.opts
-        tried = []
-        kwargs: dict[str, Any] = {
-            "username": loc.user,
-            "config": None,
-            # AES-GCM first: with AES-NI (through OpenSSL) it moved twice the data of
-            # asyncssh's default, chacha20-poly1305, per CPU second here (1 MiB reads: 248
-            # against 123 MB/s; 4 KiB at depth 16: 5,200 against 2,700 requests/s)
-            "encryption_algs": _CIPHERS,
-            "connect_timeout": loc.timeout,
-            "keepalive_interval": max(1.0, min(15.0, loc.timeout / 3)),
-            "keepalive_count_max": 3,
-        }
-        if "identity" in opts:
-            passphrase = None
-            if "identity-passphrase-file" in opts:
-                passphrase = _read_secret(
-                    opts["identity-passphrase-file"], f"{loc.server}: passphrase file"
-                )
-            path = os.path.expanduser(opts["identity"])
-            try:
-                data = _read_small_file(path, f"{loc.server}: identity")
-                key = asyncssh.import_private_key(data, passphrase)
-            except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-                raise UsageError(
-                    f"{loc.server}: identity {path}: {_describe(exc)}", errno=errno.EACCES
-                ) from None
-            kwargs["client_keys"] = [key]
-            kwargs["agent_path"] = None
-            tried.append(f"key {path}")
-        else:
-            if os.environ.get("SSH_AUTH_SOCK"):
-                tried.append("agent")
-            tried.append("keys in ~/.ssh")
-        if "password-file" in opts:
-            kwargs["password"] = _read_secret(opts["password-file"], f"{loc.server}: password file")
-            tried.append("password")
-        check = opts.get("host-key-check", "known_hosts")
-        client_factory = None
-        if check == "known_hosts":
-            files = [p for p in (os.path.expanduser(k) for k in _KNOWN_HOSTS) if os.path.exists(p)]
-            kwargs["known_hosts"] = files
-        elif check == "none":
-            log.warning("%s: host key not checked (host-key-check=none)", loc.server)
-            kwargs["known_hosts"] = None
-        else:
-            kind, _, want = check.partition(":")
-            kwargs["known_hosts"] = ([], [], [])
-            client_factory = _fingerprint_client(kind, want)
-        try:
-            conn = await asyncio.wait_for(
-                asyncssh.connect(loc.host, loc.port, client_factory=client_factory, **kwargs),
-                loc.timeout,
-            )
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise UsageError(
-                f"{loc.server}: host key not trusted ({exc.reason}; host-key-check={check})",
-                errno=errno.EACCES,
-            ) from None
-        except asyncssh.PermissionDenied:
-            raise UsageError(
-                f"{loc.server}: authentication failed (tried: {', '.join(tried)})",
-                errno=errno.EACCES,
-            ) from None
-        except (TimeoutError, OSError, asyncssh.Error) as exc:
-            raise TransientError(
-                f"{loc.server}: cannot connect: {_describe(exc)}",
-                errno=getattr(exc, "errno", None) or errno.EHOSTUNREACH,
-                reached=False,
-            ) from None
-        try:
-            sftp = await asyncio.wait_for(conn.start_sftp_client(), loc.timeout)
-        except (TimeoutError, OSError, asyncssh.Error) as exc:
-            conn.close()
-            raise TransientError(
-                f"{loc.server}: no sftp session: {_describe(exc)}", reached=False
-            ) from None
-        return conn, sftp
+            return self.session, self.generation
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = self.sftp = None
+        session, proc = self.session, self.proc
+        self.session = self.proc = None
+        if session is not None:
+            session.close()
+        if proc is not None:
+            trio.lowlevel.spawn_system_task(_reap, proc, name="ssh relay reaper")
 
 
-def _fingerprint_client(kind: str, want: str) -> Callable[[], Any]:
-    import asyncssh
-
-    class Client(asyncssh.SSHClient):
-        def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
-            got = key.get_fingerprint(kind)  # "SHA256:..." / "MD5:..."
-            return bool(got.partition(":")[2] == want.removeprefix(kind.upper() + ":"))
-
-    return Client
+#: seconds a relay process may take to start (Python and asyncssh), on top of the timeout
+_RELAY_START = 10.0
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+async def _start_relay(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
+    """Start a relay for ``loc``, wait for its word, start SFTP over it.
+
+    :raise UsageError: refused for the user's words (key, host key, credentials);
+        TransientError: the host cannot be reached now.
+    """
+    to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
+    from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-I", "-m", "blockfs.nodes.ssh_relay"],
+            stdin=to_child_r, stdout=from_child_w, start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        raise TransientError(
+            f"{loc.server}: the ssh relay did not start: {exc.strerror}", reached=False
+        ) from None
+    os.close(to_child_r)
+    os.close(from_child_w)
+    cfg = {
+        "host": loc.host, "port": loc.port, "user": loc.user,
+        "options": dict(loc.options), "timeout": loc.timeout,
+    }  # fmt: skip
+    session: SftpSession | None = None
+    try:
+        os.write(to_child_w, json.dumps(cfg).encode() + b"\n")
+        line, rest = await _read_line(from_child_r)
+        try:
+            word = json.loads(line)
+        except ValueError:
+            word = {}
+        if not word:
+            raise TransientError(f"{loc.server}: the ssh relay exited", reached=False)
+        if not word.get("ok"):
+            message = str(word.get("message") or "refused")
+            code = int(word.get("errno") or errno.EIO)
+            if word.get("kind") == "usage":
+                raise UsageError(message, errno=code)
+            raise TransientError(message, errno=code, reached=False)
+        for warning in word.get("warnings") or ():
+            log.warning("%s", warning)
+        session = SftpSession(to_child_w, from_child_r, loc.server, rest)
+        await session.start()
+    except BaseException:
+        if session is not None:
+            session.close()
+        else:
+            os.close(to_child_w)
+            os.close(from_child_r)
+        with trio.CancelScope(shield=True):
+            await _reap(proc)
+        raise
+    return session, proc
 
 
-#: connections by :meth:`SshLocation.connection_key` (asyncio side, touched only on its loop)
-_CONNECTIONS: dict[Hashable, _Connection] = {}
+async def _read_line(fd: int) -> tuple[bytes, bytes]:
+    """The relay's first line (its word on the connection) and whatever came after it."""
+    os.set_blocking(fd, False)
+    data = b""
+    while b"\n" not in data:
+        try:
+            piece = os.read(fd, 65536)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        if not piece:
+            return b"", b""
+        data += piece
+        if len(data) > 1 << 20:
+            return b"", b""
+    line, _, rest = data.partition(b"\n")
+    return line, rest
+
+
+async def _reap(proc: trio.Process) -> None:
+    """Wait for a relay whose input was closed; kill it (it is ours) if it lingers."""
+    try:
+        with trio.move_on_after(5):
+            await proc.wait()
+            return
+        proc.kill()
+        with trio.move_on_after(5):
+            await proc.wait()
+    except Exception:
+        pass
+
+
+#: connections by :meth:`SshLocation.connection_key`, for each trio run (a relay's pipes
+#: are watched by that run's tasks)
+_CONNECTIONS: trio.lowlevel.RunVar[dict[Hashable, _Connection]] = trio.lowlevel.RunVar(
+    "blockfs_ssh_connections"
+)
+
+
+def _pool() -> dict[Hashable, _Connection]:
+    try:
+        return _CONNECTIONS.get()
+    except LookupError:
+        pool: dict[Hashable, _Connection] = {}
+        _CONNECTIONS.set(pool)
+        return pool
 
 
 async def _acquire(loc: SshLocation) -> _Connection:
+    pool = _pool()
     key = loc.connection_key()
-    conn = _CONNECTIONS.get(key)
+    conn = pool.get(key)
     if conn is None:
-        conn = _CONNECTIONS[key] = _Connection(loc)
+        conn = pool[key] = _Connection(loc)
     conn.users += 1
     try:
         await conn.ensure()
@@ -452,39 +367,13 @@ async def _acquire(loc: SshLocation) -> _Connection:
 def _release(conn: _Connection) -> None:
     conn.users -= 1
     if conn.users <= 0:
-        _CONNECTIONS.pop(conn.loc.connection_key(), None)
+        pool = _pool()
+        if pool.get(conn.loc.connection_key()) is conn:
+            del pool[conn.loc.connection_key()]
         conn.close()
 
 
 # -- the node ------------------------------------------------------------------------------------
-
-
-def _sftp_error(exc: BaseException, what: str, where: str, *, reached: bool) -> BlockfsError:
-    """The exception a failed SFTP request becomes: a refusal of the server keeps its errno;
-    anything on the way (a lost connection, a timeout) is transient."""
-    import asyncssh
-
-    if isinstance(exc, asyncssh.SFTPError):
-        code = {
-            asyncssh.FX_NO_SUCH_FILE: errno.ENOENT,
-            asyncssh.FX_PERMISSION_DENIED: errno.EACCES,
-            asyncssh.FX_EOF: errno.EIO,
-            asyncssh.FX_OP_UNSUPPORTED: errno.EOPNOTSUPP,
-        }.get(exc.code)
-        if code is not None or exc.code == asyncssh.FX_FAILURE:
-            return BlockfsError(f"{where}: {what}: {exc.reason}", errno=code or errno.EIO)
-        if exc.code in (asyncssh.FX_CONNECTION_LOST, asyncssh.FX_NO_CONNECTION):
-            return TransientError(f"{where}: {what}: {exc.reason}", reached=reached)
-        return BlockfsError(f"{where}: {what}: {exc.reason}", errno=errno.EIO)
-    if isinstance(exc, asyncio.TimeoutError):
-        return TransientError(f"{where}: {what} timed out", errno=errno.ETIMEDOUT, reached=reached)
-    if isinstance(exc, (OSError, asyncssh.Error, EOFError, ConnectionError)):
-        return TransientError(
-            f"{where}: {what}: {_describe(exc)}",
-            errno=getattr(exc, "errno", None) or errno.ECONNRESET,
-            reached=reached,
-        )
-    raise exc
 
 
 class SshNode(Node):
@@ -498,7 +387,8 @@ class SshNode(Node):
         self.read_only = read_only
         self.size = 0
         self._conn: _Connection | None = None
-        self._file: Any = None
+        self._session: SftpSession | None = None
+        self._handle = b""
         self._generation = 0
         self._ident: Hashable | None = None
         self._real = loc.path
@@ -520,92 +410,77 @@ class SshNode(Node):
 
     async def _open(self, *, create: bool = False) -> None:
         loc = self.loc
-
-        async def go() -> tuple[_Connection, Any, int, str, int]:
-            import asyncssh
-
-            conn = await _acquire(loc)
-            try:
-                sftp = conn.sftp
+        try:
+            with trio.fail_after(loc.timeout + _RELAY_START):
+                conn = await _acquire(loc)
+        except trio.TooSlowError:
+            raise TransientError(f"{loc.server}: no answer in time", reached=False) from None
+        try:
+            with trio.fail_after(loc.timeout):
+                s = conn.session
+                assert s is not None
                 if create:
-                    if await sftp.exists(loc.path):
+                    if await _exists(s, loc.path):
                         raise UsageError(f"{loc.uri()}: file exists", errno=errno.EEXIST)
-                    f = await sftp.open(
-                        loc.path,
-                        asyncssh.FXF_READ | asyncssh.FXF_WRITE | asyncssh.FXF_CREAT
-                        | asyncssh.FXF_EXCL,
-                        asyncssh.SFTPAttrs(permissions=0o644),
-                        encoding=None,
-                    )  # fmt: skip
+                    flags = sftp.FXF_READ | sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_EXCL
+                    handle = await s.open(loc.path, flags, 0o644)
                 else:
-                    f = await sftp.open(loc.path, "rb" if self.read_only else "rb+")
-                attrs = await f.stat()
-                if attrs.type not in (None, asyncssh.FILEXFER_TYPE_REGULAR):
-                    await f.close()
+                    handle = await s.open(loc.path, _flags(self.read_only))
+                attrs = await s.fstat(handle)
+                if attrs.is_regular is False:
+                    await _close_quietly(s, handle)
                     raise UsageError(f"{loc.uri()}: not a regular file")
                 try:
-                    real = await sftp.realpath(loc.path)
-                except asyncssh.SFTPError:
+                    real = await s.realpath(loc.path)
+                except SftpError:
                     real = loc.path
-                return conn, f, conn.generation, real, attrs.size or 0
-            except BaseException:
-                _release(conn)
-                raise
-
-        try:
-            conn, f, gen, real, size = await _on_loop(
-                lambda: asyncio.wait_for(go(), loc.timeout)
-            )
-        except (UsageError, TransientError):
+        except BaseException as exc:
+            _release(conn)
+            if isinstance(exc, trio.TooSlowError):
+                raise TransientError(f"{loc.uri()}: open timed out", reached=False) from None
+            if isinstance(exc, SftpError):
+                if exc.errno == errno.ENOENT:
+                    raise UsageError(f"{loc.uri()}: no such file", errno=errno.ENOENT) from None
+                if exc.errno == errno.EACCES:
+                    raise UsageError(
+                        f"{loc.uri()}: permission denied", errno=errno.EACCES
+                    ) from None
+                if create:
+                    raise UsageError(
+                        f"{loc.uri()}: cannot be made ({exc})", errno=errno.EEXIST
+                    ) from None
+                raise BlockfsError(f"{loc.uri()}: open: {exc}", errno=exc.errno) from None
             raise
-        except Exception as exc:
-            err = _sftp_error(exc, "open", loc.uri(), reached=False)
-            if err.errno == errno.ENOENT:
-                raise UsageError(f"{loc.uri()}: no such file", errno=errno.ENOENT) from None
-            if err.errno == errno.EACCES:
-                raise UsageError(f"{loc.uri()}: permission denied", errno=errno.EACCES) from None
-            if isinstance(err, TransientError):
-                raise err from None
-            if create:
-                raise UsageError(f"{loc.uri()}: cannot be made ({err})", errno=errno.EEXIST) from None
-            raise err from None
-        self._conn, self._file, self._generation = conn, f, gen
-        limits = getattr(conn.sftp, "limits", None)
-        self._max_read = min(MAX_REQUEST, getattr(limits, "max_read_len", 0) or _SAFE_REQUEST)
-        self._max_write = min(MAX_REQUEST, getattr(limits, "max_write_len", 0) or _SAFE_REQUEST)
+        self._conn, self._session, self._handle = conn, s, handle
+        self._generation = conn.generation
         self._real = real
         self._ident = ("ssh", loc.host, loc.port, real)
-        self.size = size
+        self.size = attrs.size or 0
+        self._max_read = min(MAX_REQUEST, s.max_read)
+        self._max_write = min(MAX_REQUEST, s.max_write)
 
     # -- requests ---------------------------------------------------------------------------------
 
-    async def _call(
-        self, what: str, make: Callable[[Any], Awaitable[T]], *, reached: bool = True
-    ) -> T:
-        f = self._file
-        if f is None:
+    async def _call(self, what: str, make: Callable[[SftpSession, bytes], Awaitable[T]]) -> T:
+        s = self._session
+        if s is None or s.dead is not None:
             raise TransientError(f"{self.filename}: {what}: not connected", reached=False)
-        # The time limit is kept on the trio side (a deadline on a cancel scope costs nothing
-        # there; asyncio.wait_for is one more task and timer per request): the asyncio task
-        # is cancelled when it passes.
+        # the time limit is a deadline on a cancel scope: nothing to arm per request
         try:
             with trio.fail_after(self._request_timeout):
-                return await _on_loop(lambda: make(f))
+                return await make(s, self._handle)
         except trio.TooSlowError:
             raise TransientError(
-                f"{self.filename}: {what} timed out", errno=errno.ETIMEDOUT, reached=reached
+                f"{self.filename}: {what} timed out", errno=errno.ETIMEDOUT, reached=True
             ) from None
-        except BlockfsError:
-            raise
-        except Exception as exc:
-            raise _sftp_error(exc, what, self.filename, reached=reached) from None
+        except SftpError as exc:
+            if exc.code in (sftp.FX_CONNECTION_LOST, sftp.FX_NO_CONNECTION):
+                raise TransientError(f"{self.filename}: {exc}", reached=True) from None
+            raise BlockfsError(f"{self.filename}: {exc}", errno=exc.errno) from None
 
     async def read(self, offset: int, length: int) -> bytes:
         step = self._max_read
-        if length <= step:
-            data: bytes = await self._call("read", lambda f: _read_at(f, offset, length))
-        else:
-            data = await self._call("read", lambda f: _read_split(f, offset, length, step))
+        data = await self._call("read", lambda s, h: s.read(h, offset, length, step))
         if len(data) < length:
             data += bytes(length - len(data))  # past the end of the file: zeroes
         return data
@@ -614,15 +489,16 @@ class SshNode(Node):
         if self.read_only:
             raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
         step = self._max_write
-        await self._call("write", lambda f: _write_split(f, offset, data, step))
+        await self._call("write", lambda s, h: s.write(h, offset, data, step))
         if offset + len(data) > self.size:
             self.size = offset + len(data)
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         pos, end = offset, offset + length
+        zeroes = bytes(min(length, 1 << 20))
         while pos < end:
-            n = min(end - pos, 1 << 20)
-            await self.write(pos, bytes(n))
+            n = min(end - pos, len(zeroes))
+            await self.write(pos, zeroes if n == len(zeroes) else zeroes[:n])
             pos += n
 
     async def flush(self) -> None:
@@ -630,13 +506,11 @@ class SshNode(Node):
             return
         conn = self._conn
 
-        async def fsync(f: Any) -> None:
-            import asyncssh
-
+        async def fsync(s: SftpSession, h: bytes) -> None:
             try:
-                await f.fsync()
-            except asyncssh.SFTPError as exc:
-                if exc.code != asyncssh.FX_OP_UNSUPPORTED:
+                await s.fsync(h)
+            except SftpError as exc:
+                if exc.code != sftp.FX_OP_UNSUPPORTED:
                     raise
                 if conn is not None and not conn.fsync_warned:
                     conn.fsync_warned = True
@@ -651,7 +525,7 @@ class SshNode(Node):
     async def truncate(self, size: int) -> None:
         if self.read_only:
             raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
-        await self._call("truncate", lambda f: f.truncate(size))
+        await self._call("truncate", lambda s, h: s.truncate(h, size))
         self.size = size
 
     async def reconnect(self) -> None:
@@ -660,39 +534,35 @@ class SshNode(Node):
         conn = self._conn
         if conn is None or self._closed:
             raise BlockfsError(f"{self.filename}: closed", errno=errno.EIO)
-        loc, gen, ro = self.loc, self._generation, self.read_only
-
-        async def go() -> tuple[Any, int]:
-            sftp, new_gen = await conn.ensure(gen)
-            f = await sftp.open(loc.path, "rb" if ro else "rb+")
-            return f, new_gen
-
+        loc = self.loc
         try:
-            f, new_gen = await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
-        except BlockfsError:
-            raise
-        except Exception as exc:
-            err = _sftp_error(exc, "reconnect", self.filename, reached=False)
-            raise err from None
-        self._file, self._generation = f, new_gen
+            with trio.fail_after(loc.timeout + _RELAY_START):
+                s, gen = await conn.ensure(self._generation)
+                handle = await s.open(loc.path, _flags(self.read_only))
+        except trio.TooSlowError:
+            raise TransientError(f"{self.filename}: reconnect timed out", reached=False) from None
+        except SftpError as exc:
+            raise BlockfsError(f"{self.filename}: reconnect: {exc}", errno=exc.errno) from None
+        self._session, self._handle, self._generation = s, handle, gen
 
     async def reopen(self, read_only: bool) -> None:
         if read_only == self.read_only:
             return
-        conn, loc = self._conn, self.loc
-        assert conn is not None
-
-        async def go() -> Any:
-            return await conn.sftp.open(loc.path, "rb" if read_only else "rb+")
-
+        s = self._session
+        if s is None or s.dead is not None:
+            await self.reconnect()
+            s = self._session
+            assert s is not None
         try:
-            f = await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
-        except Exception as exc:
-            raise _sftp_error(exc, "reopen", self.filename, reached=False) from None
-        old, self._file = self._file, f
+            with trio.fail_after(self.loc.timeout):
+                handle = await s.open(self.loc.path, _flags(read_only))
+        except trio.TooSlowError:
+            raise TransientError(f"{self.filename}: reopen timed out", reached=False) from None
+        except SftpError as exc:
+            raise BlockfsError(f"{self.filename}: reopen: {exc}", errno=exc.errno) from None
+        old, self._handle = self._handle, handle
         self.read_only = read_only
-        if old is not None:
-            await _on_loop(lambda: _close_quietly(old))
+        await _close_quietly(s, old)
 
     def identity(self) -> Hashable | None:
         return self._ident
@@ -705,17 +575,13 @@ class SshNode(Node):
         if self._closed:
             return
         self._closed = True
-        f, conn = self._file, self._conn
-        self._file = self._conn = None
-
-        async def go() -> None:
-            if f is not None:
-                await _close_quietly(f)
+        s, handle, conn = self._session, self._handle, self._conn
+        self._session = self._conn = None
+        with trio.CancelScope(shield=True):
+            if s is not None and s.dead is None:
+                await _close_quietly(s, handle)
             if conn is not None:
                 _release(conn)
-
-        with trio.CancelScope(shield=True):
-            await _on_loop(lambda: asyncio.wait_for(go(), 5))
 
     def describe(self) -> dict[str, object]:
         d = super().describe()
@@ -723,68 +589,26 @@ class SshNode(Node):
         return d
 
 
-async def _close_quietly(f: Any) -> None:
-    try:
-        await f.close()
-    except Exception:
-        pass
+def _flags(read_only: bool) -> int:
+    return sftp.FXF_READ if read_only else sftp.FXF_READ | sftp.FXF_WRITE
 
 
-async def _read_at(f: Any, offset: int, length: int) -> bytes:
-    """One SFTP read of at most :data:`MAX_REQUEST` bytes (fewer at the end of the file).
-
-    Straight to the session's request (``SFTPClientHandler.read``): the file object's own
-    ``read`` runs a parallel reader with tasks of its own for every call, which the profile
-    of 4 KiB reads showed as an eighth of the asyncio thread's time. A short answer (the
-    server may cut a read) is completed by further requests."""
-    handler, handle = f._handler, f._handle
-    out = b""
-    while len(out) < length:
+async def _close_quietly(s: SftpSession, handle: bytes) -> None:
+    with trio.move_on_after(5):
         try:
-            data, _ = await handler.read(handle, offset + len(out), length - len(out))
-        except _eof_error():
-            break
-        if not data:
-            break
-        out = data if not out else out + data
-    return out
+            await s.close_handle(handle)
+        except BlockfsError:
+            pass
 
 
-async def _write_at(f: Any, offset: int, data: bytes) -> None:
-    """One SFTP write (see :func:`_read_at`)."""
-    await f._handler.write(f._handle, offset, data)
-
-
-def _eof_error() -> type[BaseException]:
-    import asyncssh
-
-    return asyncssh.SFTPEOFError
-
-
-async def _read_split(f: Any, offset: int, length: int, step: int) -> bytes:
-    """A large read as requests of ``step`` bytes in flight together."""
-    parts = await asyncio.gather(
-        *(_read_at(f, offset + pos, min(step, length - pos)) for pos in range(0, length, step))
-    )
-    out = bytearray()
-    for pos, part in zip(range(0, length, step), parts, strict=True):
-        if len(out) < pos:
-            out += bytes(pos - len(out))
-        out += part
-    return bytes(out)
-
-
-async def _write_split(f: Any, offset: int, data: bytes, step: int) -> None:
-    if len(data) <= step:
-        await _write_at(f, offset, data)
-        return
-    view = memoryview(data)
-    await asyncio.gather(
-        *(
-            _write_at(f, offset + pos, bytes(view[pos : pos + step]))
-            for pos in range(0, len(data), step)
-        )
-    )
+async def _exists(s: SftpSession, path: str) -> bool:
+    try:
+        await s.stat(path)
+    except SftpError as exc:
+        if exc.code == sftp.FX_NO_SUCH_FILE:
+            return False
+        raise
+    return True
 
 
 # -- what the ssh driver (blockfs.nodes.protocols.SshProtocol) delegates here --------------------
@@ -813,48 +637,36 @@ async def create_node(location: str) -> Node:
 
 async def remove(location: str) -> None:
     """Remove a remote file. :raise BlockfsError: (ENOENT) there is none."""
-
-    async def act(sftp: Any, loc: SshLocation) -> None:
-        await sftp.remove(loc.path)
-
-    await _sftp_call(location, "remove", act)
+    await _sftp_call(location, "remove", lambda s, loc: s.remove(loc.path))
 
 
-async def _sftp_call(location: str, what: str, act: Callable[[Any, SshLocation], Awaitable[T]]) -> T:
+async def _sftp_call(
+    location: str, what: str, act: Callable[[SftpSession, SshLocation], Awaitable[T]]
+) -> T:
     """One SFTP call on a connection of ``location``'s (made if needed, released after)."""
     loc = SshLocation.parse(location)
-
-    async def go() -> T:
-        conn = await _acquire(loc)
-        try:
-            return await act(conn.sftp, loc)
-        finally:
-            _release(conn)
-
     try:
-        return await _on_loop(lambda: asyncio.wait_for(go(), loc.timeout))
-    except BlockfsError:
-        raise
-    except Exception as exc:
-        raise _sftp_error(exc, what, loc.uri(), reached=False) from None
+        with trio.fail_after(loc.timeout + _RELAY_START):
+            conn = await _acquire(loc)
+            try:
+                assert conn.session is not None
+                return await act(conn.session, loc)
+            finally:
+                _release(conn)
+    except trio.TooSlowError:
+        raise TransientError(f"{loc.uri()}: {what} timed out", reached=False) from None
+    except SftpError as exc:
+        raise BlockfsError(f"{loc.uri()}: {exc}", errno=exc.errno) from None
 
 
 async def exists(location: str) -> bool:
-    async def act(sftp: Any, loc: SshLocation) -> bool:
-        found: bool = await sftp.exists(loc.path)
-        return found
-
-    return await _sftp_call(location, "stat", act)
+    return await _sftp_call(location, "stat", lambda s, loc: _exists(s, loc.path))
 
 
 async def rename(old: str, new: str) -> None:
     """SFTP's rename (SSH_FXP_RENAME), which OpenSSH's server refuses over an existing name."""
     new_path = SshLocation.parse(new).path
-
-    async def act(sftp: Any, loc: SshLocation) -> None:
-        await sftp.rename(loc.path, new_path)
-
-    await _sftp_call(old, "rename", act)
+    await _sftp_call(old, "rename", lambda s, loc: s.rename(loc.path, new_path))
 
 
 def resolve(relative_to: str, name: str) -> str:
