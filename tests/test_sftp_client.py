@@ -249,3 +249,36 @@ async def test_a_refusal_keeps_the_servers_status() -> None:
     assert "No such file" in str(caught.value)
     s.close()
     await peer.aclose()
+
+
+async def test_a_server_that_stops_answering_ends_the_session_in_time() -> None:
+    """The watchdog: requests waiting ``stall_timeout`` seconds with no reply at all fail as
+    transient (ETIMEDOUT) and the session is dead; one that answers slowly but steadily is
+    left alone."""
+    peer = Peer()
+    s = SftpSession(peer.to_server_w, peer.to_client_r, "peer", stall_timeout=0.4)
+    async with trio.open_nursery() as n:
+        n.start_soon(peer.handshake)
+        await s.start()
+
+    # steady: 8 replies 0.2 s apart, each under the limit, 1.6 s in all
+    async def steady() -> None:
+        for _ in range(8):
+            _, rid, _ = await peer.packet()
+            await trio.sleep(0.2)
+            await peer.send(103, rid, data(b"ok"))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(steady)
+        for _ in range(8):
+            assert await s.read(b"h", 0, 2, 2) == b"ok"
+    assert s.dead is None
+    # silent: the request fails within the limit and a quarter of it (and some slack)
+    t0 = trio.current_time()
+    with trio.fail_after(3), pytest.raises(TransientError) as caught:
+        await s.read(b"h", 0, 2, 2)
+    took = trio.current_time() - t0
+    assert caught.value.errno == errno.ETIMEDOUT and 0.35 <= took < 1.5, (caught.value, took)
+    assert s.dead is not None
+    s.close()
+    await peer.aclose()

@@ -181,7 +181,15 @@ class SftpSession:
     :class:`~blockfs.errors.TransientError` when the session is gone (``reached`` tells
     whether it may have been carried out)."""
 
-    def __init__(self, send_fd: int, recv_fd: int, where: str, pending: bytes = b"") -> None:
+    def __init__(
+        self,
+        send_fd: int,
+        recv_fd: int,
+        where: str,
+        pending: bytes = b"",
+        *,
+        stall_timeout: float | None = None,
+    ) -> None:
         for fd in (send_fd, recv_fd):
             os.set_blocking(fd, False)
             try:
@@ -205,6 +213,12 @@ class SftpSession:
         self.max_write = 32 << 10
         trio.lowlevel.spawn_system_task(self._read_loop, name=f"sftp reader {where}")
         trio.lowlevel.spawn_system_task(self._write_loop, name=f"sftp writer {where}")
+        #: replies taken so far (the watchdog's measure of progress)
+        self._replies = 0
+        if stall_timeout is not None:
+            trio.lowlevel.spawn_system_task(
+                self._watchdog, stall_timeout, name=f"sftp watchdog {where}"
+            )
 
     # -- the session ------------------------------------------------------------------------
 
@@ -342,6 +356,30 @@ class SftpSession:
         except Exception as exc:  # a system task may not raise: it would end the daemon
             self._fail_all(f"the session broke ({type(exc).__name__}: {exc})")
 
+    async def _watchdog(self, stall: float) -> None:
+        """End the session when requests have waited ``stall`` seconds and no reply at
+        all came meanwhile: the server answers in order, so a request stuck that long means
+        a connection that no longer carries anything (a host gone without a reset). Its
+        waiters get a :class:`TransientError` (ETIMEDOUT) and the next request makes a new
+        connection. One check every quarter of the timeout for the whole session, in place
+        of a deadline on each request: a cancel scope with a deadline per request was a
+        tenth of the daemon's time under 4 KiB reads."""
+        seen = self._replies
+        since = trio.current_time()
+        try:
+            while self.dead is None:
+                await trio.sleep(stall / 4)
+                now = trio.current_time()
+                if self._replies != seen or not (self._waiting or self._version_waiter):
+                    seen, since = self._replies, now
+                elif now - since >= stall:
+                    self._fail_all(f"no answer in {stall:g} s", errno.ETIMEDOUT)
+                    return
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # a system task may not raise: it would end the daemon
+            self._fail_all(f"the session broke ({type(exc).__name__}: {exc})")
+
     # -- replies ----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
@@ -406,6 +444,7 @@ class SftpSession:
                     break
                 typ = buf[pos + 4]
                 stop = pos + 4 + length
+                self._replies += 1
                 if typ == _VERSION:
                     waiter = self._version_waiter
                     self._version_waiter = None
@@ -436,7 +475,7 @@ class SftpSession:
             task, waiter.task = waiter.task, None
             trio.lowlevel.reschedule(task)
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, code: int = errno.ECONNRESET) -> None:
         if self.dead is None:
             self.dead = why
         waiters = {id(w): w for w, _ in self._waiting.values()}
@@ -451,7 +490,7 @@ class SftpSession:
         for w in waiters.values():
             if w.task is not None:
                 task, w.task = w.task, None
-                err = TransientError(f"{self.where}: {why}", reached=True)
+                err = TransientError(f"{self.where}: {why}", errno=code, reached=True)
                 trio.lowlevel.reschedule(task, outcome.Error(err))
 
     def _protocol_error(self, what: str) -> TransientError:

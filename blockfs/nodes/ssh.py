@@ -287,7 +287,10 @@ async def _start_relay(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
             raise TransientError(message, errno=code, reached=False)
         for warning in word.get("warnings") or ():
             log.warning("%s", warning)
-        session = SftpSession(to_child_w, from_child_r, loc.server, rest)
+        # a connection silent for a third of timeout= is given up, so that a retry on a new
+        # one fits before the retry filter's deadline
+        stall = max(1.0, loc.timeout / 3)
+        session = SftpSession(to_child_w, from_child_r, loc.server, rest, stall_timeout=stall)
         await session.start()
     except BaseException:
         if session is not None:
@@ -393,8 +396,6 @@ class SshNode(Node):
         self._ident: Hashable | None = None
         self._real = loc.path
         self._closed = False
-        #: a request's own time limit, below the retry deadline so that a retry fits
-        self._request_timeout = max(1.0, loc.timeout / 3)
         self._max_read = self._max_write = _SAFE_REQUEST
 
     @classmethod
@@ -465,14 +466,10 @@ class SshNode(Node):
         s = self._session
         if s is None or s.dead is not None:
             raise TransientError(f"{self.filename}: {what}: not connected", reached=False)
-        # the time limit is a deadline on a cancel scope: nothing to arm per request
+        # no deadline here: the session's watchdog ends a connection that stops answering
+        # (SftpSession: stall_timeout), and this request then fails as transient
         try:
-            with trio.fail_after(self._request_timeout):
-                return await make(s, self._handle)
-        except trio.TooSlowError:
-            raise TransientError(
-                f"{self.filename}: {what} timed out", errno=errno.ETIMEDOUT, reached=True
-            ) from None
+            return await make(s, self._handle)
         except SftpError as exc:
             if exc.code in (sftp.FX_CONNECTION_LOST, sftp.FX_NO_CONNECTION):
                 raise TransientError(f"{self.filename}: {exc}", reached=True) from None
