@@ -265,3 +265,24 @@ def ssh_agent(ssh_keys) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
 
     with agent([ssh_keys.identity]) as sock:
         yield sock
+
+
+# -- GlusterFS (tests/glusterd.py) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def glusterd() -> Iterator:  # type: ignore[type-arg]
+    """A glusterd in a network namespace of its own, shared by a test module; volumes are
+    made with ``glusterd.create_volume(...)``."""
+    from glusterd import GlusterServer, need_gluster
+
+    need_gluster()
+    with GlusterServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gvol(glusterd) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    """A started plain volume (one brick) on the module's glusterd."""
+    vol = glusterd.create_volume("plain")
+    yield vol

@@ -76,7 +76,10 @@ async def test_a_plain_path_and_a_file_uri_open_the_same_file(tmp_path: Path) ->
 async def test_an_unknown_protocol_is_one_line_naming_the_known_ones() -> None:
     with pytest.raises(UsageError) as err:
         await open_image("nbd://host/srv/a.img")
-    assert str(err.value) == "nbd://host/srv/a.img: unknown protocol 'nbd' (known: file, ssh)"
+    assert str(err.value) == (
+        "nbd://host/srv/a.img: unknown protocol 'nbd' "
+        "(known: file, gluster, gluster+rdma, gluster+tcp, gluster+unix, ssh)"
+    )
 
 
 async def test_a_file_uri_needs_an_absolute_path() -> None:

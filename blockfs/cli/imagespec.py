@@ -18,6 +18,8 @@ SSH_KEYS = {
     "host", "port", "user", "path", "identity", "identity-passphrase-file", "password-file",
     "host-key-check", "timeout",
 }  # fmt: skip
+#: the gluster properties a ``gluster://`` image takes as options (``server`` may repeat)
+GLUSTER_KEYS = {"server", "debug", "logfile", "timeout"}
 
 
 def parse_image_spec(text: str) -> ImageSpec:
@@ -35,9 +37,14 @@ def parse_image_spec(text: str) -> ImageSpec:
     if not name:
         name = os.path.basename(path.split("?")[0].rstrip("/"))
     check_name(name)
-    remote = path.lower().startswith("ssh://")
-    known = SPEC_KEYS | (SSH_KEYS if remote else set())
+    from blockfs.nodes.protocols import scheme_of
+
+    scheme = scheme_of(path) or ""
+    ssh = scheme == "ssh"
+    gluster = scheme.startswith("gluster")
+    known = SPEC_KEYS | (SSH_KEYS if ssh else GLUSTER_KEYS if gluster else set())
     options: dict[str, str] = {}
+    servers: list[str] = []
     for opt in opts:
         key, sep, value = opt.partition("=")
         if not sep:
@@ -46,16 +53,26 @@ def parse_image_spec(text: str) -> ImageSpec:
             raise UsageError(
                 f"{text!r}: unknown option {key!r} (known: {', '.join(sorted(known))})"
             )
+        if gluster and key == "server":
+            servers.append(value)  # one more volfile server each time
+            continue
         if key in options:
             raise UsageError(f"{text!r}: option {key!r} given twice")
         options[key] = value
-    if remote:
-        # The connection's properties travel in the location itself (to the backing files
-        # found on the same host too).
-        from blockfs.nodes.ssh import fold_properties
+    # A remote image's properties travel in the location itself (to the backing files found
+    # on the same host or volume too).
+    if ssh:
+        from blockfs.nodes import ssh as ssh_node
 
         props = {k: options.pop(k) for k in list(options) if k in SSH_KEYS}
-        path = fold_properties(path, props)
+        path = ssh_node.fold_properties(path, props)
+    elif gluster:
+        from blockfs.nodes import gluster as gluster_node
+
+        gprops = {k: [options.pop(k)] for k in list(options) if k in GLUSTER_KEYS}
+        if servers:
+            gprops["server"] = servers
+        path = gluster_node.fold_properties(path, gprops)
     fmt = options.get("format")
     read_only = parse_bool("read-only", options["read-only"]) if "read-only" in options else False
     dirs: tuple[str, ...] = ()

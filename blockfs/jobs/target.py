@@ -280,9 +280,10 @@ class TargetFile:
 
 
 class RemoteTargetFile:
-    """A job's target on a remote host (an ``ssh://`` location): made exclusively under a
-    hidden temporary name beside its final one, given that name by a rename that never
-    replaces a file (SFTP's rename fails on an existing name), or removed."""
+    """A job's target on remote storage (an ``ssh://`` or ``gluster://`` location): made
+    exclusively under a hidden temporary name beside its final one, given that name by a
+    rename that never replaces a file (the protocol driver's ``rename``: SFTP's fails on an
+    existing name, gluster's links then unlinks), or removed."""
 
     def __init__(self, path: str, temp: str | None, created: bool) -> None:
         self.path = path

@@ -19,6 +19,7 @@ This module knows no image format and nothing of FUSE.
 from __future__ import annotations
 
 import abc
+import importlib
 import os
 import re
 from collections.abc import Hashable
@@ -139,17 +140,18 @@ class FileProtocol(ProtocolDriver):
         return (st.st_dev, st.st_ino)
 
 
-class SshProtocol(ProtocolDriver):
-    """Files on any host with an OpenSSH server: ``ssh://[USER@]HOST[:PORT]/PATH[?...]``.
-    The driver is :mod:`blockfs.nodes.ssh`, imported at the first use (it brings asyncssh)."""
+class RemoteProtocol(ProtocolDriver):
+    """A protocol whose driver is a module of its own, imported at the first use (it brings a
+    library: asyncssh, libgfapi): every answer is that module's function of the same name
+    (``open_node``, ``create_node``, ``remove``, ``exists``, ``rename``, ``resolve``,
+    ``found_location``, ``real_location``, ``retry_policy``)."""
 
-    name = "ssh"
+    def __init__(self, name: str, module: str) -> None:
+        self.name = name  # type: ignore[misc]
+        self._module = module
 
-    @staticmethod
-    def _impl() -> ModuleType:
-        from blockfs.nodes import ssh
-
-        return ssh
+    def _impl(self) -> ModuleType:
+        return importlib.import_module(self._module)
 
     def retry_for(self, location: str) -> RetryPolicy | None:
         policy: RetryPolicy = self._impl().retry_policy(location)
@@ -186,8 +188,19 @@ class SshProtocol(ProtocolDriver):
         return where
 
 
+#: files on any host with an OpenSSH server: ``ssh://[USER@]HOST[:PORT]/PATH[?...]``
+#: (:mod:`blockfs.nodes.ssh`)
+SSH = RemoteProtocol("ssh", "blockfs.nodes.ssh")
+#: files on a GlusterFS volume through libgfapi: ``gluster[+tcp|+unix|+rdma]://...``
+#: (:mod:`blockfs.nodes.gluster`); one driver under its four schemes
+GLUSTER = RemoteProtocol("gluster", "blockfs.nodes.gluster")
+
 #: every protocol, by scheme (a plain path is ``file``)
-PROTOCOLS: dict[str, ProtocolDriver] = {d.name: d for d in (FileProtocol(), SshProtocol())}
+PROTOCOLS: dict[str, ProtocolDriver] = {
+    "file": FileProtocol(),
+    "ssh": SSH,
+    **{scheme: GLUSTER for scheme in ("gluster", "gluster+tcp", "gluster+unix", "gluster+rdma")},
+}
 
 
 def protocol_for(location: str) -> ProtocolDriver:

@@ -608,7 +608,7 @@ async def _exists(s: SftpSession, path: str) -> bool:
     return True
 
 
-# -- what the ssh driver (blockfs.nodes.protocols.SshProtocol) delegates here --------------------
+# -- what the ssh driver (blockfs.nodes.protocols.SSH) delegates here ---------------------------
 
 
 def retry_policy(location: str) -> RetryPolicy:

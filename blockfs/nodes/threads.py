@@ -66,7 +66,10 @@ class IoThreadPool:
             fn, args, token, task = item
             result = outcome.capture(fn, *args)
             try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+                if isinstance(task, _Abandonable):
+                    token.run_sync_soon(task.finish, result)
+                else:
+                    token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:  # the loop is gone; nobody waits any more
                 pass
 
@@ -82,9 +85,44 @@ class IoThreadPool:
         # reschedule() was given the Outcome; wait_task_rescheduled unwraps it for us.
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
+    async def run_abandoning(
+        self, fn: Callable[..., Any], *args: Any, finished: Callable[[], None] | None = None
+    ) -> Any:
+        """:meth:`run`, but cancellation *abandons*: the task resumes at once and the call
+        goes on in its thread, its result dropped. For calls into a remote's library that may
+        block for as long as the remote stays silent: ``fn`` must own what it uses (its
+        arguments are kept alive by the queue until it returns). ``finished()`` runs on the
+        trio thread when the call ends, waited for or not (a node counts its calls in
+        flight with it, to close only after the last)."""
+        state = _Abandonable(trio.lowlevel.current_task(), finished)
+        self._queue.put((fn, args, trio.lowlevel.current_trio_token(), state))
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            state.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
     def close(self) -> None:
         for _ in self._threads:
             self._queue.put(None)
+
+
+class _Abandonable:
+    """A call of :meth:`IoThreadPool.run_abandoning`: its task, until it gives up."""
+
+    __slots__ = ("task", "finished")
+
+    def __init__(self, task: Any, finished: Callable[[], None] | None) -> None:
+        self.task = task
+        self.finished = finished
+
+    def finish(self, result: outcome.Outcome[Any]) -> None:  # the trio thread
+        if self.finished is not None:
+            self.finished()
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task, result)
 
 
 _shared_pool: IoThreadPool | None = None
