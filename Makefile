@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 	qemu-utils qemu-system-common qemu-block-extra qemu-system-x86 fio sshfs \
-	openssh-server openssh-client glusterfs-server libvhdi-utils \
+	openssh-server openssh-client glusterfs-server glusterfs-client libgfapi0 libvhdi-utils \
 	e2fsprogs util-linux iproute2 busybox-static cpio kmod xz-utils zstd bzip2
 
 .PHONY: setup apt venv demo demo-vm test bench lint clean

@@ -51,7 +51,14 @@ from benchmarks.chainjobs import (
     timed_chain_job,
 )
 from benchmarks.exposures import BlockfsMount, ExposureError, QsdExport
-from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, run_fio
+from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, FioJob, run_fio
+from benchmarks.gluster import (
+    GLUSTER_JOBS,
+    GlusterSite,
+    GlusterUnavailable,
+    QsdGlusterExport,
+    gluster_specs,
+)
 from benchmarks.machine import describe_machine
 from benchmarks.mirror import (
     LATENCY_DURING_MIRROR,
@@ -107,6 +114,7 @@ class Settings:
     backup_timeout: float
     load_timeout: float  # how long a mirror may take to reach READY under the write load
     ssh: bool = True  # the ssh lines (blockfs, qemu's ssh driver and sshfs over a loopback sshd)
+    gluster: bool = True  # the gluster lines (blockfs and qemu's gluster driver, one volume)
 
 
 def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, str, str]]:
@@ -189,9 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the ssh lines (the image over a loopback sshd: blockfs, qemu, sshfs)",
     )
     p.add_argument(
+        "--no-gluster",
+        action="store_true",
+        help="skip the gluster lines (the image on a GlusterFS volume: blockfs, qemu)",
+    )
+    p.add_argument(
         "--only",
-        choices=("ssh",),
-        help="run only these lines (ssh: the ssh lines alone, no image format's lines)",
+        choices=("ssh", "gluster"),
+        help="run only these lines (the ssh or the gluster lines alone, no image format's)",
     )
     p.add_argument(
         "--io-mode",
@@ -229,10 +242,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise SystemExit(f"unknown format(s) {sorted(unknown)}; known: {', '.join(FORMATS)}")
-    if args.only == "ssh":
-        if args.no_ssh:
-            raise SystemExit("--only ssh and --no-ssh leave nothing to run")
+    ssh, gluster = not args.no_ssh, not args.no_gluster
+    if args.only is not None:
+        if (args.only == "ssh" and not ssh) or (args.only == "gluster" and not gluster):
+            raise SystemExit(f"--only {args.only} and --no-{args.only} leave nothing to run")
         formats = ()
+        ssh, gluster = args.only == "ssh", args.only == "gluster"
     quick = args.quick
     s = Settings(
         size=args.size or (256 << 20 if quick else 2 * GiB),
@@ -244,7 +259,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         io_mode=args.io_mode,
         backup_timeout=60.0 if quick else 600.0,
         load_timeout=20.0 if quick else 300.0,
-        ssh=not args.no_ssh,
+        ssh=ssh,
+        gluster=gluster,
     )
     if s.size < 16 << 20 or s.size % (1 << 20):
         raise SystemExit("--size must be a whole number of MiB, at least 16M")
@@ -342,6 +358,9 @@ class Runs:
         if s.ssh:
             for name, unit, better in ssh_specs():
                 self.lines[name] = Line(name, unit, better, samples={side: [] for side in SIDES})
+        if s.gluster:
+            for name, unit, better in gluster_specs():
+                self.lines[name] = Line(name, unit, better)
         #: how each ssh side ran fio, for the JSON's config (sshfs: O_DIRECT, or buffered)
         self.ssh_io: dict[str, str] = {}
 
@@ -616,26 +635,63 @@ def run_ssh(runs: Runs, workdir: str) -> None:
 
 def run_ssh_side(runs: Runs, site: SshSite, side: str, workdir: str) -> None:
     """One fresh exposure of the ssh image on ``side``, every fio job of the ssh lines."""
-    s = runs.s
-    names = [name for name, _, _ in ssh_specs()]
     exposure: BlockfsMount | QsdSshExport | SshfsMount
     if side == "blockfs":
-        exposure = BlockfsMount(site.blockfs_location(), "raw", workdir, s.io_mode)
+        exposure = BlockfsMount(site.blockfs_location(), "raw", workdir, runs.s.io_mode)
     elif side == "qemu":
         exposure = QsdSshExport(site, workdir)
     else:
         exposure = SshfsMount(site, workdir)
+    run_remote_side(runs, "ssh", SSH_JOBS, exposure, side)
+
+
+def run_gluster(runs: Runs, workdir: str) -> None:
+    """The gluster lines: a raw image of random data on a GlusterFS volume (the tests'
+    glusterd, in a network namespace), round after round through blockfs and
+    qemu-storage-daemon's gluster driver in turn. Without a glusterd every line is n/a."""
+    s = runs.s
+    names = [name for name, _, _ in gluster_specs()]
+    folder = os.path.join(workdir, "gluster")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _say(f"gluster: a volume with {s.size >> 20} MiB of random data")
+        with GlusterSite(folder, s.size) as site:
+            _say(f"gluster: {site.url()}")
+            for rnd in range(s.rounds):
+                _say(f"gluster: round {rnd + 1} of {s.rounds}")
+                for side in ("blockfs", "qemu"):
+                    exposure: BlockfsMount | QsdGlusterExport
+                    if side == "blockfs":
+                        exposure = BlockfsMount(site.url(), "raw", workdir, s.io_mode)
+                    else:
+                        exposure = QsdGlusterExport(site, workdir)
+                    run_remote_side(runs, "gluster", GLUSTER_JOBS, exposure, side)
+    except (GlusterUnavailable, OSError, subprocess.SubprocessError) as exc:
+        for side in ("blockfs", "qemu"):
+            runs.note(names, side, f"gluster: {exc}")
+        _say(f"gluster: n/a ({exc})")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_remote_side(
+    runs: Runs, kind: str, jobs: tuple[FioJob, ...], exposure: Any, side: str, how: str = ""
+) -> None:
+    """Every fio job of the ``kind`` lines on one fresh exposure (a side that fails is n/a
+    with why; the others still run)."""
+    s = runs.s
+    names = [f"{kind} raw {job.name}" for job in jobs]
+    extra: tuple[str, ...] = ()
     try:
         with exposure:
-            extra: tuple[str, ...] = ()
-            how = "O_DIRECT"
             if isinstance(exposure, SshfsMount) and not exposure.direct:
                 extra = BUFFERED_ARGS
                 how = f"buffered, {' '.join(BUFFERED_ARGS[1:])}: {exposure.direct_error}"
-            runs.ssh_io[side] = how
-            _say(f"ssh raw on {side} (pid {exposure.pid}, {how})")
-            for job in SSH_JOBS:
-                name = f"ssh raw {job.name}"
+            if kind == "ssh":
+                runs.ssh_io[side] = how or "O_DIRECT"
+            _say(f"{kind} raw on {side} (pid {exposure.pid}, {how or 'O_DIRECT'})")
+            for job in jobs:
+                name = f"{kind} raw {job.name}"
                 try:
                     result = run_fio(job, exposure.path, s.runtime, s.ramp, extra_args=extra)
                 except (FioError, OSError) as exc:
@@ -645,11 +701,11 @@ def run_ssh_side(runs: Runs, site: SshSite, side: str, workdir: str) -> None:
                 runs.add(name, side, result.figure(job))
                 _say(f"  {side:7} {job.name:28} {result.figure(job):10.1f} {job.figure}")
     except ExposureError as exc:
-        runs.note(names, side, f"ssh: {exc}")
-        _say(f"ssh raw on {side}: n/a ({exc})")
-    except Exception as exc:  # a side that fails is n/a with why; the others still run
-        runs.note(names, side, f"ssh: {type(exc).__name__}: {exc}")
-        _say(f"ssh raw on {side}: FAILED {type(exc).__name__}: {exc}")
+        runs.note(names, side, f"{kind}: {exc}")
+        _say(f"{kind} raw on {side}: n/a ({exc})")
+    except Exception as exc:
+        runs.note(names, side, f"{kind}: {type(exc).__name__}: {exc}")
+        _say(f"{kind} raw on {side}: FAILED {type(exc).__name__}: {exc}")
 
 
 def run_all(s: Settings, workdir: str) -> Runs:
@@ -679,6 +735,8 @@ def run_all(s: Settings, workdir: str) -> Runs:
             shutil.rmtree(chain.folder, ignore_errors=True)
     if s.ssh:
         run_ssh(runs, workdir)
+    if s.gluster:
+        run_gluster(runs, workdir)
     return runs
 
 

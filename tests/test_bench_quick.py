@@ -52,6 +52,7 @@ def test_quick_run_reports_every_line(tmp_path: Path) -> None:
             "--formats",
             ",".join(formats),
             "--no-ssh",  # the ssh lines (about 35 s with --quick) are not part of this smoke check
+            "--no-gluster",  # nor the gluster lines (a glusterd, a volume, two sides)
             # a smoke check of every line: short fio runs on a small image unless in long runs
             *([] if FULL else ["--size", "128M", "--runtime", "0.6", "--ramp", "0.2"]),
         ],

@@ -182,14 +182,14 @@ def fstat(fd: int) -> tuple[int, int]:
     """(mode, size)."""
     st = _STAT()
     _check(lib().glfs_fstat(fd, _c.byref(st)), "stat")
-    return int(st.st_mode), int(st.st_size)  # type: ignore[attr-defined]
+    return int(st.st_mode), int(st.st_size)
 
 
 def stat(fs: int, path: str) -> tuple[int, int]:
     """(mode, size) of ``path``, links not followed."""
     st = _STAT()
     _check(lib().glfs_lstat(fs, path.encode(), _c.byref(st)), "stat")
-    return int(st.st_mode), int(st.st_size)  # type: ignore[attr-defined]
+    return int(st.st_mode), int(st.st_size)
 
 
 #: a new bytes object of a given size whose contents are not yet set (CPython's own

@@ -236,7 +236,7 @@ class _Output(asyncio.Protocol):
 def _session_class() -> Any:
     import asyncssh
 
-    class Session(asyncssh.SSHClientSession):  # type: ignore[misc]
+    class Session(asyncssh.SSHClientSession[bytes]):
         """The SFTP channel: its data to our output; a full window stops our input."""
 
         def __init__(self, out: asyncio.WriteTransport, done: asyncio.Future[None]) -> None:
