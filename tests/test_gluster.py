@@ -298,7 +298,7 @@ def test_a_replica_hides_a_lost_brick_from_fio_and_heals(mount, glusterd, tmp_pa
         _drop(vol)
 
 
-def test_backup_to_gluster_and_mirror_from_gluster_under_writes(
+def test_backup_and_mirror_to_gluster_and_mirror_from_gluster_under_writes(
     mount, gvol, gfuse, tmp_path: Path
 ) -> None:
     from conftest import ctl, start, status, wait_ready, wait_state
@@ -320,7 +320,20 @@ def test_backup_to_gluster_and_mirror_from_gluster_under_writes(
     assert s["error"] is None, s
     qemu_img("check", str(gfuse / "backup.qcow2"))
     qemu_img("compare", "-F", "raw", str(gfuse / "backup.qcow2"), str(raw))
+    # a mirror of the local disk to a gluster target, switched over: the disk then lives there
+    assert start(m, f"device=vm target={gvol.url('moved.qcow2')} id=out", "mirror") == "out"
+    wait_ready(m, "out")
+    ctl(m, "out", "complete")
+    s = wait_state(m, "out", ("concluded",))
+    assert s["error"] is None and m.info("vm")["filename"].startswith("gluster://"), s
+    with open(m / "vm", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\x55" * 65536)
+    moved_view = tmp_path / "moved.raw"
+    run(["cp", str(m / "vm"), str(moved_view)])
     m.umount()
+    qemu_img("check", str(gfuse / "moved.qcow2"))
+    qemu_img("compare", "-F", "raw", str(gfuse / "moved.qcow2"), str(moved_view))
     # a mirror from gluster to a local file, under writes, switched over
     g = mount(f"vm={backup},format=qcow2")
     local = tmp_path / "mirrored.qcow2"
