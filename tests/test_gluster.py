@@ -151,20 +151,13 @@ def test_a_backing_uri_found_in_an_image_carries_none_of_its_own_properties() ->
 
 @pytest.fixture(scope="module")
 def gfuse(glusterd, gvol, tmp_path_factory) -> Iterator[Path]:  # type: ignore[no-untyped-def]
-    """The plain volume mounted with GlusterFS's FUSE client (``mount -t glusterfs``)."""
+    """The plain volume mounted with GlusterFS's FUSE client (``mount -t glusterfs``), with no
+    cache of its own: what blockfs wrote through libgfapi is read fresh (with the client's
+    defaults, pages it read before a write of ours were served stale)."""
     where = tmp_path_factory.mktemp("gfuse")
     log = where.parent / f"{where.name}.log"
-    run(
-        [
-            "mount",
-            "-t",
-            "glusterfs",
-            "-o",
-            f"log-file={log}",
-            f"{glusterd.host}:/{gvol.name}",
-            str(where),
-        ]
-    )
+    opts = f"log-file={log},direct-io-mode=enable,attribute-timeout=0,entry-timeout=0"
+    run(["mount", "-t", "glusterfs", "-o", opts, f"{glusterd.host}:/{gvol.name}", str(where)])
     try:
         yield where
     finally:
@@ -246,6 +239,24 @@ def test_an_overlay_reads_its_backing_file_on_the_same_volume(
     view.write_bytes(bytes(expect))
     qemu_img("compare", "-F", "raw", str(top), str(view))
     qemu_img("check", str(top))
+
+
+def test_a_vhdx_image_on_the_volume(mount, gvol, gfuse, tmp_path: Path) -> None:
+    """Any format over gluster: a dynamic VHDX made by qemu-img, read and written through a
+    mount, then checked and compared by qemu-img (through GlusterFS's FUSE client)."""
+    ref = _data(tmp_path, 8 * MiB, seed=9)
+    qemu_img("convert", "-O", "vhdx", str(ref), str(gfuse / "d.vhdx"))
+    m = mount(f"vm={gvol.url('d.vhdx')},format=vhdx")
+    assert (m / "vm").read_bytes()[: 8 * MiB] == ref.read_bytes()
+    with open(m / "vm", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\x42" * 65536)
+        os.fsync(f.fileno())
+    view = tmp_path / "view.raw"
+    run(["cp", str(m / "vm"), str(view)])
+    m.umount()
+    qemu_img("check", str(gfuse / "d.vhdx"))
+    qemu_img("compare", "-f", "vhdx", "-F", "raw", str(gfuse / "d.vhdx"), str(view))
 
 
 def test_create_and_info_refusals_are_one_line(glusterd, gvol, tmp_path: Path) -> None:
