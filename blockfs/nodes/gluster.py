@@ -46,8 +46,10 @@ from typing import Any, TypeVar
 import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
+from blockfs.nodes import gfapi
 from blockfs.nodes.base import Capability, Extent, Node, Status
 from blockfs.nodes.retry import RetryPolicy
+from blockfs.nodes.runpool import RunPool
 
 log = logging.getLogger(__name__)
 
@@ -294,18 +296,14 @@ class _Volume:
                     ) from None
             return self.fs
 
-    def release_soon(self) -> None:
+    def close(self) -> None:
         fs, self.fs = self.fs, 0
         if fs:
-            from blockfs.nodes import gfapi
-
             # glfs_fini waits for the bricks; it may take long with one gone: not awaited
             trio.lowlevel.spawn_system_task(_abandon, gfapi.fini, fs, name="glfs_fini")
 
 
 def _init_volume(loc: GlusterLocation) -> int:
-    from blockfs.nodes import gfapi
-
     fs = gfapi.new(loc.volume)
     try:
         if loc.transport == "unix":
@@ -374,42 +372,15 @@ def _error(exc: OSError, what: str, loc: GlusterLocation, *, reached: bool = Fal
 
 
 #: volumes by :meth:`GlusterLocation.volume_key`, for each trio run
-_VOLUMES: trio.lowlevel.RunVar[dict[Hashable, _Volume]] = trio.lowlevel.RunVar(
-    "blockfs_gluster_volumes"
-)
-
-
-def _pool() -> dict[Hashable, _Volume]:
-    try:
-        return _VOLUMES.get()
-    except LookupError:
-        pool: dict[Hashable, _Volume] = {}
-        _VOLUMES.set(pool)
-        return pool
+_VOLUMES: RunPool[_Volume] = RunPool("blockfs_gluster_volumes")
 
 
 async def _acquire(loc: GlusterLocation) -> _Volume:
-    pool = _pool()
-    key = loc.volume_key()
-    vol = pool.get(key)
-    if vol is None:
-        vol = pool[key] = _Volume(loc)
-    vol.users += 1
-    try:
-        await vol.ensure()
-    except BaseException:
-        _release(vol)
-        raise
-    return vol
+    return await _VOLUMES.acquire(loc.volume_key(), lambda: _Volume(loc))
 
 
 def _release(vol: _Volume) -> None:
-    vol.users -= 1
-    if vol.users <= 0:
-        pool = _pool()
-        if pool.get(vol.loc.volume_key()) is vol:
-            del pool[vol.loc.volume_key()]
-        vol.release_soon()
+    _VOLUMES.release(vol.loc.volume_key(), vol)
 
 
 async def _with_volume(location: str, what: str, act: Callable[[int, GlusterLocation], T]) -> T:
@@ -469,8 +440,6 @@ class GlusterNode(Node):
         return node
 
     async def _open(self, create: bool) -> None:
-        from blockfs.nodes import gfapi
-
         loc = self.loc
         self._token = trio.lowlevel.current_trio_token()
         self._calls = gfapi.AsyncCalls()
@@ -588,8 +557,6 @@ class GlusterNode(Node):
         return self._fd
 
     async def read(self, offset: int, length: int) -> bytes:
-        from blockfs.nodes import gfapi
-
         fd = self._fd_or_fail("read")
         if IO_MODE == "threads":
             data = await self._call("read", gfapi.pread, fd, length, offset)
@@ -602,8 +569,6 @@ class GlusterNode(Node):
         return data
 
     async def write(self, offset: int, data: bytes) -> None:
-        from blockfs.nodes import gfapi
-
         if self.read_only:
             raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
         fd = self._fd_or_fail("write")
@@ -628,8 +593,6 @@ class GlusterNode(Node):
         return n
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        from blockfs.nodes import gfapi
-
         if self._can_zero:
             try:
                 await self._call(
@@ -643,19 +606,13 @@ class GlusterNode(Node):
         await super().write_zeroes(offset, length, may_unmap)
 
     async def discard(self, offset: int, length: int) -> None:
-        from blockfs.nodes import gfapi
-
         try:
-            await self._call(
-                "discard", gfapi.discard, self._fd_or_fail("discard"), offset, length
-            )
+            await self._call("discard", gfapi.discard, self._fd_or_fail("discard"), offset, length)
         except BlockfsError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
 
     async def flush(self) -> None:
-        from blockfs.nodes import gfapi
-
         if self.read_only:
             return
         fd = self._fd_or_fail("flush")
@@ -685,8 +642,6 @@ class GlusterNode(Node):
         return Extent(offset, max(1, min(end, hole_at) - offset), Status.DATA | Status.ALLOCATED)
 
     async def truncate(self, size: int) -> None:
-        from blockfs.nodes import gfapi
-
         if self.read_only:
             raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
         await self._call("truncate", gfapi.ftruncate, self._fd_or_fail("truncate"), size)
@@ -698,8 +653,6 @@ class GlusterNode(Node):
     async def reconnect(self) -> None:
         """The file opened again, in the same mode (libgfapi makes its own connections to the
         bricks again; a descriptor from before a volume restart is stale)."""
-        from blockfs.nodes import gfapi
-
         vol = self._vol
         if vol is None or self._closed:
             raise BlockfsError(f"{self.filename}: closed", errno=errno.EIO)
@@ -712,8 +665,6 @@ class GlusterNode(Node):
         self._fd = fd
 
     async def reopen(self, read_only: bool) -> None:
-        from blockfs.nodes import gfapi
-
         if read_only == self.read_only:
             return
         vol = self._vol
@@ -735,8 +686,6 @@ class GlusterNode(Node):
         return self.loc.uri(self._real).partition("?")[0]
 
     async def aclose(self) -> None:
-        from blockfs.nodes import gfapi
-
         if self._closed:
             return
         self._closed = True
@@ -760,8 +709,6 @@ class GlusterNode(Node):
 
 def _open_file(fs: int, path: str, read_only: bool, create: bool) -> tuple[int, int, int, str]:
     """(fd, mode, size, real path) of ``path`` on the volume (worker thread)."""
-    from blockfs.nodes import gfapi
-
     if create:
         fd = gfapi.creat(fs, path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     else:
@@ -783,8 +730,6 @@ def _open_file(fs: int, path: str, read_only: bool, create: bool) -> tuple[int, 
 
 def _seek(fd: int, offset: int) -> tuple[int, int]:
     """(next data at or after offset, or -1 past the last; next hole at or after it)."""
-    from blockfs.nodes import gfapi
-
     try:
         data_at = gfapi.lseek(fd, offset, gfapi.SEEK_DATA)
     except OSError as exc:
@@ -801,11 +746,7 @@ def _seek(fd: int, offset: int) -> tuple[int, int]:
 
 def retry_policy(location: str) -> RetryPolicy:
     """Retries within ``timeout=`` seconds of a request's first try, then EIO."""
-    timeout = GlusterLocation.parse(location).timeout
-    return RetryPolicy(
-        retries=1000, delay=min(0.2, timeout / 10), backoff=2.0,
-        max_delay=max(0.5, min(5.0, timeout / 4)), deadline=timeout,
-    )  # fmt: skip
+    return RetryPolicy.within(GlusterLocation.parse(location).timeout)
 
 
 async def open_node(location: str, *, read_only: bool) -> Node:
@@ -821,13 +762,13 @@ async def create_node(location: str) -> Node:
 
 
 async def remove(location: str) -> None:
-    await _with_volume(location, "remove", lambda fs, loc: _gfapi().unlink(fs, loc.path))
+    await _with_volume(location, "remove", lambda fs, loc: gfapi.unlink(fs, loc.path))
 
 
 async def exists(location: str) -> bool:
     def act(fs: int, loc: GlusterLocation) -> bool:
         try:
-            _gfapi().stat(fs, loc.path)
+            gfapi.stat(fs, loc.path)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return False
@@ -845,17 +786,10 @@ async def rename(old: str, new: str) -> None:
     new_path = GlusterLocation.parse(new).path
 
     def act(fs: int, loc: GlusterLocation) -> None:
-        g = _gfapi()
-        g.link(fs, loc.path, new_path)
-        g.unlink(fs, loc.path)
+        gfapi.link(fs, loc.path, new_path)
+        gfapi.unlink(fs, loc.path)
 
     await _with_volume(old, "rename", act)
-
-
-def _gfapi() -> Any:
-    from blockfs.nodes import gfapi
-
-    return gfapi
 
 
 def resolve(relative_to: str, name: str) -> str:

@@ -63,6 +63,15 @@ class RetryPolicy:
     #: seconds from a request's first try after which no further try begins
     deadline: float = 60.0
 
+    @classmethod
+    def within(cls, timeout: float) -> RetryPolicy:
+        """A remote protocol's policy from its ``timeout=`` property: short, doubling waits,
+        as many tries as fit, EIO once ``timeout`` seconds passed since the first."""
+        return cls(
+            retries=1000, delay=min(0.2, timeout / 10), backoff=2.0,
+            max_delay=max(0.5, min(5.0, timeout / 4)), deadline=timeout,
+        )  # fmt: skip
+
     def __post_init__(self) -> None:
         if self.retries < 0 or self.delay < 0 or self.backoff < 1 or self.max_delay < 0:
             raise UsageError(f"bad retry policy {self}")
@@ -85,8 +94,14 @@ class RetryFilter(FilterNode):
     :class:`RetryPolicy` says (see the module docstring)."""
 
     passes_through: ClassVar[frozenset[str]] = frozenset(
-        {"aclose", "reopen", "reconnect", "change_backing_file", "parent_will_change",
-         "parent_settled"}
+        {
+            "aclose",
+            "reopen",
+            "reconnect",
+            "change_backing_file",
+            "parent_will_change",
+            "parent_settled",
+        }
     )
 
     def __init__(self, child: Node, policy: RetryPolicy | None = None) -> None:

@@ -58,6 +58,7 @@ from blockfs.errors import BlockfsError, TransientError, UsageError
 from blockfs.nodes import sftp
 from blockfs.nodes.base import Extent, Node, Status
 from blockfs.nodes.retry import RetryPolicy
+from blockfs.nodes.runpool import RunPool
 from blockfs.nodes.sftp import SftpError, SftpSession
 
 log = logging.getLogger(__name__)
@@ -336,44 +337,16 @@ async def _reap(proc: trio.Process) -> None:
         pass
 
 
-#: connections by :meth:`SshLocation.connection_key`, for each trio run (a relay's pipes
-#: are watched by that run's tasks)
-_CONNECTIONS: trio.lowlevel.RunVar[dict[Hashable, _Connection]] = trio.lowlevel.RunVar(
-    "blockfs_ssh_connections"
-)
-
-
-def _pool() -> dict[Hashable, _Connection]:
-    try:
-        return _CONNECTIONS.get()
-    except LookupError:
-        pool: dict[Hashable, _Connection] = {}
-        _CONNECTIONS.set(pool)
-        return pool
+#: connections by :meth:`SshLocation.connection_key`, for each trio run
+_CONNECTIONS: RunPool[_Connection] = RunPool("blockfs_ssh_connections")
 
 
 async def _acquire(loc: SshLocation) -> _Connection:
-    pool = _pool()
-    key = loc.connection_key()
-    conn = pool.get(key)
-    if conn is None:
-        conn = pool[key] = _Connection(loc)
-    conn.users += 1
-    try:
-        await conn.ensure()
-    except BaseException:
-        _release(conn)
-        raise
-    return conn
+    return await _CONNECTIONS.acquire(loc.connection_key(), lambda: _Connection(loc))
 
 
 def _release(conn: _Connection) -> None:
-    conn.users -= 1
-    if conn.users <= 0:
-        pool = _pool()
-        if pool.get(conn.loc.connection_key()) is conn:
-            del pool[conn.loc.connection_key()]
-        conn.close()
+    _CONNECTIONS.release(conn.loc.connection_key(), conn)
 
 
 # -- the node ------------------------------------------------------------------------------------
@@ -613,11 +586,7 @@ async def _exists(s: SftpSession, path: str) -> bool:
 
 def retry_policy(location: str) -> RetryPolicy:
     """Retries within ``timeout=`` seconds of a request's first try, then EIO."""
-    timeout = SshLocation.parse(location).timeout
-    return RetryPolicy(
-        retries=1000, delay=min(0.2, timeout / 10), backoff=2.0,
-        max_delay=max(0.5, min(5.0, timeout / 4)), deadline=timeout,
-    )  # fmt: skip
+    return RetryPolicy.within(SshLocation.parse(location).timeout)
 
 
 async def open_node(location: str, *, read_only: bool) -> Node:
