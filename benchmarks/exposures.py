@@ -8,12 +8,15 @@ stops the daemon and unmounts whatever happened (a failed unmount ends in a lazy
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Self
 
 from benchmarks import procstat
@@ -241,3 +244,26 @@ class QsdExport:
 
     def peak_rss_mib(self) -> float:
         return procstat.peak_rss_mib(self.pid)
+
+
+def load_fixture(path: Path, unavailable: type[Exception]) -> ModuleType:
+    """A fixture module of the tests (``tests/sshd.py``, ``tests/glusterd.py``), loaded from its
+    file: the servers the benchmarks run are the tests' own. :raise unavailable: it is missing
+    or cannot be imported."""
+    if not path.exists():
+        raise unavailable(f"{path} is missing")
+    spec = importlib.util.spec_from_file_location(f"blockfs_bench_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise unavailable(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise unavailable(f"{path.name} cannot be loaded: {exc}") from None
+    return module
+
+
+def first_line(exc: BaseException) -> str:
+    """One line of an exception (pytest's skip of a fixture included)."""
+    text = str(getattr(exc, "msg", "") or exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

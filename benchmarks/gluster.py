@@ -14,7 +14,6 @@ and write that same file, one after the other.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Self
 
-from benchmarks.exposures import QsdExport
+from benchmarks.exposures import QsdExport, first_line, load_fixture
 from benchmarks.fio import FIO_JOBS, FioJob
 
 #: the tests' glusterd fixture
@@ -50,22 +49,7 @@ class GlusterUnavailable(RuntimeError):
 
 
 def _fixture() -> ModuleType:
-    if not FIXTURE.exists():
-        raise GlusterUnavailable(f"{FIXTURE} is missing")
-    spec = importlib.util.spec_from_file_location("blockfs_bench_glusterd", FIXTURE)
-    if spec is None or spec.loader is None:
-        raise GlusterUnavailable(f"cannot load {FIXTURE}")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as exc:
-        raise GlusterUnavailable(f"{FIXTURE.name} cannot be loaded: {exc}") from None
-    return module
-
-
-def _why(exc: BaseException) -> str:
-    text = str(getattr(exc, "msg", "") or exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    return load_fixture(FIXTURE, GlusterUnavailable)
 
 
 class GlusterSite:
@@ -91,7 +75,7 @@ class GlusterSite:
             raise
         except BaseException as exc:  # pytest's skip (a BaseException) when gluster is missing
             self._stack.close()
-            raise GlusterUnavailable(f"glusterd did not start: {_why(exc)}") from None
+            raise GlusterUnavailable(f"glusterd did not start: {first_line(exc)}") from None
         self.host = str(server.host)
         try:
             self._write_image()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import importlib.util
 import json
 import mmap
 import os
@@ -37,7 +36,9 @@ from benchmarks.exposures import (
     QsdExport,
     _lazy_unmount,
     _wait_exit,
+    first_line,
     is_mounted,
+    load_fixture,
 )
 from benchmarks.fio import FIO_JOBS, FioJob
 
@@ -66,25 +67,7 @@ class SshUnavailable(RuntimeError):
 
 
 def _fixture() -> ModuleType:
-    """``tests/sshd.py``, loaded from its file (it imports pytest, for its skips)."""
-    if not FIXTURE.exists():
-        raise SshUnavailable(f"{FIXTURE} is missing")
-    spec = importlib.util.spec_from_file_location("blockfs_bench_sshd", FIXTURE)
-    if spec is None or spec.loader is None:
-        raise SshUnavailable(f"cannot load {FIXTURE}")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as exc:
-        raise SshUnavailable(f"{FIXTURE.name} cannot be loaded: {exc}") from None
-    return module
-
-
-def _why(exc: BaseException) -> str:
-    """One line of an exception (pytest's skip of the fixture included)."""
-    text = str(getattr(exc, "msg", "") or exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:300]
+    return load_fixture(FIXTURE, SshUnavailable)
 
 
 class SshSite:
@@ -123,7 +106,7 @@ class SshSite:
             raise
         except BaseException as exc:  # pytest's skip (a BaseException) when openssh is missing
             self._stack.close()
-            raise SshUnavailable(f"the loopback sshd did not start: {_why(exc)}") from None
+            raise SshUnavailable(f"the loopback sshd did not start: {first_line(exc)}") from None
         self.port = int(server.port)
         self.identity = str(keys.identity)
         self.known_hosts = str(server.known_hosts)
@@ -136,7 +119,7 @@ class SshSite:
             self._stack.close()
             raise
         except BaseException as exc:
-            self.agent_error = f"ssh-agent: {_why(exc)}"
+            self.agent_error = f"ssh-agent: {first_line(exc)}"
         return self
 
     def __exit__(self, *exc: object) -> None:
