@@ -259,7 +259,7 @@ def test_a_vhdx_image_on_the_volume(mount, gvol, gfuse, tmp_path: Path) -> None:
     qemu_img("compare", "-f", "vhdx", "-F", "raw", str(gfuse / "d.vhdx"), str(view))
 
 
-def test_create_and_info_refusals_are_one_line(glusterd, gvol, tmp_path: Path) -> None:
+def test_create_and_info_refusals_are_one_line(glusterd, gvol, gfuse, tmp_path: Path) -> None:
     made = gvol.url("made.qcow2")
     blockfs("create", "-f", "qcow2", made, "32M")
     assert json.loads(blockfs("info", "--output", "json", made).stdout)["virtual-size"] == 32 * MiB
@@ -271,6 +271,11 @@ def test_create_and_info_refusals_are_one_line(glusterd, gvol, tmp_path: Path) -
         f"gluster://{glusterd.host}/novolume/a.qcow2?timeout=10": "no volume 'novolume'",
         f"gluster://{glusterd.host}:1/{gvol.name}/a.qcow2?timeout=2": "",
     }
+    # on the volume, a link to an image and a folder: neither is opened
+    os.symlink("made.qcow2", gfuse / "link.qcow2")
+    (gfuse / "folder.qcow2").mkdir()
+    cases[gvol.url("link.qcow2")] = "symbolic links"
+    cases[gvol.url("folder.qcow2")] = "not a regular file"
     idle = glusterd.create_volume("idle", start=False)  # created, never started
     cases[idle.url("a.qcow2") + "?timeout=10"] = "(is it created and started?)"
     for uri, words in cases.items():

@@ -178,18 +178,18 @@ def close(fd: int) -> None:
     _check(lib().glfs_close(fd), "close")
 
 
-def fstat(fd: int) -> tuple[int, int]:
-    """(mode, size)."""
+def fstat(fd: int) -> tuple[int, int, int]:
+    """(mode, size, inode number)."""
     st = _STAT()
     _check(lib().glfs_fstat(fd, _c.byref(st)), "stat")
-    return int(st.st_mode), int(st.st_size)
+    return int(st.st_mode), int(st.st_size), int(st.st_ino)
 
 
-def stat(fs: int, path: str) -> tuple[int, int]:
-    """(mode, size) of ``path``, links not followed."""
+def stat(fs: int, path: str) -> tuple[int, int, int]:
+    """(mode, size, inode number) of ``path``, links not followed."""
     st = _STAT()
     _check(lib().glfs_lstat(fs, path.encode(), _c.byref(st)), "stat")
-    return int(st.st_mode), int(st.st_size)
+    return int(st.st_mode), int(st.st_size), int(st.st_ino)
 
 
 #: a new bytes object of a given size whose contents are not yet set (CPython's own

@@ -469,7 +469,8 @@ class GlusterNode(Node):
             _release(vol)
             raise
         if not stat_mod.S_ISREG(mode):
-            await _abandon(gfapi.close, fd)
+            if fd:
+                await _abandon(gfapi.close, fd)
             _release(vol)
             raise UsageError(f"{loc.uri().partition('?')[0]}: not a regular file")
         self._vol, self._fd, self.size, self._real = vol, fd, size, real
@@ -662,7 +663,7 @@ class GlusterNode(Node):
         fd, _, _, _ = await _blocking(
             self.loc, "reopen", _open_file, vol.fs, self.loc.path, self.read_only, False
         )
-        self._fd = fd
+        self._fd = _regular(fd, self.filename)
 
     async def reopen(self, read_only: bool) -> None:
         if read_only == self.read_only:
@@ -672,7 +673,7 @@ class GlusterNode(Node):
         fd, _, _, _ = await _blocking(
             self.loc, "reopen", _open_file, vol.fs, self.loc.path, read_only, False
         )
-        old, self._fd = self._fd, fd
+        old, self._fd = self._fd, _regular(fd, self.filename)
         self.read_only = read_only
         if old:
             await _abandon(gfapi.close, old)
@@ -708,16 +709,25 @@ class GlusterNode(Node):
 
 
 def _open_file(fs: int, path: str, read_only: bool, create: bool) -> tuple[int, int, int, str]:
-    """(fd, mode, size, real path) of ``path`` on the volume (worker thread)."""
+    """(fd, mode, size, real path) of ``path`` on the volume (worker thread); fd 0 and the
+    mode where it is not a regular file (not opened)."""
+    named = 0
     if create:
         fd = gfapi.creat(fs, path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     else:
-        mode, _ = gfapi.stat(fs, path)  # links are not followed into the open
+        # Links are not followed into the open, and nothing but a regular file is opened. The
+        # open goes by name again, so what it opened must be what was looked at (the same
+        # inode): another client of the volume may swap a link in between.
+        mode, _, named = gfapi.stat(fs, path)
         if stat_mod.S_ISLNK(mode):
             raise OSError(errno.ELOOP, "a symbolic link")
+        if not stat_mod.S_ISREG(mode):
+            return 0, mode, 0, path
         fd = gfapi.open_(fs, path, os.O_RDONLY if read_only else os.O_RDWR)
     try:
-        mode, size = gfapi.fstat(fd)
+        mode, size, ino = gfapi.fstat(fd)
+        if named and ino != named:
+            raise OSError(errno.ELOOP, "replaced while it was opened")
         try:
             real = gfapi.realpath(fs, path)
         except OSError:
@@ -726,6 +736,13 @@ def _open_file(fs: int, path: str, read_only: bool, create: bool) -> tuple[int, 
         gfapi.close(fd)
         raise
     return fd, mode, size, real
+
+
+def _regular(fd: int, where: str) -> int:
+    """The descriptor :func:`_open_file` gave, or the refusal where it opened nothing."""
+    if not fd:
+        raise BlockfsError(f"{where}: no longer a regular file", errno=errno.EINVAL)
+    return fd
 
 
 def _seek(fd: int, offset: int) -> tuple[int, int]:
