@@ -91,6 +91,16 @@ class Mount:
     def info(self, name: str) -> dict:  # type: ignore[type-arg]
         return json.loads((self.path / ".control" / "images" / name / "info").read_text())
 
+    def chain(self, name: str) -> list[dict]:  # type: ignore[type-arg]
+        """The layers of the image's live chain, top first (the info file nests each under
+        the one above as "backing-image", as QEMU's query-block does)."""
+        layers = []
+        doc: dict | None = self.info(name)  # type: ignore[type-arg]
+        while doc is not None:
+            layers.append(doc)
+            doc = doc.get("backing-image")
+        return layers
+
     def stats(self, name: str) -> dict:  # type: ignore[type-arg]
         return json.loads((self.path / ".control" / "images" / name / "stats").read_text())
 

@@ -99,7 +99,7 @@ def same_outside_fio(view: Path, ref: Path) -> None:
 
 
 def layer_names(m, name: str = "vm") -> list[str]:  # type: ignore[no-untyped-def]
-    return [os.path.basename(x["filename"]) for x in m.info(name)["backing-chain"]]
+    return [os.path.basename(x["filename"]) for x in m.chain(name)]
 
 
 def check_all(paths: list[Path]) -> None:
@@ -170,7 +170,7 @@ def test_active_commit_under_fio(mount, tmp_path: Path, verb: str) -> None:
     run(["cp", str(m / "vm"), str(final)])
     if verb == "complete":
         assert layer_names(m) == ["base.qcow2"]
-        assert m.info("vm")["read-only"] is False
+        assert m.info("vm")["blockfs"]["read-only"] is False
     else:
         assert layer_names(m) == ["s2.qcow2", "s1.qcow2", "base.qcow2"]
     m.umount()
@@ -230,7 +230,7 @@ def test_external_snapshots_then_fold_back(mount, tmp_path: Path) -> None:
     out = blockfs("snapshot", "--external", "snap2.qcow2", str(m / "vm"))
     assert out.stdout.strip() == str(tmp_path / "snap2.qcow2")
     assert layer_names(m) == ["snap2.qcow2", "snap1.qcow2", "base.qcow2"]
-    assert m.info("vm")["backing-chain"][1]["read-only"] is True
+    assert m.chain("vm")[1]["blockfs"]["read-only"] is True
     with open(m / "vm", "r+b") as f:
         f.seek(3 * MiB)
         f.write(b"\xa5" * MiB)

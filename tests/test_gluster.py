@@ -225,7 +225,7 @@ def test_an_overlay_reads_its_backing_file_on_the_same_volume(
     chain = json.loads(blockfs("info", "--output", "json", "--backing-chain", url_top).stdout)
     assert [c["filename"].split("?")[0] for c in chain] == [url_top, url_base], chain
     m = mount(f"vm={url_top},format=qcow2")
-    assert [layer["filename"] for layer in m.info("vm")["backing-chain"]] == [url_top, url_base]
+    assert [layer["filename"] for layer in m.chain("vm")] == [url_top, url_base]
     data = (m / "vm").read_bytes()
     assert data[:MiB] == b"\x11" * MiB and data[MiB:] == ref.read_bytes()[MiB:]
     with open(m / "vm", "r+b") as f:  # written through the chain: into the top

@@ -119,7 +119,7 @@ def test_mirror_under_fio_verify_then_switch_and_keep_writing(
     fio_finish(across)
     names = [e["event"] for e in events(m)]
     assert "BLOCK_JOB_READY" in names and names[-2:] == ["BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE"]
-    chain = m.info("disk0")["backing-chain"]
+    chain = m.chain("disk0")
     assert chain[0]["filename"] == str(target), chain
     final = tmp_path / "final.raw"
     run(["cp", str(m / "disk0"), str(final)])
@@ -169,7 +169,7 @@ def test_sync_top_keeps_the_backing_chain(mount, tmp_path: Path) -> None:
         f.write(b"\x55" * MiB)
         f.flush()
         os.fsync(f.fileno())
-    chain = m.info("disk0")["backing-chain"]
+    chain = m.chain("disk0")
     assert [c["filename"] for c in chain] == [str(target), str(mid), str(base)], chain
     ref = tmp_path / "ref.raw"
     run(["cp", str(m / "disk0"), str(ref)])
@@ -204,7 +204,7 @@ def test_sync_none_target_over_the_source(mount, tmp_path: Path) -> None:
     ctl(m, "disk0", "complete")
     assert wait_state(m, "disk0", ("concluded",))["error"] is None
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x62 16M 1M", str(m / "disk0")])
-    chain = m.info("disk0")["backing-chain"]
+    chain = m.chain("disk0")
     assert [c["filename"] for c in chain] == [str(target), str(src)], chain
     assert chain[1]["read-only"] is True
     final = tmp_path / "final.raw"

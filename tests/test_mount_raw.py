@@ -133,7 +133,7 @@ def test_read_only_image_refuses_writes(mount, tmp_path: Path) -> None:
     with pytest.raises(OSError) as exc:
         os.open(m / "a", os.O_RDWR)
     assert exc.value.errno in (errno.EROFS, errno.EACCES)
-    assert m.info("a")["read-only"] is True
+    assert m.info("a")["blockfs"]["read-only"] is True
     m.umount()
     assert img.read_bytes() == before
 
@@ -173,11 +173,12 @@ def test_info_and_listing(mount, tmp_path: Path) -> None:
     names = sorted(os.listdir(m.path))
     assert names == [".control", "bee.raw", "disk0"]
     info = m.info("disk0")
-    assert info["name"] == "disk0"
+    assert info["blockfs"]["device"] == "disk0"
     assert info["format"] == "raw"
     assert info["virtual-size"] == 12345
     assert info["filename"] == str(a)
-    assert info["read-only"] is False
+    assert info["blockfs"]["read-only"] is False
+    assert info["blockfs"]["jobs"] == []
     assert int((m.path / ".control" / "pid").read_text()) == m.pid
     assert stat.S_ISREG((m / "disk0").stat().st_mode)
 

@@ -168,7 +168,7 @@ def test_cli_create_snapshot_info(tmp_path: Path) -> None:
 
     doc = json.loads(blockfs("info", "--output", "json", str(top)).stdout)
     assert doc["format"] == "qcow2" and doc["virtual-size"] == 10 * 1024**3
-    assert doc["backing-filename"] == "base.qcow2" and doc["backing-format"] == "qcow2"
+    assert doc["backing-filename"] == "base.qcow2" and doc["backing-filename-format"] == "qcow2"
     assert [s["name"] for s in doc["snapshots"]] == ["before-upgrade"]
     chain = json.loads(blockfs("info", "--backing-chain", "--output", "json", str(top)).stdout)
     assert [layer["filename"].rsplit("/", 1)[-1] for layer in chain] == ["top.qcow2", "base.qcow2"]

@@ -185,7 +185,7 @@ def test_an_overlay_reads_its_backing_file_beside_it_on_the_host(
     qemu_io = ["qemu-io", "-c", "write -P 0x11 0 1M", str(top)]
     run(qemu_io)
     m = mount(f"vm={url(sshd, top)},format=qcow2")
-    chain = [layer["filename"] for layer in m.info("vm")["backing-chain"]]
+    chain = [layer["filename"] for layer in m.chain("vm")]
     assert len(chain) == 2 and all(c.startswith("ssh://") for c in chain), chain
     assert chain[1].split("?")[0].endswith(f"{base}"), chain
     data = (m / "vm").read_bytes()

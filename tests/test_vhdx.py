@@ -280,7 +280,8 @@ def test_mounted_file_equals_qemu_img_convert(tmp_path: Path, mount: Any) -> Non
     assert (m / "disk").read_bytes() == expect
     info = m.info("disk")
     assert info["format"] == "vhdx" and info["virtual-size"] == size
-    assert info["block-size"] == 2 * MiB and info["log-state"] == "clean"
+    data = info["format-specific"]["data"]
+    assert data["block-size"] == 2 * MiB and data["log-state"] == "clean"
     m.umount()
 
 
@@ -549,7 +550,7 @@ async def test_differencing_image_reads_every_payload_state(tmp_path: Path, moun
     assert vhdimount_read(child, tmp_path) == expect
     m = mount(f"c={child},format=vhdx", options=("--read-only",))
     assert (m / "c").read_bytes() == expect
-    chain = m.info("c")["backing-chain"]
+    chain = m.chain("c")
     assert [layer["format"] for layer in chain] == ["vhdx", "vhdx"]
     m.umount()
     doc = json.loads(blockfs("info", "--backing-chain", "--output", "json", str(child)).stdout)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import shlex
 import stat
@@ -19,7 +18,6 @@ from typing import Any
 import trio
 
 from blockfs.errors import BlockfsError, UsageError
-from blockfs.info import chain_info
 from blockfs.nodes.base import Node
 from blockfs.values import parse_size
 
@@ -67,12 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     s.add_argument("filename")
     s.set_defaults(func=cmd_snapshot)
-
-    i = subparsers.add_parser("info", help="show what an image is")
-    i.add_argument("filename")
-    i.add_argument("--backing-chain", action="store_true", help="every layer of the chain")
-    i.add_argument("--output", choices=("human", "json"), default="human")
-    i.set_defaults(func=cmd_info)
 
 
 # -- create -----------------------------------------------------------------------------------
@@ -320,96 +312,25 @@ def _external_snapshot(args: argparse.Namespace) -> int:
 
 
 def format_snapshots(snapshots: list[dict[str, Any]]) -> str:
+    """The snapshot table as ``qemu-img snapshot -l`` (7.2) prints it."""
     if not snapshots:
         return ""
-    lines = [f"{'ID':<10}{'TAG':<18}{'VM SIZE':>8}{'DATE':>21}{'VM CLOCK':>15}"]
+    lines = [f"{'ID':<9} {'TAG':<16} {'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
     for s in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-        clock = s["vm-clock-nsec"] // 1_000_000
-        ms = clock % 1000
-        secs = clock // 1000
-        vmclock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
-        lines.append(
-            f"{s['id']:<10}{s['name']:<18}{_human(s['vm-state-size']):>8}{date:>21}{vmclock:>15}"
-        )
+        ms = s["vm-clock-nsec"] // 1_000_000
+        secs = s["vm-clock-sec"]
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        icount = str(s["icount"]) if "icount" in s else ""
+        size = human_size(s["vm-state-size"])
+        lines.append(f"{s['id']:<9} {s['name']:<16} {size:>8}{date:>20}{clock:>13}{icount:>11}")
     return "Snapshot list:\n" + "\n".join(lines) + "\n"
 
 
-# -- info -------------------------------------------------------------------------------------
-
-
-def _human(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+def human_size(n: int) -> str:
+    """A size as qemu-img prints one: three significant digits and a binary unit."""
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):  # fmt: skip
         if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.3g} {unit}"
+            return f"{n / (1 << shift):.3g} {unit}"
     return f"{n} B"
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from blockfs.nodes.registry import close_chain, open_image
-
-    async def run() -> list[dict[str, Any]]:
-        node = await open_image(args.filename, read_only=True)
-        try:
-            layers = await chain_info(node)
-        finally:
-            await close_chain(node)
-        return layers
-
-    layers = trio.run(run)
-    if not args.backing_chain:
-        layers = layers[:1]
-    if args.output == "json":
-        doc: object = layers if args.backing_chain else layers[0]
-        print(json.dumps(doc, indent=4, default=str))
-        return 0
-    print("\n".join(_human_info(layer) for layer in layers), end="")
-    return 0
-
-
-_FORMAT_SPECIFIC = (
-    ("subformat", "type"),
-    ("block-size", "block size"),
-    ("logical-sector-size", "logical sector size"),
-    ("physical-sector-size", "physical sector size"),
-    ("log-state", "log"),
-    ("virtual-disk-id", "virtual disk id"),
-    ("data-write-guid", "data write guid"),
-    ("file-write-guid", "file write guid"),
-    ("parent-linkage", "parent linkage"),
-    ("compat", "compat"),
-    ("compression-type", "compression type"),
-    ("lazy-refcounts", "lazy refcounts"),
-    ("refcount-bits", "refcount bits"),
-    ("corrupt", "corrupt"),
-    ("extended-l2", "extended l2"),
-    ("dirty-flag", "dirty flag"),
-)
-
-
-def _human_info(d: dict[str, Any]) -> str:
-    out = [
-        f"image: {d['filename']}",
-        f"file format: {d['format']}",
-        f"virtual size: {_human(d['virtual-size'])} ({d['virtual-size']} bytes)",
-    ]
-    if d.get("actual-size") is not None:
-        out.append(f"disk size: {_human(d['actual-size'])}")
-    if "cluster-size" in d:
-        out.append(f"cluster_size: {d['cluster-size']}")
-    if d.get("backing-filename"):
-        out.append(f"backing file: {d['backing-filename']}")
-        if d.get("backing-format"):
-            out.append(f"backing file format: {d['backing-format']}")
-    snaps = d.get("snapshots") or []
-    if snaps:
-        out.append(format_snapshots(snaps).rstrip("\n"))
-    specific = [(label, d[key]) for key, label in _FORMAT_SPECIFIC if d.get(key) is not None]
-    if specific:
-        out.append("Format specific information:")
-        for label, value in specific:
-            if isinstance(value, bool):
-                value = str(value).lower()
-            out.append(f"    {label}: {value}")
-    return "\n".join(out) + "\n\n"

@@ -18,7 +18,7 @@ import sys
 import time
 
 from blockfs import __version__
-from blockfs.cli import images, jobs
+from blockfs.cli import images, inspect, jobs
 from blockfs.cli.imagespec import parse_image_specs
 from blockfs.config import ImageSpec
 from blockfs.errors import BlockfsError, UsageError
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_cmd_umount)
 
     images.register(sub)
+    inspect.register(sub)
     jobs.register(sub)
     return p
 

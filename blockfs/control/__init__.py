@@ -228,7 +228,9 @@ class ControlTree:
             d,
             TextFile(
                 "info",
-                lambda: export_info(export.name, export.root, export.read_only),
+                lambda: export_info(
+                    export.name, export.root, export.read_only, self._jobs_on(export.name)
+                ),
                 private=True,
             ),
         )
@@ -237,6 +239,13 @@ class ControlTree:
         injector = find_inject_filter(export.root)
         if injector is not None:
             tree.add(d, _InjectFile(injector))
+
+    def _jobs_on(self, device: str) -> list[dict[str, object]]:
+        return [
+            {"id": job.id, "type": job.type, "status": job.state.value}
+            for job in self.jobs.values()
+            if job.device == device
+        ]
 
     async def _image_verb(self, export: Export, data: bytes) -> bytes:
         """``images/NAME/ctl``: ``snapshot=NEW [format=F]`` (the only verb so far)."""

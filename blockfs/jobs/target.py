@@ -22,7 +22,6 @@ Nothing a user does to that folder may make root write a file the user could not
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -362,7 +361,7 @@ def _split(path: str) -> tuple[TargetFolder, str]:
 def _rename_noreplace(dir_fd: int, old: str, new: str) -> None:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)  # libc, without find_library's ldconfig run
     fn = getattr(_libc, "renameat2", None)
     if fn is not None:
         res = fn(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), _RENAME_NOREPLACE)

@@ -64,6 +64,11 @@ class Extent:
     length: int
     status: Status
     depth: int = 0  # in a chain: 0 = the node asked, 1 = its backing node, ...
+    #: where ``offset`` lies in the storage below the node that answered (its child's bytes:
+    #: a qcow2 data cluster's host offset; a file's own offset), or None when the range has no
+    #: one place there (unallocated, a zero cluster, compressed, a node that does not say).
+    #: What ``blockfs map`` shows as "offset", as QEMU's BDRV_BLOCK_OFFSET_VALID.
+    host: int | None = None
 
 
 class Capability(enum.IntFlag):

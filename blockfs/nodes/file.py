@@ -262,19 +262,21 @@ class FileNode(Node):
 
     async def block_status(self, offset: int, length: int) -> Extent:
         end = offset + length
+        zero = Status.ZERO | Status.ALLOCATED
+        data = Status.DATA | Status.ALLOCATED
         try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            found = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data from here to EOF
-                return Extent(offset, length, Status.ZERO | Status.ALLOCATED)
-            return Extent(offset, length, Status.DATA | Status.ALLOCATED)
-        if data > offset:
-            return Extent(offset, min(data, end) - offset, Status.ZERO | Status.ALLOCATED)
+                return Extent(offset, length, zero, 0, offset)
+            return Extent(offset, length, data, 0, offset)
+        if found > offset:
+            return Extent(offset, min(found, end) - offset, zero, 0, offset)
         try:
             hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         except OSError:
             hole = end
-        return Extent(offset, max(1, min(hole, end) - offset), Status.DATA | Status.ALLOCATED)
+        return Extent(offset, max(1, min(hole, end) - offset), data, 0, offset)
 
     async def allocated_bytes(self) -> int:
         if self._is_blockdev:
@@ -331,11 +333,10 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 
 def _fallocate_zero(fd: int, offset: int, length: int, unmap: bool) -> None:
     import ctypes
-    import ctypes.util
 
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)  # libc, without find_library's ldconfig run
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     mode = (_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE) if unmap else _FALLOC_FL_ZERO_RANGE
     if _libc.fallocate(fd, mode, offset, length) != 0:

@@ -73,9 +73,11 @@ def lib() -> _c.CDLL:
         return _lib
     with _lib_lock:
         if _lib is None:
-            name = ctypes.util.find_library("gfapi") or "libgfapi.so.0"
             try:
-                handle = _c.CDLL(name, use_errno=True)
+                try:
+                    handle = _c.CDLL("libgfapi.so.0", use_errno=True)
+                except OSError:  # another soname: ask the linker's cache (slow: ldconfig -p)
+                    handle = _c.CDLL(ctypes.util.find_library("gfapi") or "libgfapi.so", use_errno=True)
             except OSError:
                 raise UsageError(
                     "gluster:// needs libgfapi, which is not installed (apt-get install libgfapi0)"

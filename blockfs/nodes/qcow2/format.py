@@ -56,6 +56,9 @@ MAX_HOST_OFFSET = 1 << 56
 #: time, so a window beyond the cluster (2 MiB at most) is never needed, and a hostile frame
 #: cannot make the decoder reserve zstd's default limit of 128 MiB
 MAX_ZSTD_WINDOW = 8 * 1024 * 1024
+#: QEMU's limits on persistent dirty bitmaps: 65535 of them, a directory of 1 KiB each
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
 
 
 class Incompatible(enum.IntFlag):
@@ -118,6 +121,13 @@ REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 # == Snapshots == table entry, fixed part (40 bytes) and the v3 extra data
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 SNAPSHOT_EXTRA = struct.Struct(">QQ")  # vm_state_size_large, disk_size
+SNAPSHOT_ICOUNT = struct.Struct(">Q")  # extra bytes 16-23, when present
+
+# == Bitmaps extension == and a bitmap directory entry's fixed part
+BITMAPS_EXTENSION = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size and offset
+BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # table offset and size, flags, type, granularity
+#: bits, name size, extra data size
+BITMAP_FLAGS = ((1 << 0, "in-use"), (1 << 1, "auto"))  # in the order qemu-img lists them
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +198,8 @@ class Extensions:
     #: (type, bit) -> name, from the feature name table
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     has_bitmaps: bool = False
+    #: the bitmaps extension: (nb_bitmaps, directory size, directory offset)
+    bitmap_directory: tuple[int, int, int] | None = None
     #: offset just past the end-of-extensions marker (where a backing name may start)
     end: int = 0
     #: raw unknown extensions to preserve when rewriting: (type, data)
@@ -403,6 +415,9 @@ def parse_extensions(buf: bytes, header: Header, where: str) -> Extensions:
                 ext.feature_names[(ftype, bit)] = name.rstrip(b"\0").decode("utf-8", "replace")
         elif etype == ExtensionType.BITMAPS:
             ext.has_bitmaps = True
+            if len(data) >= BITMAPS_EXTENSION.size:
+                nb, _, dsize, doff = BITMAPS_EXTENSION.unpack_from(data)
+                ext.bitmap_directory = (nb, dsize, doff)
         elif etype == ExtensionType.CRYPTO:
             pass  # encryption is refused by crypt_method already
         else:
@@ -682,3 +697,49 @@ def check_l2_table(
                 hit = f"the {name}"
         if hit is not None:
             raise ImageError(f"{where}: L2 table at {offset:#x}, entry {i} points into {hit}")
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapInfo:
+    """What ``qemu-img info`` shows of one persistent dirty bitmap."""
+
+    name: str
+    granularity: int
+    flags: tuple[str, ...]
+
+
+def bitmap_directory_span(ext: Extensions, fsize: int, where: str) -> tuple[int, int, int]:
+    """``(count, offset, length)`` of the bitmap directory the extension names, bounded.
+
+    :raise ImageError: more bitmaps than QEMU allows, or a directory outside the file.
+    """
+    assert ext.bitmap_directory is not None
+    nb, dsize, doff = ext.bitmap_directory
+    if nb > MAX_BITMAPS or dsize > MAX_BITMAP_DIRECTORY_BYTES:
+        raise ImageError(f"{where}: bitmap directory of {nb} bitmaps, {dsize} bytes, is too large")
+    if doff % 8 or doff >= fsize or dsize > fsize - doff or dsize < nb * BITMAP_ENTRY.size:
+        raise ImageError(f"{where}: bitmap directory is outside the file or too short")
+    return nb, doff, dsize
+
+
+def parse_bitmap_directory(buf: bytes, nb: int, where: str) -> list[BitmapInfo]:
+    """The ``nb`` entries of a bitmap directory (== Bitmap directory ==).
+
+    :raise ImageError: an entry runs past the directory, or a name is not UTF-8.
+    """
+    out = []
+    pos = 0
+    for _ in range(nb):
+        if pos + BITMAP_ENTRY.size > len(buf):
+            raise ImageError(f"{where}: bitmap directory entry past the directory's end")
+        _, _, flags, _, gbits, name_size, extra = BITMAP_ENTRY.unpack_from(buf, pos)
+        name_at = pos + BITMAP_ENTRY.size + extra
+        end = name_at + name_size
+        if end > len(buf) or gbits > 63:
+            raise ImageError(f"{where}: bitmap directory entry is malformed")
+        name = _text(bytes(buf[name_at:end]), where, "bitmap name")
+        out.append(
+            BitmapInfo(name, 1 << gbits, tuple(label for bit, label in BITMAP_FLAGS if flags & bit))
+        )
+        pos = end + (-end % 8)
+    return out

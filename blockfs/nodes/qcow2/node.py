@@ -86,18 +86,23 @@ from blockfs.nodes.qcow2.format import (
     OFLAG_ZERO,
     REFT_OFFSET_MASK,
     SNAPSHOT_ENTRY,
+    SNAPSHOT_EXTRA,
+    SNAPSHOT_ICOUNT,
     Autoclear,
+    BitmapInfo,
     Compatible,
     CompressionType,
     Extensions,
     Header,
     Incompatible,
     Snapshot,
+    bitmap_directory_span,
     check_l2_table,
     check_metadata_layout,
     header_cluster_with_backing,
     metadata_regions,
     pack_u64_table,
+    parse_bitmap_directory,
     parse_extensions,
     parse_header,
     parse_snapshots,
@@ -154,6 +159,9 @@ class Qcow2Node(FailsafeNode):
         self.read_only = read_only
         self.filename = child.filename
         self.snapshots = snapshots
+        #: the persistent dirty bitmaps the image had when opened (only their names and
+        #: flags: blockfs does not keep them, and clears the autoclear bit on writing)
+        self.bitmaps: list[BitmapInfo] = []
         cb = header.cluster_bits
         self.cluster_bits = self._cb = cb
         self.cluster_size = self._cs = cs = 1 << cb
@@ -244,6 +252,10 @@ class Qcow2Node(FailsafeNode):
             buf = await child.read(header.snapshots_offset, n)
             snapshots = parse_snapshots(buf, header.nb_snapshots, header, fsize, where)
         node = cls(child, header, ext, backing_name, l1, rt, snapshots, read_only)
+        if ext.bitmap_directory is not None and header.autoclear & Autoclear.BITMAPS:
+            # Read before _check_for_writing clears the autoclear bit: what the image held.
+            nb, doff, dsize = bitmap_directory_span(ext, fsize, where)
+            node.bitmaps = parse_bitmap_directory(await child.read(doff, dsize), nb, where)
         if not read_only:
             await node._check_for_writing()
         if backing_name is not None:
@@ -826,14 +838,38 @@ class Qcow2Node(FailsafeNode):
     # -- status, flush, close ------------------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        kind, _, n = await self._map(offset, length)
+        kind, host, n = await self._map(offset, length)
         if kind == K_UNALLOC:
-            st = Status(0)
-        elif kind == K_ZERO:
-            st = Status.ZERO | Status.ALLOCATED
-        else:
-            st = Status.DATA | Status.ALLOCATED
-        return Extent(offset, n, st)
+            return Extent(offset, n, Status(0))
+        if kind == K_ZERO:
+            host, n = self._zero_run_host(offset, n)
+            return Extent(offset, n, Status.ZERO | Status.ALLOCATED, 0, host)
+        if kind == K_COMP:
+            return Extent(offset, n, Status.DATA | Status.ALLOCATED)
+        return Extent(offset, n, Status.DATA | Status.ALLOCATED, 0, host)
+
+    def _zero_run_host(self, offset: int, n: int) -> tuple[int | None, int]:
+        """A run of zero clusters that ``_map`` found at ``offset`` (``n`` bytes, within one
+        L2 table, now cached), cut to where its clusters are all preallocated in a row (the
+        host offset of ``offset``) or all without a host cluster (None). For block status
+        only: the read path needs no host for zeroes."""
+        cs = self._cs
+        gc = offset >> self._cb
+        l2i = gc & self._l2_mask
+        table = self._l2.get(self._l1[gc >> self._l2_bits] & L1E_OFFSET_MASK)
+        if table is None:
+            return None, n
+        host = table[l2i] & L2E_OFFSET_MASK
+        m = cs - (offset & self._cmask)
+        nxt = host + cs if host else 0
+        while m < n:
+            l2i += 1
+            if table[l2i] & L2E_OFFSET_MASK != nxt:
+                break
+            m += cs
+            if host:
+                nxt += cs
+        return (host + (offset & self._cmask) if host else None), min(m, n)
 
     async def allocated_bytes(self) -> int:
         if self._data_clusters is None:
@@ -1030,22 +1066,33 @@ class Qcow2Node(FailsafeNode):
                 if h.compression_type == CompressionType.ZSTD
                 else "zlib",
                 "extended-l2": False,
-                "bitmaps": bool(self.ext.has_bitmaps and h.autoclear & Autoclear.BITMAPS),
-                "snapshots": [
-                    {
-                        "id": s.id,
-                        "name": s.name,
-                        "vm-state-size": s.vm_state_size,
-                        "date-sec": s.date_sec,
-                        "date-nsec": s.date_nsec,
-                        "vm-clock-nsec": s.vm_clock_nsec,
-                        "disk-size": s.disk_size,
-                    }
-                    for s in self.snapshots
+                "bitmaps": [
+                    {"flags": list(b.flags), "name": b.name, "granularity": b.granularity}
+                    for b in self.bitmaps
                 ],
+                "snapshots": [_snapshot_info(s) for s in self.snapshots],
             }
         )
         return d
+
+
+def _snapshot_info(s: Snapshot) -> dict[str, object]:
+    """One snapshot as ``qemu-img info`` lists it (``icount`` only when the entry records it),
+    plus the ``disk-size`` blockfs also shows."""
+    d: dict[str, object] = {
+        "id": s.id,
+        "name": s.name,
+        "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+    }
+    at = SNAPSHOT_EXTRA.size
+    if len(s.extra) >= at + SNAPSHOT_ICOUNT.size:
+        d["icount"] = SNAPSHOT_ICOUNT.unpack_from(s.extra, at)[0]
+    d["disk-size"] = s.disk_size
+    return d
 
 
 def _check_entries(

@@ -630,14 +630,12 @@ class VhdxNode(FailsafeNode):
         return bytes(out)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        kind, _, n = await self._map(offset, length)
+        kind, host, n = await self._map(offset, length)
         if kind == K_UNALLOC:
-            st = Status(0)
-        elif kind == K_ZERO:
-            st = Status.ZERO | Status.ALLOCATED
-        else:
-            st = Status.DATA | Status.ALLOCATED
-        return Extent(offset, n, st)
+            return Extent(offset, n, Status(0))
+        if kind == K_ZERO:
+            return Extent(offset, n, Status.ZERO | Status.ALLOCATED)
+        return Extent(offset, n, Status.DATA | Status.ALLOCATED, 0, host)
 
     async def allocated_bytes(self) -> int:
         """Payload blocks present in this file (fully or partially), in bytes; counted once."""
