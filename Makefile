@@ -12,7 +12,11 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 #: the suite takes about half the time of one process on two cores (7:15 against 14:05)
 TEST_WORKERS ?= 2
 
-.PHONY: setup apt venv demo demo-vm test bench lint clean
+#: mount(8) looks for its helpers in /sbin only (/sbin:/sbin/fs.d:/sbin/fs, not /usr/local/sbin)
+SBIN ?= /sbin
+MOUNT_HELPERS := mount.fuse.blockfs umount.fuse.blockfs
+
+.PHONY: setup apt venv demo demo-vm test bench lint clean mount-helper
 
 setup: apt venv
 
@@ -45,8 +49,22 @@ test: setup
 bench: setup
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
 
+# `mount -t fuse.blockfs` and /etc/fstab lines: link this checkout's helpers into /sbin (never
+# replacing another file there). The tests link them themselves while they run.
+mount-helper: venv
+	@for h in $(MOUNT_HELPERS); do \
+	  if [ -L $(SBIN)/$$h ] || [ -e $(SBIN)/$$h ]; then \
+	    [ "$$(readlink -f $(SBIN)/$$h)" = "$$(readlink -f $(VENV)/bin/$$h)" ] || \
+	      echo "$(SBIN)/$$h is there already (not this checkout's): left alone"; \
+	  else \
+	    ln -s $(abspath $(VENV))/bin/$$h $(SBIN)/$$h && echo "linked $(SBIN)/$$h"; \
+	  fi; \
+	done
+
 lint: setup
 	$(VENV)/bin/ruff check blockfs tests
 
 clean:
+	@for h in $(MOUNT_HELPERS); do \
+	  [ "$$(readlink $(SBIN)/$$h)" = "$(abspath $(VENV))/bin/$$h" ] && rm -f $(SBIN)/$$h; done; true
 	rm -rf $(VENV) .pytest_cache .cache

@@ -1,6 +1,6 @@
 """What a mount is asked to do: the images (as the command line named them) and the options.
 
-The CLI parses into these (:mod:`blockfs.cli.imagespec`); the daemon serves them. Plain data,
+The CLI parses into these (:mod:`blockfs.imagespec`); the daemon serves them. Plain data,
 so that neither has to import the other.
 """
 
@@ -32,6 +32,9 @@ class MountConfig:
     allow_other: bool = False
     fuse_tasks: int = MAX_FUSE_TASKS
     extra_fuse_options: list[str] = field(default_factory=list)
+    #: the mount's source as mount(8) and /proc/mounts show it (mount.fuse.blockfs passes the
+    #: fstab line's, so that `mount -a` sees the line mounted); default "blockfs"
+    fsname: str = "blockfs"
     #: owner, group and permission bits every image file shows (None: its image file's)
     image_uid: int | None = None
     image_gid: int | None = None

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from blockfs.config import MountConfig
+from blockfs.config import ImageSpec, MountConfig
 from blockfs.control import ControlTree
 from blockfs.control.tree import VirtualTree
 from blockfs.errors import BlockfsError, UsageError
@@ -39,6 +39,7 @@ from blockfs.nodes.registry import (
     close_chain,
     open_image,
 )
+from blockfs.values import spec_text
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,13 @@ def fuse_device(path: str) -> int | None:
     found = None
     for line in lines:
         fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == path:
+        if len(fields) > 4 and unescape_mountinfo(fields[4]) == path:
             major, _, minor = fields[2].partition(":")
             found = os.makedev(int(major), int(minor))  # the last one is on top
     return found
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -146,6 +147,11 @@ class Daemon:
         self.warnings: list[str] = []
         #: st_dev of this mount's files, once mounted (see nodes.file.SERVED_DEVICES)
         self.mount_dev: int | None = None
+        #: the file of each image under the mountpoint
+        self._files: dict[str, ImageFile] = {}
+        #: images added while mounted (their paths are named paths for the open policy)
+        self._added: list[ImageSpec] = []
+        self._hot_lock = trio.Lock()
 
     async def open_images(self) -> None:
         """Open every image; on any failure close what was opened and raise."""
@@ -213,9 +219,7 @@ class Daemon:
         as_writer: bool = False,
         except_device: str | None = None,
     ) -> None:
-        others: dict[str, Node] = {
-            n: e.root for n, e in self.exports.items() if n != except_device
-        }
+        others: dict[str, Node] = {n: e.root for n, e in self.exports.items() if n != except_device}
         check_shared_files(what, node, others, with_backing=with_backing, as_writer=as_writer)
 
     # -- the tree ------------------------------------------------------------------------------
@@ -223,8 +227,133 @@ class Daemon:
     def build_tree(self) -> None:
         """One file per image and the control tree (once the images are open)."""
         for export in self.exports.values():
-            self.ops.add_image(self.tree.root, export)
-        self.control = ControlTree(self.tree, self.exports, self.events, self.jobs)
+            self._files[export.name] = self.ops.add_image(self.tree.root, export)
+        self.control = ControlTree(
+            self.tree,
+            self.exports,
+            self.events,
+            self.jobs,
+            add_image=self._hot_add,
+            remove_image=self._hot_remove,
+        )
+
+    # -- hot add and remove (images/add, images/remove) ----------------------------------------
+
+    def _named_paths(self) -> list[str]:
+        return [s.path for s in self.config.images] + [s.path for s in self._added]
+
+    async def _hot_add(self, data: bytes) -> bytes:
+        """``NAME=SPEC`` written to ``images/add``: open one more image and show its file.
+
+        The spec has the mount command line's syntax; a local path must be absolute (the
+        daemon's folder is not the writer's). The image is opened as at mount time (the same
+        open policy, the same refusals of files another image uses), off the event loop.
+
+        :raise UsageError: a bad spec, a name that is taken (EEXIST), an image that cannot be
+            opened; nothing is left open then.
+        """
+        from blockfs.imagespec import parse_image_spec
+        from blockfs.nodes.protocols import scheme_of
+
+        text = spec_text(data, "image spec").strip()
+        if not text or "\n" in text:
+            raise UsageError("write one image spec: NAME=SPEC (as on the mount command line)")
+        spec = parse_image_spec(text)
+        if scheme_of(spec.path) in (None, "file") and not os.path.isabs(spec.path):
+            raise UsageError(f"{spec.path}: give an absolute path (the daemon runs in /)")
+        async with self._hot_lock:
+            self._check_free_name(spec.name)
+            read_only = self.config.read_only or spec.read_only
+            policy = OpenPolicy.for_paths(
+                [*self._named_paths(), spec.path],
+                spec.backing_dirs,
+                warn=functools.partial(self._warn_live, spec.name),
+            )
+            try:
+                node = await open_image(
+                    spec.path, fmt=spec.format, read_only=read_only, policy=policy,
+                    inject=spec.inject,
+                )  # fmt: skip
+            except BlockfsError as exc:
+                raise type(exc)(f"image {spec.name}: {exc}", errno=exc.errno) from None
+            try:
+                others = {n: e.root for n, e in self.exports.items()}
+                check_shared_files(f"image {spec.name}", node, others)
+                self._check_free_name(spec.name)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await close_chain(node)
+                raise
+            export = Export(spec.name, node, read_only=read_only)
+            self.exports[spec.name] = export
+            self._added.append(spec)
+            self._files[spec.name] = self.ops.add_image(self.tree.root, export)
+            assert self.control is not None
+            self.control.add_image(export)
+            # a lookup of the name before it existed may be cached as "no such file"
+            pyfuse3.invalidate_entry_async(
+                self.tree.root.inode, os.fsencode(spec.name), ignore_enoent=True
+            )
+        self.events.emit("IMAGE_ADDED", device=spec.name, format=node.format_name)
+        log.info("image %s added: %s (%s)", spec.name, node.filename, node.format_name)
+        return f"{spec.name}\n".encode()
+
+    def _check_unused(self, name: str, file: ImageFile) -> None:
+        """:raise UsageError: (EBUSY) a job holds the image, or its file is open."""
+        self.jobs.device(name)
+        handles = self.tree.open_count(file.inode)
+        if handles:
+            raise UsageError(
+                f"image {name!r} is open ({handles} handle{'s' if handles > 1 else ''}); "
+                "close it first",
+                errno=errno.EBUSY,
+            )
+
+    def _check_free_name(self, name: str) -> None:
+        if name in self.exports or name in self.tree.root.children:
+            raise UsageError(f"there is an image named {name!r} already", errno=errno.EEXIST)
+
+    def _warn_live(self, image: str, message: str) -> None:
+        log.warning("image %s: %s", image, message)
+
+    async def _hot_remove(self, data: bytes) -> bytes:
+        """``NAME`` written to ``images/remove``: flush the image and close it; its file and
+        its control folder go away.
+
+        :raise UsageError: no such image (ENOENT); a job uses it or someone holds its file open
+            (EBUSY); its flush failed (EIO: the image stays, as it was).
+        """
+        name = spec_text(data, "image name").strip()
+        async with self._hot_lock:
+            export = self.exports.get(name)
+            if export is None:
+                raise UsageError(f"no image {name!r}", errno=errno.ENOENT)
+            file = self._files[name]
+            self._check_unused(name, file)
+            if not export.read_only:
+                try:
+                    await export.flush()
+                except BlockfsError as exc:
+                    raise UsageError(
+                        f"image {name!r}: flush failed, the image stays: {exc}", errno=errno.EIO
+                    ) from None
+            # Checked again after the flush's await, then gone from the tree at once (no await
+            # in between): no new open can find it; then closed.
+            self._check_unused(name, file)
+            self.ops.remove_image(file)
+            assert self.control is not None
+            self.control.remove_image(name)
+            del self._files[name]
+            del self.exports[name]
+            self._added = [s for s in self._added if s.name != name]
+            with trio.CancelScope(shield=True):
+                try:
+                    await close_chain(export.root)
+                except Exception as exc:
+                    log.error("closing %s failed: %s", name, exc)
+        self.events.emit("IMAGE_REMOVED", device=name)
+        log.info("image %s removed", name)
+        return b"ok\n"
 
     def _warn(self, image: str, message: str) -> None:
         self.warnings.append(f"image {image}: {message}")
@@ -245,7 +374,8 @@ class Daemon:
 
     def _fuse_options(self) -> set[str]:
         opts = set(pyfuse3.default_options)
-        opts |= {"fsname=blockfs", "subtype=blockfs"}
+        fsname = self.config.fsname.replace("\\", "\\\\").replace(",", "\\,")
+        opts |= {f"fsname={fsname}", "subtype=blockfs"}
         if self.config.allow_other:
             opts.add("allow_other")
         if self.config.read_only:

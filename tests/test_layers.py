@@ -1,8 +1,9 @@
 """The import rule: each layer of blockfs imports only from the layers below it.
 
 From the top down: ``cli`` (the command), ``daemon`` (the life of a mount), ``fs`` (the FUSE
-operations), ``control`` (the virtual files), ``jobs``, ``export`` and ``info``, ``nodes``, and
-at the bottom ``config``, ``values`` and ``errors``, which any layer may use. Every import counts,
+operations), ``control`` (the virtual files), ``jobs``, ``export``, ``info``, ``mapping`` and
+``imagespec``, ``nodes``, and at the bottom ``config``, ``values`` and ``errors``, which
+any layer may use. Every import counts,
 also those inside functions and under ``TYPE_CHECKING``: a circle that only type checkers see is
 still a circle in the design. Only ``fs.py`` and ``daemon.py`` may import pyfuse3.
 """
@@ -22,8 +23,10 @@ LAYERS = {
     "values": 0,
     "config": 0,
     "nodes": 1,
+    "imagespec": 2,
     "export": 2,
     "info": 2,
+    "mapping": 2,
     "jobs": 3,
     "control": 4,
     "fs": 5,

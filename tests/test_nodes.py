@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockfs.cli.imagespec import parse_image_spec
 from blockfs.errors import UsageError
+from blockfs.imagespec import parse_image_spec
 from blockfs.nodes.base import Status, chain_block_status
 from blockfs.nodes.file import FileNode
 from blockfs.nodes.registry import close_chain, open_image

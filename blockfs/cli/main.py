@@ -19,9 +19,9 @@ import time
 
 from blockfs import __version__
 from blockfs.cli import images, inspect, jobs
-from blockfs.cli.imagespec import parse_image_specs
 from blockfs.config import ImageSpec
 from blockfs.errors import BlockfsError, UsageError
+from blockfs.imagespec import parse_image_specs
 
 log = logging.getLogger("blockfs")
 
@@ -102,6 +102,7 @@ def _run_daemon(args: argparse.Namespace, specs: list[ImageSpec]) -> int:
         image_uid=args.uid,
         image_gid=args.gid,
         image_mode=args.mode,
+        fsname=args.fsname,
     )
     ready_fd: int | None = args.ready_fd
 
@@ -147,6 +148,8 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         cmd.append("--verbose")
     if args.log:
         cmd += ["--log", os.path.abspath(args.log)]
+    if args.fsname != "blockfs":
+        cmd.append(f"--fsname={args.fsname}")
     cmd += [os.path.abspath(args.mountpoint), "--", *args.images]
     with open(os.devnull, "rb+") as devnull:
         proc = subprocess.Popen(
@@ -286,17 +289,62 @@ def _id_number(text: str) -> int:
     return n
 
 
+TOP_EPILOG = """\
+examples:
+  blockfs mount /mnt/disks disk0=/srv/a.qcow2,format=qcow2 disk1=/srv/b.img
+  blockfs umount /mnt/disks
+  blockfs COMMAND --help       every option of COMMAND, with examples
+
+mount(8) and /etc/fstab: `mount -t fuse.blockfs IMAGE MNT -o OPTIONS` runs mount.fuse.blockfs
+(see mount.fuse.blockfs --help, examples/fstab and examples/blockfs-disk.mount).
+"""
+
+MOUNT_EPILOG = """\
+IMAGE keys (comma separated after the path; ",," is a comma inside the path):
+  format=F            raw, qcow2 or vhdx; without it the format is probed (and a warning given)
+  read-only=on        open this image read-only
+  backing-dirs=A:B    folders a probed image may take its backing files from
+  inject=on           an error-injection filter under the image (for tests)
+  ssh://... and gluster://... images take their own keys (host=, user=, identity=, server=, ...)
+
+examples:
+  blockfs mount /mnt/disks disk0=/srv/a.qcow2,format=qcow2 disk1=/srv/b.img,format=raw
+  blockfs mount --read-only --allow-other --uid=1000 --gid=1000 --mode=640 /mnt/ro /srv/a.img
+  blockfs mount --log=/var/log/blockfs.log /mnt/vm vm=ssh://alice@host/srv/vm.qcow2,format=qcow2
+  blockfs mount -f -v /mnt/debug disk0=/srv/a.img     # serve in the foreground, log to stderr
+"""
+
+UMOUNT_EPILOG = """\
+examples:
+  blockfs umount /mnt/disks
+  umount /mnt/disks        the same, through umount.fuse.blockfs (when installed)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="blockfs", description="Virtual disk images as plain files, with live block jobs."
+        prog="blockfs",
+        description="Virtual disk images as plain files, with live block jobs.",
+        epilog=TOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"blockfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    m = sub.add_parser("mount", help="mount images as files under MNT")
-    m.add_argument("mountpoint", metavar="MNT")
+    m = sub.add_parser(
+        "mount",
+        help="mount images as files under MNT",
+        description="Mount images as files under MNT; returns once every image is open and\n"
+        "the mount is up (the daemon serves it in the background).",
+        epilog=MOUNT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("mountpoint", metavar="MNT", help="an empty directory to mount on")
     m.add_argument(
-        "images", nargs="*", metavar="IMAGE", help="NAME=PATH[,format=F,read-only=on] or PATH"
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="NAME=PATH[,key=value...] or PATH (below); NAME is the file's name under MNT",
     )
     m.add_argument("--read-only", action="store_true", help="open every image read-only")
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
@@ -314,12 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
-    m.add_argument("-v", "--verbose", action="store_true")
+    m.add_argument("-v", "--verbose", action="store_true", help="log every step (debug)")
+    m.add_argument(
+        "--fsname",
+        default="blockfs",
+        metavar="SOURCE",
+        help="the source /proc/mounts shows (default blockfs; mount.fuse.blockfs passes its own)",
+    )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=_cmd_mount)
 
-    u = sub.add_parser("umount", help="flush every image and unmount MNT")
-    u.add_argument("mountpoint", metavar="MNT")
+    u = sub.add_parser(
+        "umount",
+        help="flush every image and unmount MNT",
+        description="Unmount MNT: the daemon flushes and closes every image, and this returns\n"
+        "once it has exited. Refused while a file under MNT is open. A mount whose daemon\n"
+        "died (kill -9) is detached.",
+        epilog=UMOUNT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    u.add_argument("mountpoint", metavar="MNT", help="a blockfs mountpoint")
     u.set_defaults(func=_cmd_umount)
 
     images.register(sub)

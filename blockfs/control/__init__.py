@@ -7,6 +7,10 @@
     .control/images/NAME/stats     JSON: QEMU's blockstats counters
     .control/images/NAME/inject    error-injection rules (only with the image option inject=on)
     .control/images/NAME/ctl       write snapshot=NEW.qcow2: an external snapshot, live
+    .control/images/NAME/snapshots JSON: the internal snapshot table; write create|delete|apply TAG
+    .control/images/NAME/map       JSON: qemu-img map's extents of the image
+    .control/images/add            write NAME=SPEC: open another image while mounted
+    .control/images/remove         write NAME: flush and close an image nothing uses
     .control/jobs/backup           write a spec here to start a backup
     .control/jobs/mirror           write a spec here to start a mirror
     .control/jobs/commit           write a spec here to start a commit
@@ -22,11 +26,13 @@ reveal host paths (events, info, status) are readable by the mount's owner only.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
+from blockfs.control.stats import StatsFile
 from blockfs.control.tree import (
     MAX_CONTROL_BYTES,
     MAX_CONTROL_HANDLES,
@@ -39,12 +45,16 @@ from blockfs.errors import UsageError
 from blockfs.export import Export
 from blockfs.info import export_info
 from blockfs.jobs.chain import external_snapshot
+from blockfs.jobs.internal import internal_snapshot, parse_verb, snapshot_table
 from blockfs.jobs.job import EventLog, Job
 from blockfs.jobs.registry import JobRegistry
+from blockfs.mapping import map_image, map_json
 from blockfs.nodes.inject import InjectFilter, find_inject_filter
 from blockfs.values import MAX_SPEC_BYTES, parse_size
 
 CONTROL_DIR = ".control"
+#: most extents the map file renders (~100 bytes each): a larger map is refused (EFBIG)
+MAX_MAP_ENTRIES = 200_000
 
 _LIMIT_MIB = MAX_CONTROL_BYTES >> 20
 
@@ -59,8 +69,28 @@ pid                     the daemon's process id
 events                  one JSON event per line, oldest first (the last 1000); an event
                         equal (name and data) to one of the last 8 is not added again:
                         that entry moves to the end with "count" and the latest timestamp
-images/NAME/info        JSON: format, virtual-size, filename, read-only, backing-chain
-images/NAME/stats       JSON: rd_bytes, wr_bytes, rd_operations, wr_operations, ...
+images/NAME/info        JSON: qemu-img info's fields of the image's live chain (each
+                        layer under the one above as "backing-image"); under "blockfs":
+                        device, read-only, the jobs on it
+images/NAME/map         JSON: qemu-img map --output json's extents (start, length, depth,
+                        present, zero, data, offset)
+images/NAME/snapshots   JSON: the internal snapshot table of a qcow2 image (qemu-img info's
+                        fields and disk-size); write `create TAG`, `delete TAG` or
+                        `apply TAG`: done live, guest requests wait the instant it takes;
+                        refused (EBUSY) while a job runs on the image
+images/add              write NAME=SPEC (mount's syntax, an absolute path) to open one more
+                        image; its file appears under the mountpoint
+images/remove           write NAME: flush and close it; refused (EBUSY) while a job uses it
+                        or anyone holds the file open
+images/NAME/stats       JSON: QEMU's blockstats counters (rd_bytes, wr_operations, ...);
+                        rd_, wr_ and flush_latency_histogram ({{boundaries, bins}}, ns;
+                        bin i counts [boundaries[i-1], boundaries[i]); by default
+                        10us 100us 1ms 10ms 100ms 1s); nodes: per layer of the chain,
+                        top first, the I/O its storage did (metadata, reads falling
+                        through to a backing file). The owner may write `clear` (bins
+                        to zero) or boundaries=N,N,... (ns; all three histograms),
+                        boundaries-read=, boundaries-write=, boundaries-flush= (one
+                        each): new boundaries start their bins from zero
 images/NAME/inject      (image option inject=on only) write error-injection rules; read
                         them as JSON, with how often each fired
 images/NAME/ctl         write snapshot=NEW.qcow2 (format=qcow2|vhdx): an external
@@ -151,6 +181,9 @@ Examples:
     echo dismiss > MNT/.control/jobs/disk0/ctl      # once concluded
     tail -n 5 MNT/.control/events
     echo "snapshot=disk0-snap1.qcow2" > MNT/.control/images/disk0/ctl
+    echo "create before-upgrade" > MNT/.control/images/disk0/snapshots
+    echo "disk1=/srv/disk1.qcow2,read-only=on" > MNT/.control/images/add
+    echo disk1 > MNT/.control/images/remove
     echo "device=disk0 top=disk0-snap1.qcow2 base=disk0.qcow2" > MNT/.control/jobs/commit
     echo "device=disk0 base=disk0.qcow2" > MNT/.control/jobs/stream
 
@@ -162,8 +195,10 @@ get the reason, e.g.:  exec 3<>MNT/.control/jobs/backup; echo "device=x" >&3; ca
 class _WritableFile(VFile):
     writable = True
 
-    def __init__(self, name: str, act: Callable[[bytes], Awaitable[bytes | None]]) -> None:
-        super().__init__(name)
+    def __init__(
+        self, name: str, act: Callable[[bytes], Awaitable[bytes | None]], *, private: bool = False
+    ) -> None:
+        super().__init__(name, private=private)
         self._act = act
 
     async def write(self, data: bytes) -> bytes | None:
@@ -186,6 +221,30 @@ class _InjectFile(VFile):
         return self._injector.apply(data).encode()
 
 
+class _SnapshotsFile(VFile):
+    """``images/NAME/snapshots``: the internal snapshot table in, verbs out."""
+
+    writable = True
+
+    def __init__(self, export: Export, control: ControlTree) -> None:
+        super().__init__("snapshots")
+        self._export = export
+        self._control = control
+
+    async def render(self) -> bytes:
+        return (json.dumps(snapshot_table(self._export), indent=2) + "\n").encode()
+
+    async def write(self, data: bytes) -> bytes | None:
+        verb, tag = parse_verb(data)
+        export = self._export
+        self._control.registry.device(export.name)  # EBUSY while a job holds it
+        entry = await internal_snapshot(export, verb, tag)
+        event = {"create": "SNAPSHOT_CREATED", "delete": "SNAPSHOT_DELETED",
+                 "apply": "SNAPSHOT_APPLIED"}[verb]  # fmt: skip
+        self._control.events.emit(event, device=export.name, id=entry["id"], name=entry["name"])
+        return (json.dumps(entry) + "\n").encode()
+
+
 class ControlTree:
     """The files under ``MNT/.control``. Job files route to the :class:`JobRegistry`; the tree
     knows nothing of the daemon."""
@@ -196,7 +255,13 @@ class ControlTree:
         exports: Mapping[str, Export],
         events: EventLog,
         jobs: JobRegistry,
+        *,
+        add_image: Callable[[bytes], Awaitable[bytes]] | None = None,
+        remove_image: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
+        """``add_image`` and ``remove_image`` act on writes to ``images/add`` and
+        ``images/remove`` (the daemon's hot add and remove); without them the files are
+        absent."""
         self.tree = tree
         self.events = events
         self.registry = jobs
@@ -209,6 +274,11 @@ class ControlTree:
             TextFile("events", self._render_events, version=lambda: events.version, private=True),
         )
         self.images_dir = tree.mkdirs(self.dir, "images")
+        self._image_dirs: dict[str, VDir] = {}
+        if add_image is not None:
+            tree.add(self.images_dir, _WritableFile("add", add_image, private=True))
+        if remove_image is not None:
+            tree.add(self.images_dir, _WritableFile("remove", remove_image, private=True))
         for export in exports.values():
             self.add_image(export)
         self.jobs_dir = tree.mkdirs(self.dir, "jobs")
@@ -224,6 +294,7 @@ class ControlTree:
     def add_image(self, export: Export) -> None:
         tree = self.tree
         d = tree.mkdirs(self.images_dir, export.name)
+        self._image_dirs[export.name] = d
         tree.add(
             d,
             TextFile(
@@ -234,11 +305,30 @@ class ControlTree:
                 private=True,
             ),
         )
-        tree.add(d, TextFile("stats", lambda: {"device": export.name, **export.stats.as_dict()}))
+        tree.add(d, StatsFile(export))
         tree.add(d, _WritableFile("ctl", functools.partial(self._image_verb, export)))
+        tree.add(d, TextFile("map", functools.partial(self._render_map, export), private=True))
+        tree.add(d, _SnapshotsFile(export, self))
         injector = find_inject_filter(export.root)
         if injector is not None:
             tree.add(d, _InjectFile(injector))
+
+    def remove_image(self, name: str) -> None:
+        """Take ``images/NAME`` away (the image was closed); open handles keep working."""
+        d = self._image_dirs.pop(name, None)
+        if d is not None:
+            self.tree.remove(d)
+
+    async def _render_map(self, export: Export) -> bytes:
+        try:
+            entries = await map_image(export.root, max_entries=MAX_MAP_ENTRIES)
+        except OverflowError:
+            raise UsageError(
+                f"the map of {export.name} has more than {MAX_MAP_ENTRIES} extents; "
+                "run blockfs map on the image file",
+                errno=errno.EFBIG,
+            ) from None
+        return map_json(entries).encode()
 
     def _jobs_on(self, device: str) -> list[dict[str, object]]:
         return [

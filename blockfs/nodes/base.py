@@ -105,6 +105,35 @@ class Limits:
     max_inflight: int | None = None
 
 
+class IoCounters:
+    """What one protocol node did on its storage (``Node.io``), counted where it does the I/O,
+    so that each layer of a chain shows its own (format metadata, reads falling through to a
+    backing file), as QEMU's per-node stats do, under QEMU's names. Counted: requests that
+    succeeded (operations and bytes) and those that ended in an error (``failed_*``; a
+    cancelled request counts neither way). A write-zeroes the storage does itself counts as a
+    write of its length (as QEMU's devices account it); where a node falls back to writing zero
+    buffers, those writes count instead. A discard is an unmap; one the storage refused counts
+    as failed even where the node keeps quiet about it (a discard is a hint). One increment of
+    a slot per counter: cheap enough for every request."""
+
+    COUNTERS = (
+        "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+        "flush_operations", "unmap_operations", "failed_rd_operations",
+        "failed_wr_operations", "failed_flush_operations", "failed_unmap_operations",
+    )  # fmt: skip
+    __slots__ = COUNTERS
+
+    def __init__(self) -> None:
+        self.rd_bytes = self.wr_bytes = self.unmap_bytes = 0
+        self.rd_operations = self.wr_operations = 0
+        self.flush_operations = self.unmap_operations = 0
+        self.failed_rd_operations = self.failed_wr_operations = 0
+        self.failed_flush_operations = self.failed_unmap_operations = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+
 class Node(abc.ABC):
     """Base of every node. Subclasses set ``size`` and ``read_only`` before they are used."""
 
@@ -122,6 +151,9 @@ class Node(abc.ABC):
     #: write failed, so its tables in memory may not match the file), or None. Cleared only
     #: by opening the image again; a job reopens its target (see jobs.target).
     write_failure: str | None = None
+    #: a protocol node's count of the I/O it did on its storage (the ``nodes`` of an image's
+    #: ``stats`` file); None: a node that counts none of its own (formats, filters, views)
+    io: IoCounters | None = None
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:

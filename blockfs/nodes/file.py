@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from blockfs.errors import BlockfsError, ReadOnlyError, UsageError
-from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
+from blockfs.nodes.base import Capability, Extent, IoCounters, Limits, Node, Status
 from blockfs.nodes.threads import shared_pool
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class FileNode(Node):
         self.fd = fd
         self.size = size
         self.read_only = read_only
+        self.io: IoCounters = IoCounters()
         self._is_blockdev = False
         self._pool = shared_pool()
         self.limits = Limits(max_inflight=self._pool.size)
@@ -174,29 +175,40 @@ class FileNode(Node):
         return data
 
     async def read(self, offset: int, length: int) -> bytes:
+        io = self.io
         if length <= self._inline_max:
             if self._inline:
                 try:
-                    return self._pread_full(length, offset)
+                    data = self._pread_full(length, offset)
                 except OSError as exc:
+                    io.failed_rd_operations += 1
                     raise _oserror(exc, "read from", self.filename) from None
+                io.rd_operations += 1
+                io.rd_bytes += length
+                return data
             if self._read_nowait:
                 buf = bytearray(length)
                 try:
                     if os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length:
+                        io.rd_operations += 1
+                        io.rd_bytes += length
                         return bytes(buf)
                     # short (past EOF, or partly cached): the pool reads it and judges
                 except BlockingIOError:
                     pass
                 except OSError as exc:
                     if exc.errno != errno.EOPNOTSUPP:
+                        io.failed_rd_operations += 1
                         raise _oserror(exc, "read from", self.filename) from None
                     self._read_nowait = False
         try:
-            data: bytes = await self._pool.run(self._pread_full, length, offset)
+            got: bytes = await self._pool.run(self._pread_full, length, offset)
         except OSError as exc:
+            io.failed_rd_operations += 1
             raise _oserror(exc, "read from", self.filename) from None
-        return data
+        io.rd_operations += 1
+        io.rd_bytes += length
+        return got
 
     def _pwrite_full(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
@@ -216,13 +228,18 @@ class FileNode(Node):
             else:
                 await self._pool.run(self._pwrite_full, data, offset)
         except OSError as exc:
+            self.io.failed_wr_operations += 1
             raise _oserror(exc, "write to", self.filename) from None
+        io = self.io
+        io.wr_operations += 1
+        io.wr_bytes += len(data)
         if offset + len(data) > self.size:
             self.size = offset + len(data)  # format nodes append to their file
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
+        io, zeroed = self.io, length
         end = offset + length
         if end > self.size and not self._is_blockdev:
             # Growing the file: a hole past the old end already reads as zeroes.
@@ -230,13 +247,18 @@ class FileNode(Node):
             await self._pool.run(os.ftruncate, self.fd, end)
             self.size = end
             if offset >= old:
+                io.wr_operations += 1
+                io.wr_bytes += zeroed
                 return
             length = old - offset
         # FALLOC_FL_ZERO_RANGE keeps the space allocated, PUNCH_HOLE frees it; both read as 0.
         try:
             await self._pool.run(_fallocate_zero, self.fd, offset, length, may_unmap)
         except OSError:
-            await super().write_zeroes(offset, length, may_unmap)
+            await super().write_zeroes(offset, length, may_unmap)  # counts its writes
+            return
+        io.wr_operations += 1
+        io.wr_bytes += zeroed
 
     async def discard(self, offset: int, length: int) -> None:
         if self.read_only:
@@ -244,7 +266,10 @@ class FileNode(Node):
         try:
             await self._pool.run(_fallocate_zero, self.fd, offset, length, True)
         except OSError:
-            pass  # discard is a hint
+            self.io.failed_unmap_operations += 1
+            return  # discard is a hint
+        self.io.unmap_operations += 1
+        self.io.unmap_bytes += length
 
     async def flush(self) -> None:
         if self.read_only:
@@ -252,7 +277,9 @@ class FileNode(Node):
         try:
             await self._pool.run(os.fdatasync, self.fd)
         except OSError as exc:
+            self.io.failed_flush_operations += 1
             raise _oserror(exc, "flush", self.filename) from None
+        self.io.flush_operations += 1
 
     async def truncate(self, size: int) -> None:
         if self.read_only:

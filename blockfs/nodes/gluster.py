@@ -47,7 +47,7 @@ import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
 from blockfs.nodes import gfapi
-from blockfs.nodes.base import Capability, Extent, Node, Status
+from blockfs.nodes.base import Capability, Extent, IoCounters, Node, Status
 from blockfs.nodes.retry import RetryPolicy
 from blockfs.nodes.runpool import RunPool
 
@@ -410,6 +410,7 @@ class GlusterNode(Node):
         self.filename = loc.uri()
         self.read_only = read_only
         self.size = 0
+        self.io: IoCounters = IoCounters()
         self._vol: _Volume | None = None
         self._fd = 0
         self._closed = False
@@ -559,12 +560,21 @@ class GlusterNode(Node):
 
     async def read(self, offset: int, length: int) -> bytes:
         fd = self._fd_or_fail("read")
-        if IO_MODE == "threads":
-            data = await self._call("read", gfapi.pread, fd, length, offset)
-        else:
-            calls = self._calls
-            n, buf = await self._async("read", lambda done: calls.pread(fd, length, offset, done))
-            data = buf.raw if n == length else buf.raw[:n]
+        try:
+            if IO_MODE == "threads":
+                data = await self._call("read", gfapi.pread, fd, length, offset)
+            else:
+                calls = self._calls
+                n, buf = await self._async(
+                    "read", lambda done: calls.pread(fd, length, offset, done)
+                )
+                data = buf.raw if n == length else buf.raw[:n]
+        except BlockfsError:
+            self.io.failed_rd_operations += 1
+            raise
+        io = self.io
+        io.rd_operations += 1
+        io.rd_bytes += length
         if len(data) < length:
             data += bytes(length - len(data))  # past the end of the file: zeroes
         return data
@@ -575,16 +585,23 @@ class GlusterNode(Node):
         fd = self._fd_or_fail("write")
         data = bytes(data)
         done_bytes = 0
-        while done_bytes < len(data):
-            piece = data if not done_bytes else data[done_bytes:]
-            pos = offset + done_bytes
-            if IO_MODE == "threads":
-                n = await self._call("write", gfapi.pwrite, fd, piece, pos)
-            else:
-                n = await self._write_async(fd, piece, pos)
-            if n <= 0:
-                raise BlockfsError(f"{self.filename}: write: nothing written", errno=errno.EIO)
-            done_bytes += n
+        try:
+            while done_bytes < len(data):
+                piece = data if not done_bytes else data[done_bytes:]
+                pos = offset + done_bytes
+                if IO_MODE == "threads":
+                    n = await self._call("write", gfapi.pwrite, fd, piece, pos)
+                else:
+                    n = await self._write_async(fd, piece, pos)
+                if n <= 0:
+                    raise BlockfsError(f"{self.filename}: write: nothing written", errno=errno.EIO)
+                done_bytes += n
+        except BlockfsError:
+            self.io.failed_wr_operations += 1
+            raise
+        io = self.io
+        io.wr_operations += 1
+        io.wr_bytes += len(data)
         if offset + len(data) > self.size:
             self.size = offset + len(data)
 
@@ -599,6 +616,8 @@ class GlusterNode(Node):
                 await self._call(
                     "write_zeroes", gfapi.zerofill, self._fd_or_fail("zero"), offset, length
                 )
+                self.io.wr_operations += 1
+                self.io.wr_bytes += length
                 return
             except BlockfsError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -610,18 +629,27 @@ class GlusterNode(Node):
         try:
             await self._call("discard", gfapi.discard, self._fd_or_fail("discard"), offset, length)
         except BlockfsError as exc:
+            self.io.failed_unmap_operations += 1
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
+            return
+        self.io.unmap_operations += 1
+        self.io.unmap_bytes += length
 
     async def flush(self) -> None:
         if self.read_only:
             return
         fd = self._fd_or_fail("flush")
-        if IO_MODE == "threads":
-            await self._call("flush", gfapi.fsync, fd)
-        else:
-            calls = self._calls
-            await self._async("flush", lambda done: calls.fsync(fd, done))
+        try:
+            if IO_MODE == "threads":
+                await self._call("flush", gfapi.fsync, fd)
+            else:
+                calls = self._calls
+                await self._async("flush", lambda done: calls.fsync(fd, done))
+        except BlockfsError:
+            self.io.failed_flush_operations += 1
+            raise
+        self.io.flush_operations += 1
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """SEEK_DATA / SEEK_HOLE on the remote file, where the volume answers them."""

@@ -56,7 +56,7 @@ import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
 from blockfs.nodes import sftp
-from blockfs.nodes.base import Extent, Node, Status
+from blockfs.nodes.base import Extent, IoCounters, Node, Status
 from blockfs.nodes.retry import RetryPolicy
 from blockfs.nodes.runpool import RunPool
 from blockfs.nodes.sftp import SftpError, SftpSession
@@ -362,6 +362,7 @@ class SshNode(Node):
         self.filename = loc.uri()
         self.read_only = read_only
         self.size = 0
+        self.io: IoCounters = IoCounters()
         self._conn: _Connection | None = None
         self._session: SftpSession | None = None
         self._handle = b""
@@ -450,7 +451,14 @@ class SshNode(Node):
 
     async def read(self, offset: int, length: int) -> bytes:
         step = self._max_read
-        data = await self._call("read", lambda s, h: s.read(h, offset, length, step))
+        try:
+            data = await self._call("read", lambda s, h: s.read(h, offset, length, step))
+        except BlockfsError:
+            self.io.failed_rd_operations += 1
+            raise
+        io = self.io
+        io.rd_operations += 1
+        io.rd_bytes += length
         if len(data) < length:
             data += bytes(length - len(data))  # past the end of the file: zeroes
         return data
@@ -459,7 +467,14 @@ class SshNode(Node):
         if self.read_only:
             raise BlockfsError(f"{self.filename} is open read-only", errno=errno.EROFS)
         step = self._max_write
-        await self._call("write", lambda s, h: s.write(h, offset, data, step))
+        try:
+            await self._call("write", lambda s, h: s.write(h, offset, data, step))
+        except BlockfsError:
+            self.io.failed_wr_operations += 1
+            raise
+        io = self.io
+        io.wr_operations += 1
+        io.wr_bytes += len(data)
         if offset + len(data) > self.size:
             self.size = offset + len(data)
 
@@ -487,7 +502,12 @@ class SshNode(Node):
                     log.warning("%s: the server lacks fsync@openssh.com: a flush only "
                                 "waits for its replies", self.loc.server)  # fmt: skip
 
-        await self._call("flush", fsync)
+        try:
+            await self._call("flush", fsync)
+        except BlockfsError:
+            self.io.failed_flush_operations += 1
+            raise
+        self.io.flush_operations += 1
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return Extent(offset, length, Status.DATA | Status.ALLOCATED)

@@ -221,7 +221,7 @@ class Qcow2Node(FailsafeNode):
         if header.incompatible & Incompatible.DIRTY and not read_only:
             raise ImageError(
                 f"{where}: image is dirty (lazy refcounts not written back); run "
-                "'qemu-img check -r all' before opening it read-write (read-only works)"
+                "'blockfs check -r all' before opening it read-write (read-only works)"
             )
         backing_name = None
         if header.backing_file_offset:
@@ -842,8 +842,8 @@ class Qcow2Node(FailsafeNode):
         if kind == K_UNALLOC:
             return Extent(offset, n, Status(0))
         if kind == K_ZERO:
-            host, n = self._zero_run_host(offset, n)
-            return Extent(offset, n, Status.ZERO | Status.ALLOCATED, 0, host)
+            zhost, n = self._zero_run_host(offset, n)
+            return Extent(offset, n, Status.ZERO | Status.ALLOCATED, 0, zhost)
         if kind == K_COMP:
             return Extent(offset, n, Status.DATA | Status.ALLOCATED)
         return Extent(offset, n, Status.DATA | Status.ALLOCATED, 0, host)
