@@ -658,7 +658,7 @@ async def test_dirty_image_opens_read_only_but_not_read_write(tmp_path: Path) ->
     qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
     qemu_io(img, "write -P 0x21 0 64k")
     _set_incompatible(img, 1)
-    with pytest.raises(ImageError, match=r"qemu-img check -r all"):
+    with pytest.raises(ImageError, match=r"blockfs check -r all"):
         await open_image(str(img))
     node = await open_image(str(img), read_only=True)
     try:
@@ -739,8 +739,14 @@ async def test_preallocated_zero_cluster_reads_zero_and_is_rewritten_exactly(
     node = await open_image(str(img))
     try:
         assert await node.read(0, 128 * 1024) == bytes(128 * 1024)
+        # two runs of zeroes: the preallocated cluster (with its host offset, as qemu-img map
+        # shows it), then the unmapped one
         ext = await node.block_status(0, MiB)
-        assert ext.status == Status.ZERO | Status.ALLOCATED and ext.length == 128 * 1024
+        assert ext.status == Status.ZERO | Status.ALLOCATED and ext.length == 64 * 1024
+        assert ext.host == m[0]["offset"]
+        ext = await node.block_status(64 * 1024, MiB)
+        assert ext.status == Status.ZERO | Status.ALLOCATED and ext.length == 64 * 1024
+        assert ext.host is None
         await node.write(1000, b"\x22" * 100)  # the rest of the cluster must stay zero
         assert await node.read(0, 65536) == bytes(1000) + b"\x22" * 100 + bytes(64436)
     finally:

@@ -18,7 +18,7 @@ import sys
 import time
 
 from blockfs import __version__
-from blockfs.cli import images, inspect, jobs
+from blockfs.cli import check, images, inspect, jobs
 from blockfs.config import ImageSpec
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.imagespec import parse_image_specs
@@ -386,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     images.register(sub)
     inspect.register(sub)
+    check.register(sub)
     jobs.register(sub)
     return p
 

@@ -215,7 +215,7 @@ class Qcow2Node(FailsafeNode):
         read_only = bool(getattr(ctx, "read_only", True)) or child.read_only
         if header.incompatible & Incompatible.CORRUPT and not read_only:
             raise ImageError(
-                f"{where}: image is marked corrupt; run 'qemu-img check -r all' "
+                f"{where}: image is marked corrupt; run 'blockfs check -r all' "
                 "(or open it read-only)"
             )
         if header.incompatible & Incompatible.DIRTY and not read_only:
@@ -278,7 +278,7 @@ class Qcow2Node(FailsafeNode):
             for c in range(off >> self._cb, (off >> self._cb) + n):
                 if await self.refcounts.get(c) == 0:
                     raise ImageError(
-                        f"{where}: metadata cluster {c} has refcount 0; run 'qemu-img check -r all'"
+                        f"{where}: metadata cluster {c} has refcount 0; run 'blockfs check -r all'"
                     )
         if self.header.autoclear:
             # We do not maintain bitmaps: an implementation that writes must clear the bits.

@@ -167,7 +167,7 @@ class Refcounts:
             if not off:
                 raise ImageError(
                     f"{where}: refcount block for cluster "
-                    f"{items[0][0]} is missing; run 'qemu-img check -r all'"
+                    f"{items[0][0]} is missing; run 'blockfs check -r all'"
                 )
             blk = await self._block(off)
             lo, hi = self._cs, 0
@@ -177,7 +177,7 @@ class Refcounts:
                 if v < 0 or v > self.max:
                     raise ImageError(
                         f"{where}: refcount of cluster {c} would become "
-                        f"{v}; run 'qemu-img check -r all'"
+                        f"{v}; run 'blockfs check -r all'"
                     )
                 a, b = self._rc_set(blk, j, v)
                 lo = min(lo, a)
@@ -256,7 +256,7 @@ class Refcounts:
         if hit is not None:
             raise ImageError(
                 f"{self._child.filename}: refcounts are corrupt (metadata in clusters "
-                f"{start}..{end - 1} counted free); run 'qemu-img check -r all'"
+                f"{start}..{end - 1} counted free); run 'blockfs check -r all'"
             )
 
     async def _find_free(self, n: int) -> int:
