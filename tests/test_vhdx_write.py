@@ -754,7 +754,7 @@ def test_kill_during_fio_with_fsync_loses_no_acknowledged_write(mount: Any, tmp_
         if i == 0:
             run(["cp", "--sparse=always", str(img), str(theirs)])
         m = mount(f"vm={img},format=vhdx")  # replays the log
-        replays += m.info("vm")["log-state"] == "replayed"
+        replays += m.info("vm")["format-specific"]["data"]["log-state"] == "replayed"
         state = ["--verify_state_load=1"] if killed else []
         res = run(
             [*_fio_crash_args(m / "vm", 300 + i), "--verify_only", *state, "--verify_fatal=0"],

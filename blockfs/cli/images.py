@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import shlex
 import stat
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the backing file")
     c.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c.add_argument(
+        "-p",
+        dest="progress",
+        action="store_true",
+        help="show progress (the long part: preallocation=metadata, subformat=fixed)",
+    )
     c.add_argument("filename")
     c.add_argument("size", nargs="?", help="virtual size (K, M, G, T suffixes)")
     c.set_defaults(func=cmd_create)
@@ -102,6 +109,26 @@ def _parse_options(items: list[str], fmt: str) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    """``blockfs create``; with ``-p``, progress on stderr once the writer first reports."""
+    from contextlib import ExitStack
+
+    with ExitStack() as bars:
+        on_progress: Callable[[int, int], None] | None = None
+        if args.progress:
+            from blockfs.cli.progress import progress
+
+            update: Callable[[int], None] | None = None
+
+            def on_progress(done: int, total: int) -> None:
+                nonlocal update
+                if update is None:  # the total is known once the image is laid out
+                    update = bars.enter_context(progress(f"Creating {args.filename}", total))
+                update(done)
+
+        return _create(args, on_progress)
+
+
+def _create(args: argparse.Namespace, on_progress: Callable[[int, int], None] | None) -> int:
     from blockfs.nodes.qcow2 import create_qcow2, create_raw
 
     opts = _parse_options(args.options, args.fmt)
@@ -125,7 +152,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             create_image_file,
             args.filename,
             args.force,
-            _vhdx_writer(opts, size, backing, backing_fmt),
+            _vhdx_writer(opts, size, backing, backing_fmt, on_progress),
         )
         return 0
     if args.fmt != "qcow2":
@@ -141,6 +168,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             backing=backing,
             backing_fmt=backing_fmt,
             preallocation=opts.pop("preallocation", "off"),
+            on_progress=on_progress,
         )
 
     trio.run(create_image_file, args.filename, args.force, write_qcow2)
@@ -148,7 +176,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _vhdx_writer(
-    opts: dict[str, str], size: int | None, parent: str | None, parent_fmt: str | None
+    opts: dict[str, str],
+    size: int | None,
+    parent: str | None,
+    parent_fmt: str | None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Callable[[Node], Awaitable[None]]:
     """What ``create -f vhdx`` writes. Sizes are parsed here, before any file is made; the
     rest is checked by ``create_vhdx`` before its first write."""
@@ -175,6 +207,7 @@ def _vhdx_writer(
             physical_sector_size=pss,
             parent=parent,
             parent_fmt=parent_fmt,
+            on_progress=on_progress,
         )
 
     return write
@@ -268,6 +301,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return _external_snapshot(args)
     if args.format is not None:
         raise UsageError("-f is for --external snapshots")
+    ctl = serving_control_file(args.filename, "snapshots")
+    if ctl is not None:
+        return _snapshot_through(ctl, args)
     from blockfs.nodes.qcow2 import Qcow2Node, apply_snapshot, create_snapshot, delete_snapshot
     from blockfs.nodes.registry import close_chain, open_image
 
@@ -289,6 +325,73 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     trio.run(run)
     return 0
+
+
+def _snapshot_through(ctl: str, args: argparse.Namespace) -> int:
+    """``snapshot -l/-c/-d/-a`` on an image a mount serves: through its ``snapshots`` file,
+    live, instead of failing on the mount's lock."""
+    from blockfs.cli.jobs import write_control
+
+    if args.list:
+        with open(ctl, encoding="utf-8") as f:
+            print(format_snapshots(json.load(f)), end="")
+        return 0
+    verb, tag = (
+        ("create", args.create) if args.create is not None
+        else ("apply", args.apply) if args.apply is not None
+        else ("delete", args.delete)
+    )  # fmt: skip
+    write_control(ctl, f"{verb} {tag}")
+    return 0
+
+
+def blockfs_mounts() -> list[str]:
+    """The mountpoints of blockfs mounts this process sees (``/proc/self/mountinfo``)."""
+    from blockfs.daemon import unescape_mountinfo
+
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if sep and len(fields) > 4 and right.split(" ", 1)[0] == "fuse.blockfs":
+                    found.append(unescape_mountinfo(fields[4]))
+    except OSError:
+        pass
+    return found
+
+
+def serving_control_file(filename: str, leaf: str) -> str | None:
+    """``MNT/.control/images/NAME/<leaf>`` of the mount that serves ``filename``, which is
+    either the mounted file ``MNT/NAME`` or the image file a mount has open (as its active
+    layer: the ``filename`` its info file shows is the same file); None when no mount this
+    user can ask serves it."""
+    path = os.path.abspath(filename)
+    mnt, name = os.path.split(path)
+    direct = os.path.join(mnt, ".control", "images", name, leaf)
+    if os.path.exists(direct):
+        return direct
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    for mountpoint in blockfs_mounts():
+        images = os.path.join(mountpoint, ".control", "images")
+        try:
+            names = os.listdir(images)
+        except OSError:
+            continue
+        for n in names:
+            try:
+                with open(os.path.join(images, n, "info"), encoding="utf-8") as f:
+                    shown = json.load(f).get("filename")
+                other = os.stat(shown)
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue  # not ours to read (another user's mount), a remote image, ...
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return os.path.join(images, n, leaf)
+    return None
 
 
 def _external_snapshot(args: argparse.Namespace) -> int:

@@ -12,8 +12,12 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
 
+from blockfs.cli.progress import RateMeter, format_amount, format_duration, format_rate
 from blockfs.errors import BlockfsError, UsageError
 
 JOB_KINDS = ("backup", "mirror", "commit", "stream")
@@ -97,13 +101,6 @@ def _verb(verb: str):  # type: ignore[no-untyped-def]
     return run
 
 
-def _bar(s: dict[str, Any], width: int = 30) -> str:
-    frac = s["offset"] / s["len"] if s["len"] else 0.0
-    fill = int(frac * width)
-    state = s["state"] + (f" ({s['io-status']})" if s["io-status"] != "ok" else "")
-    return f"{s['id']:<14} [{'#' * fill}{'.' * (width - fill)}] {100 * frac:5.1f}% {state}"
-
-
 def _reached(s: dict[str, Any], until: str) -> bool:
     """Whether a job is where ``--until`` waits for it (a concluded job always is)."""
     if s["state"] in FINAL:
@@ -113,31 +110,35 @@ def _reached(s: dict[str, Any], until: str) -> bool:
 
 def _wait(args: argparse.Namespace, *, show: bool) -> int:
     """Wait until the named jobs (or all) conclude, or with ``--until ready`` until each is
-    ready (a mirror or an active commit in sync); exit 0 only if none failed."""
-    ids = [args.id] if args.id else _job_ids(args.mountpoint)
+    ready (a mirror or an active commit in sync); exit 0 only if none failed. With ``show``
+    (``job watch``) each poll is drawn on stdout: :func:`_live_view` on a terminal,
+    :func:`_plain_view` elsewhere.
+
+    :raise UsageError: not a mount, or a job named that is not there (or went away).
+    :raise BlockfsError: ETIMEDOUT after ``--timeout`` seconds.
+    """
+    ids = args.id or _job_ids(args.mountpoint)
     if not ids:
         return 0
     deadline = time.monotonic() + args.timeout if args.timeout else None
-    tty = show and sys.stdout.isatty()
     last: dict[str, dict[str, Any]] = {}
-    while True:
-        for i in ids:
-            last[i] = _status(args.mountpoint, i)
-        if show:
-            lines = [_bar(s) for s in last.values()]
-            if tty:
-                sys.stdout.write("\r\033[K" + "\n\033[K".join(lines))
-                sys.stdout.write(f"\033[{len(lines) - 1}A" if len(lines) > 1 else "")
-            else:
-                print("\n".join(lines))
-            sys.stdout.flush()
-        if all(_reached(s, args.until) for s in last.values()):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            raise BlockfsError("timed out waiting for the jobs", errno=errno.ETIMEDOUT)
-        time.sleep(args.interval)
-    if tty:
-        sys.stdout.write("\n" * len(last))
+    view: AbstractContextManager[Callable[[list[dict[str, Any]]], None]]
+    if not show:
+        view = nullcontext(lambda rows: None)
+    elif sys.stdout.isatty():
+        view = _live_view(sys.stdout)
+    else:
+        view = _plain_view(sys.stdout)
+    with view as draw:
+        while True:
+            for i in ids:
+                last[i] = _status(args.mountpoint, i)
+            draw(list(last.values()))
+            if all(_reached(s, args.until) for s in last.values()):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise BlockfsError("timed out waiting for the jobs", errno=errno.ETIMEDOUT)
+            time.sleep(args.interval)
     failed = [s for s in last.values() if s["error"]]
     for s in failed:
         print(f"blockfs: job {s['id']} failed: {s['error']}", file=sys.stderr)
@@ -147,6 +148,121 @@ def _wait(args: argparse.Namespace, *, show: bool) -> int:
                 print(f"blockfs: job {s['id']} ended without being ready", file=sys.stderr)
                 failed.append(s)
     return 1 if failed else 0
+
+
+# -- job watch: one line per job --------------------------------------------------------------
+
+#: how often ``job watch`` repeats a job's plain line while its state stays the same
+PLAIN_EVERY = 5.0
+
+
+@dataclass(frozen=True)
+class _JobLine:
+    """What a job's line says: its id, type and state, how much of its length is done, and
+    (while it runs) the rate and the time left, or a word for where it is."""
+
+    id: str
+    type: str
+    state: str
+    amount: str
+    rate: str
+    eta: str
+
+    def plain(self, pct: float) -> str:
+        head = f"{self.id:<14} {self.type:<7} {self.state:<10} {pct:5.1f}% {self.amount}"
+        return " ".join(part for part in (head, self.rate, self.eta) if part)
+
+
+class _JobFigures:
+    """The lines of one job, from its status as it is polled; the rate is measured here,
+    between polls."""
+
+    __slots__ = ("meter",)
+
+    def __init__(self) -> None:
+        self.meter = RateMeter()
+
+    def line(self, s: dict[str, Any], now: float) -> _JobLine:
+        offset, length = s["offset"], s["len"]
+        self.meter.add(now, offset)
+        rate = ""
+        if s["state"] in FINAL:
+            eta = "failed" if s["error"] else "done"
+        elif s.get("ready"):
+            eta = "in sync"  # a ready mirror copies only what the guest writes
+        elif s["state"] == "running":
+            rate = format_rate(self.meter.rate())
+            eta = f"ETA {format_duration(self.meter.eta(length - offset))}"
+        else:
+            eta = ""
+        state = s["state"] + (f" ({s['io-status']})" if s["io-status"] != "ok" else "")
+        amount = f"{format_amount(offset)}/{format_amount(length)}"
+        return _JobLine(s["id"], s["type"], state, amount, rate, eta)
+
+
+@contextmanager
+def _live_view(stream: TextIO) -> Iterator[Callable[[list[dict[str, Any]]], None]]:
+    """Draw the jobs on a terminal: one rich line per job (id, type, state, bar, bytes done of
+    the job's length, rate, ETA), redrawn at each poll and left on the screen at the end."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+    def text(field: str, **kw: Any) -> TextColumn:
+        return TextColumn(f"{{task.fields[{field}]}}", markup=False, **kw)
+
+    bars = Progress(
+        text("id", style="bold"),
+        text("type"),
+        text("state"),
+        BarColumn(),
+        text("amount", justify="right"),
+        text("rate", justify="right"),
+        text("eta"),
+        console=Console(file=stream),
+        auto_refresh=False,  # drawn once per poll, by the thread that polls
+    )
+    rows: dict[str, tuple[TaskID | None, _JobFigures]] = {}
+
+    def draw(statuses: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for s in statuses:
+            task, figures = rows.get(s["id"], (None, _JobFigures()))
+            line = asdict(figures.line(s, now))
+            done = s["state"] in FINAL and not s["error"]
+            total = s["len"] or (1 if done else 0)
+            completed = s["offset"] or (1 if done else 0)
+            if task is None:  # add_task draws the new row at once: with all its fields
+                task = bars.add_task("", total=total, completed=completed, **line)
+                rows[s["id"]] = (task, figures)
+            else:
+                bars.update(task, total=total, completed=completed, **line)
+        bars.refresh()
+
+    with bars:
+        yield draw
+
+
+@contextmanager
+def _plain_view(stream: TextIO) -> Iterator[Callable[[list[dict[str, Any]]], None]]:
+    """Draw the jobs where no terminal is: a line for a job when its state changes, and
+    every :data:`PLAIN_EVERY` seconds while it does not; no escapes."""
+    said: dict[str, tuple[tuple[object, ...], float]] = {}
+    figures: dict[str, _JobFigures] = {}
+
+    def draw(statuses: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for s in statuses:
+            line = figures.setdefault(s["id"], _JobFigures()).line(s, now)
+            key = (s["state"], s["io-status"], s.get("ready"), s["error"])
+            before = said.get(s["id"])
+            if before is not None and before[0] == key and now - before[1] < PLAIN_EVERY:
+                continue
+            said[s["id"]] = (key, now)
+            pct = 100 * s["offset"] / s["len"] if s["len"] else 100.0 * (line.eta == "done")
+            stream.write(line.plain(pct) + "\n")
+        stream.flush()
+
+    yield draw
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -167,7 +283,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     for name, show in (("watch", True), ("wait", False)):
         p = jsub.add_parser(name, help=f"{name} until the jobs end; exit 1 if any failed")
         p.add_argument("mountpoint", metavar="MNT")
-        p.add_argument("id", nargs="?", metavar="ID")
+        p.add_argument("id", nargs="*", metavar="ID", help="the jobs (default: all)")
         p.add_argument("--interval", type=float, default=0.5 if show else 0.1)
         p.add_argument("--timeout", type=float, default=0.0, help="give up after this many s")
         p.add_argument(

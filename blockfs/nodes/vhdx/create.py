@@ -26,7 +26,7 @@ import struct
 import sys
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from blockfs import __version__
 from blockfs.errors import BlockfsError, ImageError, UsageError
@@ -88,12 +88,17 @@ async def create_vhdx(
     physical_sector_size: int | None = None,
     parent: str | None = None,
     parent_fmt: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write a new VHDX image into ``target``, an open, writable, empty protocol node (the
     image is flushed before this returns). With ``parent`` the image is a differencing one: its
     size and sector sizes are the parent's (``size`` may be None), and a relative ``parent`` is
     resolved against the folder of ``target.filename``, as qemu-img resolves backing names.
     Every option is checked, and the parent opened, before the first write.
+
+    ``on_progress(done, total)`` is called as the image is written: ``done`` bytes of the
+    ``total`` virtual size are mapped so far (a fixed image: after each MiB of its BAT, the one
+    long part; otherwise once, at the end).
 
     :raise UsageError: bad options, a parent that cannot be opened or is no VHDX image, a write
         that failed (with its errno: ENOSPC, EFBIG, ...).
@@ -140,7 +145,9 @@ async def create_vhdx(
     ]
     if linkage is not None:
         items.append((PARENT_LOCATOR, ParentLocator(locator, linkage).pack()))
-    await _write_image(target, g, items, log_size, fixed=subformat == "fixed")
+    await _write_image(
+        target, g, items, log_size, fixed=subformat == "fixed", on_progress=on_progress
+    )
 
 
 def _check_options(size: int, block_size: int, lss: int, pss: int) -> None:
@@ -237,6 +244,7 @@ async def _write_image(
     log_size: int,
     *,
     fixed: bool,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
     log_at = HEADER_AREA
     meta_at = log_at + log_size
@@ -268,10 +276,14 @@ async def _write_image(
         for off, data in chunks:
             await target.write(off, data)
         if fixed:
-            for off, data in _fixed_bat(g, bat_at, data_at):
+            for off, data, mapped in _fixed_bat(g, bat_at, data_at):
                 await target.write(off, data)
+                if on_progress is not None:
+                    on_progress(mapped, g.virtual_size)
         await target.truncate(length)
         await target.flush()
+        if on_progress is not None:
+            on_progress(g.virtual_size, g.virtual_size)
     except BlockfsError as exc:
         raise UsageError(str(exc), errno=exc.errno) from None
     except OSError as exc:
@@ -280,9 +292,10 @@ async def _write_image(
         raise UsageError(f"{what}: file too large", errno=errno.EFBIG) from None
 
 
-def _fixed_bat(g: BatGeometry, bat_at: int, data_at: int) -> Iterator[tuple[int, bytes]]:
+def _fixed_bat(g: BatGeometry, bat_at: int, data_at: int) -> Iterator[tuple[int, bytes, int]]:
     """The BAT of a fixed image, 1 MiB at a time: every payload block FULLY_PRESENT, in order
-    after ``data_at``; sector bitmap entries NOT_PRESENT."""
+    after ``data_at``; sector bitmap entries NOT_PRESENT. With each piece, the virtual bytes
+    its entries and those before it map."""
     per_chunk = g.chunk_ratio + 1
     state = int(PayloadState.FULLY_PRESENT)
     for start in range(0, g.total_entries, _BAT_CHUNK):
@@ -295,4 +308,6 @@ def _fixed_bat(g: BatGeometry, bat_at: int, data_at: int) -> Iterator[tuple[int,
                 table.append(bat_entry(state, data_at + block * g.block_size))
         if sys.byteorder == "big":
             table.byteswap()
-        yield bat_at + start * BAT_ENTRY, table.tobytes()
+        end = min(start + _BAT_CHUNK, g.total_entries)
+        mapped = min((end - end // per_chunk) * g.block_size, g.virtual_size)
+        yield bat_at + start * BAT_ENTRY, table.tobytes(), mapped
