@@ -32,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "vhdx block_size (1M to 256M), subformat (dynamic, fixed), log_size, "
         "logical_sector_size and physical_sector_size (512, 4096), backing_file (the parent of "
         "a differencing image), backing_fmt.",
+        epilog="examples:\n"
+        "  blockfs create -f qcow2 disk.qcow2 20G\n"
+        "  blockfs create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2      # an overlay\n"
+        "  blockfs create -p -f qcow2 -o preallocation=metadata,cluster_size=2M big.qcow2 1T\n"
+        "  blockfs create -f vhdx -o subformat=fixed,block_size=32M disk.vhdx 8G\n"
+        "  blockfs create -f raw disk.img 4G\n"
+        "  blockfs create -f qcow2 ssh://alice@host/srv/disk.qcow2 10G  # remote: ssh, gluster\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument(
         "-f", dest="fmt", default="qcow2", help="image format: qcow2 (default), vhdx, raw"
@@ -43,7 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="backing file (qcow2), or parent (vhdx: a differencing image)",
     )
     c.add_argument("-F", dest="backing_fmt", metavar="FMT", help="format of the backing file")
-    c.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    c.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="format options, KEY=VALUE,... (above); may repeat",
+    )
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.add_argument(
         "-p",
@@ -51,11 +66,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="store_true",
         help="show progress (the long part: preallocation=metadata, subformat=fixed)",
     )
-    c.add_argument("filename")
+    c.add_argument("filename", help="the new image (a path, ssh:// or gluster://)")
     c.add_argument("size", nargs="?", help="virtual size (K, M, G, T suffixes)")
     c.set_defaults(func=cmd_create)
 
-    s = subparsers.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    s = subparsers.add_parser(
+        "snapshot",
+        help="list, create, apply or delete internal snapshots",
+        description="Internal snapshots of a qcow2 image (qemu-img snapshot's options). On an "
+        "image a blockfs mount serves (the image file, or MNT/NAME), the operation goes through "
+        "MNT/.control/images/NAME/snapshots and is done live. --external adds a new image over "
+        "a mounted image's active layer.",
+        epilog="examples:\n"
+        "  blockfs snapshot -c before-upgrade disk.qcow2\n"
+        "  blockfs snapshot -l disk.qcow2\n"
+        "  blockfs snapshot -a before-upgrade /mnt/vm/disk0      # live, through the mount\n"
+        "  blockfs snapshot -d before-upgrade disk.qcow2\n"
+        "  blockfs snapshot --external disk0-snap1.qcow2 /mnt/vm/disk0\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot")
     g.add_argument("-l", dest="list", action="store_true", help="list snapshots")
@@ -70,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     s.add_argument(
         "-f", dest="format", choices=("qcow2", "vhdx"), help="format of NEW (--external)"
     )
-    s.add_argument("filename")
+    s.add_argument("filename", help="the image (or MNT/NAME)")
     s.set_defaults(func=cmd_snapshot)
 
 

@@ -265,26 +265,63 @@ def _plain_view(stream: TextIO) -> Iterator[Callable[[list[dict[str, Any]]], Non
     yield draw
 
 
+_JOB_EXAMPLES = """\
+examples:
+  blockfs job start backup /mnt/vm device=disk0 target=/srv/backup.qcow2 sync=full
+  blockfs job start mirror /mnt/vm device=disk0 target=/new/disk0.qcow2
+  blockfs job watch /mnt/vm disk0 --until ready     # bars on a terminal, lines in a pipe
+  blockfs job complete /mnt/vm disk0                # a ready mirror switches to its target
+  blockfs job list /mnt/vm --json
+
+The spec keys of each kind are listed in MNT/.control/README.
+"""
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help: str, example: str):  # type: ignore[no-untyped-def,type-arg]
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=f"example:\n  {example}\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    job = sub.add_parser("job", help="start, watch and steer block jobs on a mount")
+    job = sub.add_parser(
+        "job",
+        help="start, watch and steer block jobs on a mount",
+        description="Start, watch and steer the block jobs of a mount, through its control "
+        "files (MNT/.control/jobs).",
+        epilog=_JOB_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     jsub = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
 
-    p = jsub.add_parser("start", help="start a job: job start backup MNT device=... target=...")
-    p.add_argument("kind", choices=JOB_KINDS)
-    p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("spec", nargs="+", metavar="KEY=VALUE")
+    p = _parser(jsub, "start", "start a job; prints its ID",
+                "blockfs job start backup /mnt/vm device=disk0 target=/srv/b.qcow2 speed=100M")  # fmt: skip
+    p.add_argument("kind", choices=JOB_KINDS, help="the kind of job")
+    p.add_argument("mountpoint", metavar="MNT", help="the mount")
+    p.add_argument("spec", nargs="+", metavar="KEY=VALUE", help="the spec (MNT/.control/README)")
     p.set_defaults(func=_cmd_start)
 
-    p = jsub.add_parser("list", help="list the jobs of a mount")
-    p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("--json", action="store_true")
+    p = _parser(jsub, "list", "list the jobs of a mount", "blockfs job list /mnt/vm --json")
+    p.add_argument("mountpoint", metavar="MNT", help="the mount")
+    p.add_argument("--json", action="store_true", help="every status file, as one JSON list")
     p.set_defaults(func=_cmd_list)
 
     for name, show in (("watch", True), ("wait", False)):
-        p = jsub.add_parser(name, help=f"{name} until the jobs end; exit 1 if any failed")
-        p.add_argument("mountpoint", metavar="MNT")
+        what = "show progress" if show else "wait silently"
+        p = _parser(jsub, name, f"{what} until the jobs end; exit 1 if any failed",
+                    f"blockfs job {name} /mnt/vm disk0 --until ready --timeout 600")  # fmt: skip
+        p.add_argument("mountpoint", metavar="MNT", help="the mount")
         p.add_argument("id", nargs="*", metavar="ID", help="the jobs (default: all)")
-        p.add_argument("--interval", type=float, default=0.5 if show else 0.1)
+        p.add_argument(
+            "--interval",
+            type=float,
+            default=0.5 if show else 0.1,
+            help="seconds between two looks at the status files",
+        )
         p.add_argument("--timeout", type=float, default=0.0, help="give up after this many s")
         p.add_argument(
             "--until",
@@ -295,14 +332,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         p.set_defaults(func=lambda a, show=show: _wait(a, show=show))
 
     for verb in ("pause", "resume", "cancel", "complete", "dismiss"):
-        p = jsub.add_parser(verb, help=f"{verb} a job")
-        p.add_argument("mountpoint", metavar="MNT")
-        p.add_argument("id", metavar="ID")
+        p = _parser(jsub, verb, f"{verb} a job", f"blockfs job {verb} /mnt/vm disk0")
+        p.add_argument("mountpoint", metavar="MNT", help="the mount")
+        p.add_argument("id", metavar="ID", help="the job's ID")
         if verb == "cancel":
             p.add_argument("--force", action="store_true", help="stop at once, even when ready")
         p.set_defaults(func=_verb(verb))
-    p = jsub.add_parser("speed", help="set a job's background copy rate (bytes/s, K/M/G)")
-    p.add_argument("mountpoint", metavar="MNT")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("value")
+    p = _parser(jsub, "speed", "set a job's background copy rate (bytes/s, K/M/G; 0: no limit)",
+                "blockfs job speed /mnt/vm disk0 50M")  # fmt: skip
+    p.add_argument("mountpoint", metavar="MNT", help="the mount")
+    p.add_argument("id", metavar="ID", help="the job's ID")
+    p.add_argument("value", help="the rate")
     p.set_defaults(func=_verb("speed"))
