@@ -51,6 +51,10 @@ qemu-io -c 'write -P 0x5a 0 32M' "$WORK/base.qcow2" | head -1
 echo "the mounted file is the guest view of the whole chain:"
 "${BLOCKFS[@]}" info --backing-chain "$WORK/top.qcow2" | sed 's/^/   /'
 dd if="$WORK/payload" of="$MNT/vm" bs=1M count=8 seek=16 conv=notrunc,fsync status=none
+echo "where the data lies (the map file: qemu-img map's JSON), and a live internal snapshot:"
+head -n 3 "$MNT/.control/images/vm/map" | sed 's/^/   /'
+echo "create before-backup" > "$MNT/.control/images/vm/snapshots"
+"${BLOCKFS[@]}" snapshot -l "$WORK/top.qcow2" | sed 's/^/   /'
 cp "$MNT/vm" "$WORK/vm-before-backup.raw"
 
 step "Live backup: start it, write over the disk while it runs, prove it with qemu-img compare"
@@ -69,6 +73,7 @@ echo "the backup is the disk as it was when the job started, although writes wen
 qemu-img compare -F raw "$WORK/backup.qcow2" "$WORK/vm-before-backup.raw"
 qemu-img check "$WORK/backup.qcow2"
 qemu-img check "$WORK/top.qcow2"
+"${BLOCKFS[@]}" check "$WORK/top.qcow2"   # the same report, by blockfs
 if qemu-img compare -q "$WORK/top.qcow2" "$WORK/vm-before-backup.raw"; then
   echo "unexpected: the live disk did not change"; exit 1
 else
@@ -92,7 +97,7 @@ printf 'written after the switch through the old handle\n' | dd of=/dev/fd/5 bs=
 exec 5>&-
 tail -n 2 "$MNT/.control/events"
 echo "the mounted file now reads and writes:"
-python3 -c 'import json,sys; print("  ", json.load(sys.stdin)["backing-chain"][0]["filename"])' < "$MNT/.control/images/vm/info"
+python3 -c 'import json,sys; print("  ", json.load(sys.stdin)["filename"])' < "$MNT/.control/images/vm/info"
 cp "$MNT/vm" "$WORK/vm-final.raw"
 "${BLOCKFS[@]}" job dismiss "$MNT" vm
 "${BLOCKFS[@]}" umount "$MNT"
@@ -112,7 +117,13 @@ scribble() {  # a writer that keeps going while a job runs
   done
 }
 chain() {
-  python3 -c 'import json,sys; print("   chain:", " <- ".join(reversed([l["filename"].rsplit("/",1)[1] for l in json.load(sys.stdin)["backing-chain"]])))' < "$MNT/.control/images/vm/info"
+  python3 -c '
+import json, sys
+layer, names = json.load(sys.stdin), []
+while layer:
+    names.append(layer["filename"].rsplit("/", 1)[1])
+    layer = layer.get("backing-image")
+print("   chain:", " <- ".join(reversed(names)))' < "$MNT/.control/images/vm/info"
 }
 "${BLOCKFS[@]}" snapshot --external snap1.qcow2 "$MNT/vm"
 scribble 20

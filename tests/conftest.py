@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +298,57 @@ def gvol(glusterd) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
     """A started plain volume (one brick) on the module's glusterd."""
     vol = glusterd.create_volume("plain")
     yield vol
+
+
+# -- a second local user, and mounts every user can reach --------------------------------------
+
+#: the throwaway account tests act as when they play a hostile local user
+OTHER_USER = "blockfs-test"
+
+
+@pytest.fixture
+def other_user() -> pwd.struct_passwd:
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as a second user")
+    try:
+        return pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        pass
+    if shutil.which("useradd") is None:
+        pytest.skip("useradd is missing")
+    run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER])
+    return pwd.getpwnam(OTHER_USER)
+
+
+def as_user(user: pwd.struct_passwd, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *cmd],
+        check=False,
+        errors="replace",
+    )
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder every user can reach (pytest's tmp_path is root's alone)."""
+    if not have_fuse():
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
+    d = Path(tempfile.mkdtemp(prefix="blockfs-perm-"))
+    d.chmod(0o755)
+    made: list[Path] = []
+    yield d
+    for mnt in sorted(d.glob("mnt*")):
+        if is_mounted(mnt):
+            subprocess.run([*BLOCKFS, "umount", str(mnt)], capture_output=True, timeout=120)
+            force_unmount(mnt)
+        made.append(mnt)
+    for log in d.glob("*.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def mount_shared(d: Path, name: str, *images: str, options: tuple[str, ...] = ()) -> Path:
+    mnt = d / name
+    mnt.mkdir()
+    blockfs("mount", "--allow-other", "--log", str(d / f"{name}.log"), *options, str(mnt), *images)
+    return mnt

@@ -206,7 +206,7 @@ def test_sync_none_target_over_the_source(mount, tmp_path: Path) -> None:
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x62 16M 1M", str(m / "disk0")])
     chain = m.chain("disk0")
     assert [c["filename"] for c in chain] == [str(target), str(src)], chain
-    assert chain[1]["read-only"] is True
+    assert chain[1]["blockfs"]["read-only"] is True
     final = tmp_path / "final.raw"
     run(["cp", str(m / "disk0"), str(final)])
     m.umount()

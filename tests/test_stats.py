@@ -20,14 +20,13 @@ from typing import Any
 import pytest
 from memnode import MemoryNode
 from test_ssh import url
-from test_trust_control import as_user, mount_shared, other_user, shared_dir  # noqa: F401
 
 import blockfs.export
 from blockfs.cli.jobs import write_control
 from blockfs.control.stats import StatsFile, chain_io
 from blockfs.errors import BlockfsError
 from blockfs.export import DEFAULT_LATENCY_BOUNDARIES, MAX_LATENCY_BOUNDARIES, Export
-from conftest import qemu_img, run
+from conftest import as_user, mount_shared, qemu_img, run
 
 KiB, MiB = 1 << 10, 1 << 20
 KINDS = ("rd", "wr", "flush")
@@ -176,8 +175,8 @@ def test_a_bad_write_through_the_mount_is_einval_and_the_file_says_why(raw_disk:
 
 
 def test_anyone_reads_the_stats_only_the_owner_sets_them(
-    shared_dir: Path,  # noqa: F811 (the fixture imported above)
-    other_user: Any,  # noqa: F811
+    shared_dir: Path,
+    other_user: Any,
 ) -> None:
     img = shared_dir / "disk0.raw"
     with open(img, "wb") as f:

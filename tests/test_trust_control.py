@@ -13,12 +13,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pwd
 import resource
-import shutil
 import stat
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,14 +31,20 @@ from blockfs.control.tree import (
 from blockfs.fs import _spec_is_whole
 from blockfs.jobs.job import EventLog
 from blockfs.values import MAX_SPEC_BYTES
-from conftest import BLOCKFS, FULL, blockfs, force_unmount, have_fuse, is_mounted, random_file, run
+from conftest import (
+    FULL,
+    as_user,
+    blockfs,
+    mount_shared,
+    random_file,
+    run,
+)
 
 MiB = 1 << 20
 #: the issue's figure; 1,000 in the normal run (measured: see test_job_cycles_keep_rss_bounded)
 JOB_CYCLES = 10_000 if FULL else 400
 #: what job cycles and 10,000 opens of `events` may add to the daemon's RSS
 RSS_SLACK = 40 * MiB
-OTHER_USER = "blockfs-test"
 
 
 def rss(pid: int) -> int:
@@ -392,54 +394,6 @@ def test_job_cycles_keep_rss_bounded(mount, tmp_path: Path) -> None:
 
 
 # -- hole 5: who may read what -----------------------------------------------------------------
-
-
-@pytest.fixture
-def other_user() -> pwd.struct_passwd:
-    if os.getuid() != 0:
-        pytest.skip("needs root to act as a second user")
-    try:
-        return pwd.getpwnam(OTHER_USER)
-    except KeyError:
-        pass
-    if shutil.which("useradd") is None:
-        pytest.skip("useradd is missing")
-    run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER])
-    return pwd.getpwnam(OTHER_USER)
-
-
-def as_user(user: pwd.struct_passwd, *cmd: str) -> subprocess.CompletedProcess[str]:
-    return run(
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *cmd],
-        check=False,
-        errors="replace",
-    )
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder every user can reach (pytest's tmp_path is root's alone)."""
-    if not have_fuse():
-        pytest.skip("FUSE (/dev/fuse, fusermount3) is absent")
-    d = Path(tempfile.mkdtemp(prefix="blockfs-perm-"))
-    d.chmod(0o755)
-    made: list[Path] = []
-    yield d
-    for mnt in sorted(d.glob("mnt*")):
-        if is_mounted(mnt):
-            subprocess.run([*BLOCKFS, "umount", str(mnt)], capture_output=True, timeout=120)
-            force_unmount(mnt)
-        made.append(mnt)
-    for log in d.glob("*.log"):
-        assert "Traceback" not in log.read_text(), log.read_text()
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def mount_shared(d: Path, name: str, *images: str, options: tuple[str, ...] = ()) -> Path:
-    mnt = d / name
-    mnt.mkdir()
-    blockfs("mount", "--allow-other", "--log", str(d / f"{name}.log"), *options, str(mnt), *images)
-    return mnt
 
 
 def test_allow_other_mirrors_image_owner_and_mode(shared_dir: Path, other_user) -> None:  # type: ignore[no-untyped-def]

@@ -645,7 +645,11 @@ def test_guest_writes_across_a_snapshot_a_stream_and_an_active_commit(
     info_file = mount.mnt / ".control" / "images" / "vm" / "info"
 
     def chain() -> list[str]:
-        return [layer["filename"] for layer in json.loads(info_file.read_text())["backing-chain"]]
+        names, layer = [], json.loads(info_file.read_text())
+        while layer is not None:  # each layer under the one above, as "backing-image"
+            names.append(layer["filename"])
+            layer = layer.get("backing-image")
+        return names
 
     try:
         mount.open(image, "qcow2")

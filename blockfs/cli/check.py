@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Protocol
 
 from blockfs.errors import UsageError
-from blockfs.nodes.file import _lock_against_writers, check_image_file
+from blockfs.nodes.file import check_image_file, lock_against_writers
 
 EXIT_CLEAN = 0
 EXIT_FAILED = 1
@@ -206,7 +206,7 @@ def _open(path: str, writable: bool) -> int:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise UsageError(f"{path}: not a regular file or block device")
         if stat.S_ISREG(st.st_mode):
-            _lock_against_writers(fd, path, read_only=not writable)
+            lock_against_writers(fd, path, read_only=not writable)
     except BaseException:
         os.close(fd)
         raise

@@ -269,7 +269,7 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------
 
 
-def _octal_mode(text: str) -> int:
+def octal_mode(text: str) -> int:
     try:
         mode = int(text, 8)
     except ValueError:
@@ -279,7 +279,7 @@ def _octal_mode(text: str) -> int:
     return mode
 
 
-def _id_number(text: str) -> int:
+def id_number(text: str) -> int:
     try:
         n = int(text, 10)
     except ValueError:
@@ -350,15 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     m.add_argument(
         "--mode",
-        type=_octal_mode,
+        type=octal_mode,
         metavar="OCTAL",
         help="permission bits of every image file (default: its image file's)",
     )
     m.add_argument(
-        "--uid", type=_id_number, help="owner of every image file (default: its image file's)"
+        "--uid", type=id_number, help="owner of every image file (default: its image file's)"
     )
     m.add_argument(
-        "--gid", type=_id_number, help="group of every image file (default: its image file's)"
+        "--gid", type=id_number, help="group of every image file (default: its image file's)"
     )
     m.add_argument("-f", "--foreground", action="store_true", help="serve in this process")
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")

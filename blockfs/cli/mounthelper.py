@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from blockfs import __version__
-from blockfs.cli.main import _id_number, _octal_mode, build_parser
+from blockfs.cli.main import build_parser, id_number, octal_mode
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.imagespec import parse_image_specs
 
@@ -176,14 +176,14 @@ def _account(key: str, value: str) -> int:
             what = "user" if key == "uid" else "group"
             raise UsageError(f"{key}={value}: no such {what}") from None
     try:
-        return _id_number(value)
+        return id_number(value)
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"{key}={exc}") from None
 
 
 def _mode(value: str) -> int:
     try:
-        return _octal_mode(value)
+        return octal_mode(value)
     except argparse.ArgumentTypeError as exc:
         raise UsageError(f"mode={exc}") from None
 

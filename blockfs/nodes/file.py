@@ -138,7 +138,7 @@ class FileNode(Node):
             fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
         size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         if stat.S_ISREG(st.st_mode):
-            _lock_against_writers(fd, path, read_only)
+            lock_against_writers(fd, path, read_only)
         node = cls(os.path.abspath(path), fd, size, read_only, _io_mode(mode))
         node._is_blockdev = stat.S_ISBLK(st.st_mode)
         node._identity = (st.st_dev, st.st_ino)
@@ -335,9 +335,9 @@ class FileNode(Node):
                 # comes back if the new one is refused.
                 _unlock(self.fd)
                 try:
-                    _lock_against_writers(new, self.filename, read_only)
+                    lock_against_writers(new, self.filename, read_only)
                 except BaseException:
-                    _lock_against_writers(self.fd, self.filename, self.read_only)
+                    lock_against_writers(self.fd, self.filename, self.read_only)
                     raise
             os.dup2(new, self.fd, inheritable=False)
         finally:
@@ -394,7 +394,7 @@ def _lock_held(fd: int, byte: int) -> bool:
 
 
 def _unlock(fd: int) -> None:
-    """Drop the lock :func:`_lock_against_writers` took on ``fd``'s open file description."""
+    """Drop the lock :func:`lock_against_writers` took on ``fd``'s open file description."""
     byte = _LOCK_SHARED_BASE + _PERM_WRITE_BIT
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0))
@@ -402,7 +402,7 @@ def _unlock(fd: int) -> None:
         pass  # no OFD locks here: nothing was taken
 
 
-def _lock_against_writers(fd: int, path: str, read_only: bool) -> None:
+def lock_against_writers(fd: int, path: str, read_only: bool) -> None:
     """:raise UsageError: (EBUSY) another process writes the file, or forbids writers."""
     write_held = _LOCK_PERM_BASE + _PERM_WRITE_BIT
     write_unshared = _LOCK_SHARED_BASE + _PERM_WRITE_BIT
