@@ -1,4 +1,5 @@
-"""The two ways an image becomes a file: a blockfs mount and qemu-storage-daemon's FUSE export.
+"""The ways an image becomes a file: a blockfs mount, qemu-storage-daemon's FUSE export, and
+the floor (the thinnest pyfuse3 file system, raw images only).
 
 Each is a context manager that starts its daemon, waits until the file is there, and on exit
 stops the daemon and unmounts whatever happened (a failed unmount ends in a lazy
@@ -240,6 +241,66 @@ class QsdExport:
                 proc.kill()
                 proc.wait(timeout=30)
         _lazy_unmount(self.path)
+        self.proc = None
+
+    def peak_rss_mib(self) -> float:
+        return procstat.peak_rss_mib(self.pid)
+
+
+class FloorMount:
+    """The floor (:mod:`benchmarks.floorfs`): the thinnest pyfuse3 file system over a raw
+    image; the file is MNT/disk."""
+
+    side = "floor"
+
+    def __init__(self, image: str, workdir: str) -> None:
+        self.image = image
+        self.mountpoint = os.path.join(workdir, "floor")
+        self.path = os.path.join(self.mountpoint, "disk")
+        self.log = os.path.join(workdir, "floor.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+
+    def __enter__(self) -> Self:
+        os.makedirs(self.mountpoint, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.floorfs", self.image, self.mountpoint],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
+        self.pid = self.proc.pid
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not (is_mounted(self.mountpoint) and os.path.exists(self.path)):
+                if self.proc.poll() is not None:
+                    raise ExposureError(f"floorfs exited {self.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise ExposureError("floorfs did not mount in time")
+                time.sleep(0.02)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        subprocess.run(
+            ["fusermount3", "-u", self.mountpoint], capture_output=True, timeout=60, check=False
+        )
+        if not _wait_exit(proc.pid, STOP_TIMEOUT / 2, proc):
+            proc.terminate()
+            if not _wait_exit(proc.pid, STOP_TIMEOUT / 2, proc):
+                proc.kill()
+                proc.wait(timeout=30)
+        _lazy_unmount(self.mountpoint)
         self.proc = None
 
     def peak_rss_mib(self) -> float:

@@ -1,8 +1,9 @@
 """The results: one :class:`Line` per figure, shown as a table, saved as JSON, drawn as a chart.
 
 Most lines have two sides, blockfs and qemu (qemu-storage-daemon), and the ratio blockfs/qemu.
-The ssh lines have a third, sshfs, and a second ratio, blockfs/sshfs: they get a table of their
-own and two bars each in the chart."""
+The ssh lines have a third, sshfs, and the raw fio lines a third, floor (the thinnest pyfuse3
+file system, :mod:`benchmarks.floorfs`), with a second ratio, blockfs/sshfs or blockfs/floor:
+they get tables of their own and two bars each in the chart."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
+#: the sides a line may have beside blockfs and qemu (one at most)
+THIRD_SIDES = ("sshfs", "floor")
+
 
 @dataclass
 class Line:
-    """One figure on each side (blockfs, qemu; sshfs too on the ssh lines). A side's samples are
+    """One figure on each side (blockfs, qemu; sshfs or floor too on some). A side's samples are
     one per round; the median is reported. A side without samples is "n/a" and ``notes`` say
     why."""
 
@@ -29,9 +33,13 @@ class Line:
         return statistics.median(s) if s else None
 
     @property
-    def sshfs(self) -> bool:
-        """A line with an sshfs side (the ssh lines)."""
-        return "sshfs" in self.samples
+    def third(self) -> str | None:
+        """The line's third side, if any: sshfs (the ssh lines) or floor (the thinnest pyfuse3
+        file system, on the raw lines)."""
+        for side in THIRD_SIDES:
+            if side in self.samples:
+                return side
+        return None
 
     def ratio_to(self, side: str) -> float | None:
         """blockfs / ``side``."""
@@ -51,11 +59,12 @@ class Line:
             "blockfs": _round(self.value("blockfs")),
             "qemu": _round(self.value("qemu")),
         }
-        if self.sshfs:
-            d["sshfs"] = _round(self.value("sshfs"))
+        third = self.third
+        if third:
+            d[third] = _round(self.value(third))
         d["ratio"] = _round(self.ratio, 3)
-        if self.sshfs:
-            d["ratio_sshfs"] = _round(self.ratio_to("sshfs"), 3)
+        if third:
+            d[f"ratio_{third}"] = _round(self.ratio_to(third), 3)
         d["better"] = self.better
         if any(len(v) > 1 for v in self.samples.values()):
             d["samples"] = {side: [_round(x) for x in v] for side, v in self.samples.items()}
@@ -84,18 +93,18 @@ def _ratio(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.2f}"
 
 
-def _rows(lines: list[Line], three: bool) -> list[tuple[str, ...]]:
+def _rows(lines: list[Line], third: str | None) -> list[tuple[str, ...]]:
     """The header and a row per line: name, unit, the sides' figures, the ratios, better."""
-    if three:
+    sides = ("blockfs", "qemu", third) if third else ("blockfs", "qemu")
+    if third:
         head: tuple[str, ...] = (
-            "line", "unit", "blockfs", "qemu", "sshfs", "b/qemu", "b/sshfs", "better",
+            "line", "unit", "blockfs", "qemu", third, "b/qemu", f"b/{third}", "better",
         )  # fmt: skip
     else:
         head = ("line", "unit", "blockfs", "qemu", "ratio", "better")
     rows = [head]
     for ln in lines:
-        sides = ("blockfs", "qemu", "sshfs") if three else ("blockfs", "qemu")
-        ratios = (ln.ratio, ln.ratio_to("sshfs")) if three else (ln.ratio,)
+        ratios = (ln.ratio, ln.ratio_to(third)) if third else (ln.ratio,)
         rows.append(
             (
                 ln.name,
@@ -108,19 +117,23 @@ def _rows(lines: list[Line], three: bool) -> list[tuple[str, ...]]:
     return rows
 
 
-def _groups(lines: list[Line]) -> list[tuple[list[Line], bool]]:
-    """The two-sided lines, then the ssh lines (three sides), each group if any."""
-    two = [ln for ln in lines if not ln.sshfs]
-    three = [ln for ln in lines if ln.sshfs]
-    return [(group, is3) for group, is3 in ((two, False), (three, True)) if group]
+def _groups(lines: list[Line]) -> list[tuple[list[Line], str | None]]:
+    """The two-sided lines, then those with a floor side, then the ssh lines (with sshfs):
+    each group that has lines."""
+    groups: list[tuple[list[Line], str | None]] = []
+    for third in (None, "floor", "sshfs"):
+        group = [ln for ln in lines if ln.third == third]
+        if group:
+            groups.append((group, third))
+    return groups
 
 
 def table(lines: list[Line]) -> str:
-    """The terminal table (the ssh lines in a second one, with sshfs), with one footnote per
-    "n/a" reason."""
+    """The terminal table (the lines with a floor side, and the ssh lines with sshfs, in tables
+    of their own), with one footnote per "n/a" reason."""
     out: list[str] = []
-    for group, three in _groups(lines):
-        rows = _rows(group, three)
+    for group, third in _groups(lines):
+        rows = _rows(group, third)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         if out:
             out.append("")
@@ -140,8 +153,8 @@ def table(lines: list[Line]) -> str:
 
 def markdown_table(lines: list[Line]) -> str:
     out: list[str] = []
-    for group, three in _groups(lines):
-        rows = _rows(group, three)
+    for group, third in _groups(lines):
+        rows = _rows(group, third)
         if out:
             out.append("")
         out.append("| " + " | ".join(rows[0]) + " |")
@@ -169,8 +182,9 @@ def read_json(path: str) -> tuple[dict[str, object], dict[str, object], list[Lin
     lines = []
     for r in doc["results"]:
         ln = Line(r["name"], r["unit"], r["better"], notes=dict(r.get("notes", {})))
-        if "sshfs" in r:
-            ln.samples["sshfs"] = []
+        for third in THIRD_SIDES:
+            if third in r:
+                ln.samples[third] = []
         for side in ln.samples:
             if r[side] is not None:
                 ln.samples[side].append(r[side])
@@ -190,8 +204,9 @@ def chart_title(machine: dict[str, object], config: dict[str, object]) -> str:
 
 def write_chart(path: str, lines: list[Line], title: str) -> None:
     """A horizontal bar per line: the ratio blockfs/qemu on a log scale, green where blockfs is
-    at least as good as qemu, red where it is worse; "n/a" lines keep their row, without a bar.
-    An ssh line has two rows: blockfs/qemu and blockfs/sshfs."""
+        at least as good as qemu, red where it is worse; "n/a" lines keep their row, without a bar.
+        An ssh line has two rows: blockfs/qemu and blockfs/sshfs; a line with a floor side,
+    blockfs/qemu and blockfs/floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,9 +214,10 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
 
     rows: list[tuple[str, Line, float | None]] = []
     for ln in lines:
-        if ln.sshfs:
+        third = ln.third
+        if third:
             rows.append((f"{ln.name} ({ln.unit}) / qemu", ln, ln.ratio))
-            rows.append((f"{ln.name} ({ln.unit}) / sshfs", ln, ln.ratio_to("sshfs")))
+            rows.append((f"{ln.name} ({ln.unit}) / {third}", ln, ln.ratio_to(third)))
         else:
             rows.append((f"{ln.name} ({ln.unit})", ln, ln.ratio))
     names = [name for name, _, _ in rows]
@@ -231,7 +247,8 @@ def write_chart(path: str, lines: list[Line], title: str) -> None:
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xlabel(
-        "ratio blockfs / qemu-storage-daemon, or / sshfs where a row says so (log scale; "
+        "ratio blockfs / qemu-storage-daemon, or / sshfs or / floor where a row says so (log "
+        "scale; "
         "green = blockfs as good or better, red = worse)",
         fontsize=8,
     )

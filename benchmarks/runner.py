@@ -50,7 +50,7 @@ from benchmarks.chainjobs import (
     make_chain,
     timed_chain_job,
 )
-from benchmarks.exposures import BlockfsMount, ExposureError, QsdExport
+from benchmarks.exposures import BlockfsMount, ExposureError, FloorMount, QsdExport
 from benchmarks.fio import FIO_JOBS, LATENCY_DURING_BACKUP, FioError, FioJob, run_fio
 from benchmarks.gluster import (
     GLUSTER_JOBS,
@@ -137,6 +137,15 @@ def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, s
     return specs
 
 
+def floor_lines() -> list[str]:
+    """The lines the floor runs: the raw image's fio jobs, their daemon CPU and its RSS."""
+    return [
+        *(f"raw {j.name}" for j in FIO_JOBS),
+        *(f"raw {j.name} daemon CPU" for j in FIO_JOBS),
+        "raw daemon peak RSS",
+    ]
+
+
 def mirror_specs(fmt: str) -> list[tuple[str, str, str]]:
     """(name, unit, better) of the mirror lines of one format."""
     return [
@@ -218,13 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--output",
-        default=os.path.join(HERE, "results", "latest.json"),
-        help="the JSON file of results (default benchmarks/results/latest.json)",
+        help="the JSON file of results (default benchmarks/results/latest.json; --quick: "
+        "benchmarks/results/quick.json)",
     )
     p.add_argument(
         "--chart",
-        default=os.path.join(HERE, "ratios.png"),
-        help="the PNG chart of ratios (default benchmarks/ratios.png)",
+        help="the PNG chart of ratios (default: beside --output, the same name with .png; "
+        "a full run without --output: benchmarks/ratios.png, the published one)",
     )
     p.add_argument(
         "--replot",
@@ -235,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="also print the table as Markdown (for README.md)"
     )
     return p
+
+
+def output_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """Where the JSON and the chart go. Only a full run without --output redraws the
+    published chart (benchmarks/ratios.png); a --quick run, or any run given --output, draws
+    its chart beside its JSON, so a smoke run never changes the checkout."""
+    output = args.output or os.path.join(
+        HERE, "results", "quick.json" if args.quick else "latest.json"
+    )
+    if args.chart:
+        return output, args.chart
+    if args.quick or args.output:
+        return output, os.path.splitext(output)[0] + ".png"
+    return output, os.path.join(HERE, "ratios.png")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -355,6 +378,10 @@ class Runs:
         self.lines = {
             name: Line(name, unit, better) for name, unit, better in line_specs(s.formats, s.jobs)
         }
+        if "raw" in s.formats:
+            # the floor (the thinnest pyfuse3 file system) runs the raw fio lines too
+            for name in floor_lines():
+                self.lines[name].samples["floor"] = []
         if s.ssh:
             for name, unit, better in ssh_specs():
                 self.lines[name] = Line(name, unit, better, samples={side: [] for side in SIDES})
@@ -379,7 +406,7 @@ def _sample_cpu(into: list[float], pid: int) -> None:
     into.append(procstat.cpu_seconds(pid))
 
 
-def run_fio_jobs(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport) -> None:
+def run_fio_jobs(runs: Runs, fmt: str, exposure: BlockfsMount | QsdExport | FloorMount) -> None:
     s = runs.s
     side = exposure.side
     pid = exposure.pid
@@ -588,22 +615,26 @@ def prepare_chain(runs: Runs, fmt: str, workdir: str, image: str) -> Chain | Non
     return chain
 
 
-def run_side(runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExport) -> None:
-    """One fresh daemon: every fio job, then the backups; a side that cannot be exposed is n/a."""
+def run_side(
+    runs: Runs, fmt: str, workdir: str, exposure: BlockfsMount | QsdExport | FloorMount
+) -> None:
+    """One fresh daemon: every fio job, then the backups (not on the floor, which has no jobs);
+    a side that cannot be exposed is n/a."""
     side = exposure.side
+    names = floor_lines() if isinstance(exposure, FloorMount) else runs.names(fmt)
     try:
         with exposure:
             _say(f"{fmt} on {side} (pid {exposure.pid})")
             run_fio_jobs(runs, fmt, exposure)
-            if runs.s.jobs:
+            if runs.s.jobs and not isinstance(exposure, FloorMount):
                 run_backups(runs, fmt, exposure, workdir)
     except ExposureError as exc:
-        runs.note(runs.names(fmt), side, f"{fmt}: {exc}")
+        runs.note(names, side, f"{fmt}: {exc}")
         _say(f"{fmt} on {side}: n/a ({exc})")
     except (OSError, QMPError, subprocess.SubprocessError) as exc:
         # A daemon that died or a monitor that failed mid-run: what was measured stays, the
         # rest of this run is n/a with the reason, and the next run starts a fresh daemon.
-        runs.note(runs.names(fmt), side, f"{fmt}: {type(exc).__name__}: {exc}")
+        runs.note(names, side, f"{fmt}: {type(exc).__name__}: {exc}")
         _say(f"{fmt} on {side}: FAILED {type(exc).__name__}: {exc}")
 
 
@@ -724,6 +755,8 @@ def run_all(s: Settings, workdir: str) -> Runs:
                 run_side(runs, fmt, workdir, expose())
                 if s.jobs:
                     run_mirrors(runs, fmt, workdir, expose)
+            if fmt == "raw":
+                run_side(runs, fmt, workdir, FloorMount(image, workdir))
             if chain is not None:
                 for on_chain in (
                     functools.partial(BlockfsMount, fmt=fmt, workdir=workdir, io_mode=s.io_mode),
@@ -752,8 +785,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             print()
             print(markdown_table(lines))
-        write_chart(args.chart, lines, chart_title(machine, config))
+        chart = args.chart or os.path.join(HERE, "ratios.png")  # a deliberate redraw
+        write_chart(chart, lines, chart_title(machine, config))
         return 0
+    output, chart = output_paths(args)
     s = settings_from(args)
     for tool in ("fio", "qemu-img", "qemu-storage-daemon", "fusermount3"):
         if shutil.which(tool) is None:
@@ -791,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print()
         print(markdown_table(lines))
-    write_json(args.output, machine, config, lines)
-    write_chart(args.chart, lines, chart_title(machine, config))
-    _say(f"wrote {args.output} and {args.chart} in {config['duration_s']} s")
+    write_json(output, machine, config, lines)
+    write_chart(chart, lines, chart_title(machine, config))
+    _say(f"wrote {output} and {chart} in {config['duration_s']} s")
     return 0

@@ -32,11 +32,13 @@ pytestmark = [
 def test_quick_run_reports_every_line(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     pytest.importorskip("qemu.qmp")
-    from benchmarks.runner import FORMATS, line_specs
+    from benchmarks.runner import FORMATS, floor_lines, line_specs
 
     # raw alone by default (the smoke check of every kind of line); both formats in long runs
     formats = FORMATS if FULL else ("raw",)
-    out, chart = tmp_path / "bench.json", tmp_path / "ratios.png"
+    # no --chart: a run given --output draws its chart beside its JSON
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    published = (REPO / "benchmarks" / "ratios.png").stat().st_mtime_ns
     res = subprocess.run(
         [
             sys.executable,
@@ -47,8 +49,6 @@ def test_quick_run_reports_every_line(tmp_path: Path) -> None:
             str(tmp_path),
             "--output",
             str(out),
-            "--chart",
-            str(chart),
             "--formats",
             ",".join(formats),
             "--no-ssh",  # the ssh lines (about 35 s with --quick) are not part of this smoke check
@@ -64,6 +64,7 @@ def test_quick_run_reports_every_line(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-3000:]}"
     assert chart.stat().st_size > 0
+    assert (REPO / "benchmarks" / "ratios.png").stat().st_mtime_ns == published
     doc = json.loads(out.read_text())
     for key in ("cpu", "cores", "memory_gib", "kernel", "python", "qemu", "fio", "blockfs"):
         assert doc["machine"][key], key
@@ -83,6 +84,8 @@ def test_quick_run_reports_every_line(tmp_path: Path) -> None:
             assert r["qemu"] is not None, (name, r.get("notes"))
         if name.startswith("raw ") and "backup" not in name:
             assert r["blockfs"] is not None, (name, r.get("notes"))
+        if name in floor_lines():  # the thinnest pyfuse3 file system ran these too
+            assert r["floor"] is not None and r["ratio_floor"] is not None, (name, r)
         if r["blockfs"] is None:
             assert r.get("notes", {}).get("blockfs"), name
         elif r["qemu"] is not None:

@@ -58,6 +58,34 @@ async def test_file_node_io_modes_agree(tmp_path: Path, mode: str) -> None:
         await node.aclose()
 
 
+async def test_large_reads_come_from_the_page_cache_or_the_pool(tmp_path: Path) -> None:
+    """A large read is one non-blocking copy from the page cache into a new bytes object when
+    every page is there; when it would block (pages dropped) or comes short (past the end),
+    the pool reads it, and the bytes are the same either way."""
+    from blockfs.nodes.file import _pread_nowait
+
+    p = tmp_path / "f"
+    data = os.urandom(4 << 20)
+    p.write_bytes(data)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.pread(fd, len(data), 0)  # cached
+        assert _pread_nowait(fd, 1 << 20, 1 << 20) == data[1 << 20 : 2 << 20]
+        assert _pread_nowait(fd, 1 << 20, (4 << 20) - 4096) is None  # short: past the end
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages dropped
+        assert _pread_nowait(fd, 1 << 20, 2 << 20) is None  # would block
+    finally:
+        os.close(fd)
+    node = await FileNode.open(str(p), mode="hybrid")
+    try:
+        assert await node.read(2 << 20, 1 << 20) == data[2 << 20 : 3 << 20]  # through the pool
+        assert await node.read(2 << 20, 1 << 20) == data[2 << 20 : 3 << 20]  # cached now
+        assert node.io is not None and node.io.rd_operations == 2
+    finally:
+        await node.aclose()
+
+
 async def test_concurrent_reads_and_writes_overlap(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(bytes(1 << 22))

@@ -20,6 +20,7 @@ This module must not know about FUSE; it is only a node.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -74,9 +75,13 @@ class FileNode(Node):
         self.limits = Limits(max_inflight=self._pool.size)
         self._inline = mode == "inline"  # everything in the event loop (for measurements)
         self._read_nowait = mode == "hybrid" and _RWF_NOWAIT != 0
-        # Larger requests always go to the pool: a partial non-blocking read would be wasted,
-        # and big copies overlap better in threads (measured: 2.6x the 1 MiB read throughput).
+        # Writes beyond 64 KiB go to the pool: a buffered write cannot be made non-blocking
+        # (ext4 refuses RWF_NOWAIT for them) and a large one may wait for writeback. Reads of
+        # any size are tried non-blocking first: a page-cache hit is a copy, cheaper in the
+        # loop than the hop to a thread (measured on 1 MiB reads against the floor file
+        # system, issue 17: 1.7 GB/s through the pool, 4.3 GB/s in the loop).
         self._inline_max = (1 << 62) if mode == "inline" else (0 if mode == "threads" else 65536)
+        self._nowait_read_max = (1 << 62) if self._read_nowait else 0
 
         self._closed = False
         #: (st_dev, st_ino): what the file is, whatever name reached it (:meth:`identity`)
@@ -176,17 +181,30 @@ class FileNode(Node):
 
     async def read(self, offset: int, length: int) -> bytes:
         io = self.io
-        if length <= self._inline_max:
-            if self._inline:
+        if self._inline:
+            try:
+                data = self._pread_full(length, offset)
+            except OSError as exc:
+                io.failed_rd_operations += 1
+                raise _oserror(exc, "read from", self.filename) from None
+            io.rd_operations += 1
+            io.rd_bytes += length
+            return data
+        if length <= self._nowait_read_max:
+            if length >= _ZERO_COPY_MIN and self._read_nowait:
                 try:
-                    data = self._pread_full(length, offset)
+                    fast = _pread_nowait(self.fd, length, offset)
                 except OSError as exc:
-                    io.failed_rd_operations += 1
-                    raise _oserror(exc, "read from", self.filename) from None
-                io.rd_operations += 1
-                io.rd_bytes += length
-                return data
-            if self._read_nowait:
+                    if exc.errno != errno.EOPNOTSUPP:
+                        io.failed_rd_operations += 1
+                        raise _oserror(exc, "read from", self.filename) from None
+                    self._read_nowait = False
+                    fast = None
+                if fast is not None:
+                    io.rd_operations += 1
+                    io.rd_bytes += length
+                    return fast
+            elif self._read_nowait:
                 buf = bytearray(length)
                 try:
                     if os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length:
@@ -358,8 +376,52 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 
+#: reads from this size on are read non-blocking straight into a new bytes object (one copy,
+#: from the page cache); below it the ctypes call costs more than the copy it saves
+_ZERO_COPY_MIN = 128 * 1024
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_data = ctypes.pythonapi.PyBytes_AsString
+_bytes_data.restype = ctypes.c_void_p
+_bytes_data.argtypes = (ctypes.py_object,)
+_preadv2: Any = None
+
+
+def _pread_nowait(fd: int, length: int, offset: int) -> bytes | None:
+    """``length`` bytes at ``offset`` if the page cache holds them all (``preadv2`` with
+    RWF_NOWAIT, into a bytes object made for it: nothing else holds it yet, so filling it is
+    safe); None when the read would block or came short (past the end, or partly cached:
+    the pool then reads it whole).
+
+    :raise OSError: a real read error, or EOPNOTSUPP (the file cannot be read non-blocking).
+    """
+    global _preadv2
+    if _preadv2 is None:
+        fn = ctypes.CDLL(None, use_errno=True).preadv2  # libc, without find_library's ldconfig
+        fn.restype = ctypes.c_ssize_t
+        fn.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_int, ctypes.c_int64,
+                       ctypes.c_int)  # fmt: skip
+        _preadv2 = fn
+    out = _new_bytes(None, length)
+    iov = _Iovec(_bytes_data(out), length)
+    n = _preadv2(fd, ctypes.byref(iov), 1, offset, _RWF_NOWAIT)
+    if n == length:
+        return out  # type: ignore[no-any-return]
+    if n < 0:
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:
+            raise OSError(err, os.strerror(err))
+    return None
+
+
 def _fallocate_zero(fd: int, offset: int, length: int, unmap: bool) -> None:
-    import ctypes
 
     global _libc
     if _libc is None:
