@@ -86,6 +86,54 @@ async def test_large_reads_come_from_the_page_cache_or_the_pool(tmp_path: Path) 
         await node.aclose()
 
 
+def test_dirty_gauge_keeps_large_writes_off_the_loop_near_throttling() -> None:
+    """Large writes stay in the event loop only while dirty pages are far below the point
+    where the kernel throttles writers; with thresholds of a few bytes they go to the pool."""
+    from blockfs.nodes import file as file_mod
+
+    class Tight(file_mod._DirtyGauge):
+        @staticmethod
+        def _sysctl(name: str) -> int:
+            return {"dirty_bytes": 1, "dirty_background_bytes": 1}.get(name, 0)
+
+    class Roomy(file_mod._DirtyGauge):
+        @staticmethod
+        def _sysctl(name: str) -> int:
+            return {"dirty_bytes": 1 << 60, "dirty_background_bytes": 1 << 60}.get(name, 0)
+
+    class Broken(file_mod._DirtyGauge):
+        @staticmethod
+        def _sysctl(name: str) -> int:
+            raise OSError("no /proc")
+
+    assert Roomy().room(0.0) is True
+    assert Broken().room(0.0) is False  # what cannot be read sends writes to the pool
+    tight = Tight()
+    assert tight.room(0.0) is False  # no room below a threshold of a byte
+    # read again only after the period
+    tight._ok = True
+    assert tight.room(0.01) is True and tight.room(1.0) is False
+
+
+@pytest.mark.parametrize("room", [True, False])
+async def test_large_writes_land_in_the_loop_or_the_pool(
+    tmp_path: Path, room: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockfs.nodes import file as file_mod
+
+    monkeypatch.setattr(file_mod._DIRTY, "room", lambda now: room)
+    p = tmp_path / "f"
+    p.write_bytes(bytes(4 << 20))
+    data = os.urandom(1 << 20)
+    node = await FileNode.open(str(p), mode="hybrid")
+    try:
+        await node.write(1 << 20, data)
+        await node.flush()
+    finally:
+        await node.aclose()
+    assert p.read_bytes()[1 << 20 : 2 << 20] == data
+
+
 async def test_concurrent_reads_and_writes_overlap(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(bytes(1 << 22))
