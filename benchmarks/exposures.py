@@ -313,6 +313,9 @@ def load_fixture(path: Path, unavailable: type[Exception]) -> ModuleType:
     or cannot be imported."""
     if not path.exists():
         raise unavailable(f"{path} is missing")
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.append(folder)  # the fixture imports its helpers (tests/procs.py) by name
     spec = importlib.util.spec_from_file_location(f"blockfs_bench_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise unavailable(f"cannot load {path}")

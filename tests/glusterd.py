@@ -47,7 +47,6 @@ lasts ~10 s whatever it does, twice that for ``qemu-img create -f qcow2`` (two c
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import itertools
 import json
@@ -59,14 +58,17 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pytest
+from procs import preexec as _preexec
+from procs import proc_stat as _stat
+from procs import signal_if_same as _signal
+from procs import wait_dead as _wait_dead
 
 NETNS_PREFIX = "blockfs-gluster-"
 NETNS_DIR = Path("/run/netns")
@@ -166,38 +168,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 # -- processes ------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """``(state, ppid, starttime)`` of a process, or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 of proc(5)
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[2] == start and st[0] != "Z"
-
-
-def _signal(pid: int, start: int, sig: int) -> None:
-    """Signal ``pid`` only if it is still the process we saw (same start time)."""
-    if _alive(pid, start):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _wait_dead(procs: Iterable[tuple[int, int]], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    procs = list(procs)
-    while any(_alive(pid, start) for pid, start in procs):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -244,16 +214,6 @@ def _kill_all(ns_file: str | os.PathLike[str], timeout: float) -> list[tuple[int
             _signal(pid, start, sig)
         _wait_dead(procs, timeout)
     return _pids_in(ns_file)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """preexec_fn: SIGTERM glusterd when pytest dies (its bricks are swept by the next run)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _preexec() -> Any:
-    # PDEATHSIG fires when the forking *thread* ends: only safe from the main thread.
-    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 # -- namespaces -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import hashlib
 import os
 import pwd
@@ -32,13 +31,16 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from procs import preexec as _preexec
+from procs import proc_stat as _stat
+from procs import signal_if_same as _signal
+from procs import wait_dead as _wait_dead
 
 SSHD = "/usr/sbin/sshd"
 HOST = "127.0.0.1"
@@ -107,16 +109,6 @@ def fingerprints_of_blob(blob: bytes) -> tuple[str, str]:
 # -- processes ------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """``(state, ppid, starttime)`` of a process, or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = data[data.rindex(")") + 2 :].split()  # fields[0] is field 3 of proc(5)
-    return fields[0], int(fields[1]), int(fields[19])
-
-
 def _descendants(root: int, depth: int | None = None) -> list[tuple[int, int]]:
     """``(pid, starttime)`` of every live descendant of ``root`` (down to ``depth``
     generations), parents first."""
@@ -137,38 +129,6 @@ def _descendants(root: int, depth: int | None = None) -> list[tuple[int, int]]:
             out.append(child)
             todo.append((child[0], level + 1))
     return out
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[2] == start and st[0] != "Z"
-
-
-def _signal(pid: int, start: int, sig: int) -> None:
-    """Signal ``pid`` only if it is still the process we saw (same start time)."""
-    if _alive(pid, start):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _wait_dead(procs: Iterable[tuple[int, int]], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    procs = list(procs)
-    while any(_alive(pid, start) for pid, start in procs):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """preexec_fn: SIGTERM the child when pytest dies, so a crash leaves no sshd behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _preexec() -> Any:
-    # PDEATHSIG fires when the forking *thread* ends: only safe from the main thread.
-    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def _have_ipv6_loopback() -> bool:
