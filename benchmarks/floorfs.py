@@ -6,7 +6,10 @@ blockfs's own code; what this costs is pyfuse3's request loop and the kernel. Th
 reports blockfs / floor beside blockfs / qemu-storage-daemon (issue 17: blockfs / floor >= 0.95
 on every line is the standing rule for blockfs's own code).
 
-    python -m benchmarks.floorfs IMAGE MNT      # serves MNT/disk until unmounted
+    python -m benchmarks.floorfs IMAGE MNT [MAX_TASKS]   # serves MNT/disk until unmounted
+
+``MAX_TASKS`` is pyfuse3's ``max_tasks`` (default its own, 99): the worker tasks that read and
+serve requests.
 """
 
 from __future__ import annotations
@@ -81,13 +84,14 @@ class Floor(pyfuse3.Operations):  # type: ignore[misc]
 
 def main() -> int:
     image, mountpoint = sys.argv[1:3]
+    max_tasks = int(sys.argv[3]) if len(sys.argv) > 3 else 99
     fd = os.open(image, os.O_RDWR)
     size = os.fstat(fd).st_size
     options = set(pyfuse3.default_options) | {"fsname=floorfs", "subtype=floorfs"}
     pyfuse3.init(Floor(fd, size), mountpoint, options)
     print("ready", flush=True)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(lambda: pyfuse3.main(min_tasks=1, max_tasks=max_tasks))
     finally:
         pyfuse3.close(unmount=True)
         os.close(fd)
