@@ -48,7 +48,6 @@ import trio
 from blockfs.errors import BlockfsError, TransientError, UsageError
 from blockfs.nodes import gfapi
 from blockfs.nodes.base import Capability, Extent, IoCounters, Node, Status
-from blockfs.nodes.retry import RetryPolicy
 from blockfs.nodes.runpool import RunPool
 
 log = logging.getLogger(__name__)
@@ -789,21 +788,9 @@ def _seek(fd: int, offset: int) -> tuple[int, int]:
 # -- what the gluster driver (blockfs.nodes.protocols) delegates here -----------------------------
 
 
-def retry_policy(location: str) -> RetryPolicy:
-    """Retries within ``timeout=`` seconds of a request's first try, then EIO."""
-    return RetryPolicy.within(GlusterLocation.parse(location).timeout)
-
-
-async def open_node(location: str, *, read_only: bool) -> Node:
-    return await GlusterNode.open(GlusterLocation.parse(location), read_only=read_only)
-
-
-async def create_node(location: str) -> Node:
-    """A new, empty file on the volume (made exclusively), open read-write.
-
-    :raise UsageError: (EEXIST) it exists; (ENOENT, EACCES) no folder, no right.
-    """
-    return await GlusterNode.open(GlusterLocation.parse(location), read_only=False, create=True)
+#: what :class:`blockfs.nodes.protocols.RemoteProtocol` opens and creates with
+LOCATION = GlusterLocation
+NODE = GlusterNode
 
 
 async def remove(location: str) -> None:

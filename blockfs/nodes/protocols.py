@@ -142,9 +142,11 @@ class FileProtocol(ProtocolDriver):
 
 class RemoteProtocol(ProtocolDriver):
     """A protocol whose driver is a module of its own, imported at the first use (it brings a
-    library: asyncssh, libgfapi): every answer is that module's function of the same name
-    (``open_node``, ``create_node``, ``remove``, ``exists``, ``rename``, ``resolve``,
-    ``found_location``, ``real_location``, ``retry_policy``)."""
+    library: asyncssh, libgfapi). The module names its location class ``LOCATION`` (``parse``,
+    ``timeout``) and its node class ``NODE`` (``await NODE.open(loc, read_only=, create=)``):
+    opening, creating and the retry policy are the same for every such protocol and are done
+    here. Every other answer is the module's function of the same name (``remove``,
+    ``exists``, ``rename``, ``resolve``, ``found_location``, ``real_location``)."""
 
     def __init__(self, name: str, module: str) -> None:
         self.name = name  # type: ignore[misc]
@@ -154,15 +156,22 @@ class RemoteProtocol(ProtocolDriver):
         return importlib.import_module(self._module)
 
     def retry_for(self, location: str) -> RetryPolicy | None:
-        policy: RetryPolicy = self._impl().retry_policy(location)
-        return policy
+        """Retries within the location's ``timeout=`` seconds of a request's first try, then
+        EIO."""
+        return RetryPolicy.within(self._impl().LOCATION.parse(location).timeout)
 
     async def open(self, location: str, *, read_only: bool) -> Node:
-        node: Node = await self._impl().open_node(location, read_only=read_only)
+        impl = self._impl()
+        node: Node = await impl.NODE.open(impl.LOCATION.parse(location), read_only=read_only)
         return node
 
     async def create(self, location: str) -> Node:
-        node: Node = await self._impl().create_node(location)
+        """A new, empty file (made exclusively), open read-write.
+
+        :raise UsageError: (EEXIST) it exists; (ENOENT, EACCES) no folder, no right."""
+        impl = self._impl()
+        loc = impl.LOCATION.parse(location)
+        node: Node = await impl.NODE.open(loc, read_only=False, create=True)
         return node
 
     async def remove(self, location: str) -> None:

@@ -57,7 +57,6 @@ import trio
 from blockfs.errors import BlockfsError, TransientError, UsageError
 from blockfs.nodes import sftp
 from blockfs.nodes.base import Extent, IoCounters, Node, Status
-from blockfs.nodes.retry import RetryPolicy
 from blockfs.nodes.runpool import RunPool
 from blockfs.nodes.sftp import SftpError, SftpSession
 
@@ -604,21 +603,9 @@ async def _exists(s: SftpSession, path: str) -> bool:
 # -- what the ssh driver (blockfs.nodes.protocols.SSH) delegates here ---------------------------
 
 
-def retry_policy(location: str) -> RetryPolicy:
-    """Retries within ``timeout=`` seconds of a request's first try, then EIO."""
-    return RetryPolicy.within(SshLocation.parse(location).timeout)
-
-
-async def open_node(location: str, *, read_only: bool) -> Node:
-    return await SshNode.open(SshLocation.parse(location), read_only=read_only)
-
-
-async def create_node(location: str) -> Node:
-    """A new, empty remote file (made exclusively), open read-write.
-
-    :raise UsageError: (EEXIST) it exists; (ENOENT, EACCES) no folder, no right.
-    """
-    return await SshNode.open(SshLocation.parse(location), read_only=False, create=True)
+#: what :class:`blockfs.nodes.protocols.RemoteProtocol` opens and creates with
+LOCATION = SshLocation
+NODE = SshNode
 
 
 async def remove(location: str) -> None:
