@@ -260,3 +260,18 @@ def test_map_and_info_files_of_a_mounted_image(mount, tmp_path: Path) -> None:
     for key in ("format", "virtual-size", "cluster-size", "format-specific",
                 "backing-filename-format"):  # fmt: skip
         assert info[key] == qemu[key], key
+
+
+def test_snapshot_cli_trusts_only_our_own_mounts(tmp_path: Path) -> None:
+    """A folder that merely looks like a mount (a .control tree beside the image, its
+    snapshots file a FIFO that would hang a writer) is not a mount: the image file is changed
+    directly, and nothing is written into the trap."""
+    img = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+    trap = tmp_path / ".control" / "images" / "disk.qcow2"
+    trap.mkdir(parents=True)
+    os.mkfifo(trap / "snapshots")
+    blockfs("snapshot", "-c", "mine", str(img), timeout=60)
+    assert "mine" in qemu_img("snapshot", "-l", str(img)).stdout
+    res = blockfs("snapshot", "--external", "new.qcow2", str(img), check=False, timeout=60)
+    assert res.returncode != 0 and "not an image a blockfs mount of yours serves" in res.stderr

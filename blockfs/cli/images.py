@@ -375,16 +375,29 @@ def _snapshot_through(ctl: str, args: argparse.Namespace) -> int:
 
 
 def blockfs_mounts() -> list[str]:
-    """The mountpoints of blockfs mounts this process sees (``/proc/self/mountinfo``)."""
+    """The mountpoints of the blockfs mounts this user made (``/proc/self/mountinfo``).
+
+    Only mounts whose ``user_id=`` is ours: the kernel sets it to the uid of whoever mounted
+    (fusermount3 for a user), so another user cannot pass a file system of their own, typed
+    ``fuse.blockfs``, for one of ours and answer our snapshot commands with its own files.
+    """
     from blockfs.daemon import unescape_mountinfo
 
+    mine = f"user_id={os.getuid()}"
     found = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 left, sep, right = line.partition(" - ")
                 fields = left.split()
-                if sep and len(fields) > 4 and right.split(" ", 1)[0] == "fuse.blockfs":
+                tail = right.split()  # fstype, source, super options
+                if (
+                    sep
+                    and len(fields) > 4
+                    and len(tail) > 2
+                    and tail[0] == "fuse.blockfs"
+                    and mine in tail[2].split(",")
+                ):
                     found.append(unescape_mountinfo(fields[4]))
     except OSError:
         pass
@@ -396,16 +409,19 @@ def serving_control_file(filename: str, leaf: str) -> str | None:
     either the mounted file ``MNT/NAME`` or the image file a mount has open (as its active
     layer: the ``filename`` its info file shows is the same file); None when no mount this
     user can ask serves it."""
-    path = os.path.abspath(filename)
+    path = os.path.realpath(filename)  # mountinfo names mountpoints without symlinks
     mnt, name = os.path.split(path)
-    direct = os.path.join(mnt, ".control", "images", name, leaf)
-    if os.path.exists(direct):
-        return direct
+    mounts = blockfs_mounts()
+    # MNT/NAME only where MNT is one of our mounts: a folder that merely holds a .control
+    # tree (another user's, a FIFO in it) is never written to
+    if mnt in mounts:
+        direct = os.path.join(mnt, ".control", "images", name, leaf)
+        return direct if os.path.exists(direct) else None
     try:
         st = os.stat(path)
     except OSError:
         return None
-    for mountpoint in blockfs_mounts():
+    for mountpoint in mounts:
         images = os.path.join(mountpoint, ".control", "images")
         try:
             names = os.listdir(images)
@@ -427,12 +443,10 @@ def _external_snapshot(args: argparse.Namespace) -> int:
     """Through ``MNT/.control/images/NAME/ctl`` of the mount that serves ``filename``."""
     from blockfs.cli.jobs import write_control
 
-    path = os.path.abspath(args.filename)
-    mnt, name = os.path.split(path)
-    ctl = os.path.join(mnt, ".control", "images", name, "ctl")
-    if not os.path.exists(ctl):
+    ctl = serving_control_file(args.filename, "ctl")
+    if ctl is None:
         raise UsageError(
-            f"{args.filename} is not an image a blockfs mount serves (MNT/NAME); "
+            f"{args.filename} is not an image a blockfs mount of yours serves (MNT/NAME); "
             "--external snapshots are taken of mounted images",
             errno=errno.ENOENT,
         )
