@@ -65,13 +65,13 @@ async def test_large_reads_come_from_the_page_cache_or_the_pool(tmp_path: Path) 
     from blockfs.nodes.file import _pread_nowait
 
     p = tmp_path / "f"
-    data = os.urandom(4 << 20)
+    data = os.urandom(8 << 20)
     p.write_bytes(data)
     fd = os.open(p, os.O_RDONLY)
     try:
         os.pread(fd, len(data), 0)  # cached
         assert _pread_nowait(fd, 1 << 20, 1 << 20) == data[1 << 20 : 2 << 20]
-        assert _pread_nowait(fd, 1 << 20, (4 << 20) - 4096) is None  # short: past the end
+        assert _pread_nowait(fd, 1 << 20, len(data) - 4096) is None  # short: past the end
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages dropped
         assert _pread_nowait(fd, 1 << 20, 2 << 20) is None  # would block
@@ -82,6 +82,10 @@ async def test_large_reads_come_from_the_page_cache_or_the_pool(tmp_path: Path) 
         assert await node.read(2 << 20, 1 << 20) == data[2 << 20 : 3 << 20]  # through the pool
         assert await node.read(2 << 20, 1 << 20) == data[2 << 20 : 3 << 20]  # cached now
         assert node.io is not None and node.io.rd_operations == 2
+        # beyond 4 MiB never copied in the event loop, cached or not: the pool reads it
+        assert await node.read(0, len(data)) == data  # all cached now
+        assert node._read_cached(4 << 20, 0) == data[: 4 << 20]
+        assert node._read_cached((4 << 20) + 1, 0) is None
     finally:
         await node.aclose()
 

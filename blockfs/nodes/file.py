@@ -82,7 +82,6 @@ class FileNode(Node):
         # loop than the hop to a thread (measured on 1 MiB reads against the floor file
         # system, issue 17: 1.7 GB/s through the pool, 4.3 GB/s in the loop).
         self._inline_max = (1 << 62) if mode == "inline" else (0 if mode == "threads" else 65536)
-        self._nowait_read_max = (1 << 62) if self._read_nowait else 0
         #: writes up to this size stay in the loop while the dirty-page gauge says so
         self._inline_write_max = _INLINE_WRITE_MAX if mode == "hybrid" else 0
         self._now = time.monotonic
@@ -187,52 +186,42 @@ class FileNode(Node):
 
     async def read(self, offset: int, length: int) -> bytes:
         io = self.io
-        if self._inline:
-            try:
-                data = self._pread_full(length, offset)
-            except OSError as exc:
-                io.failed_rd_operations += 1
-                raise _oserror(exc, "read from", self.filename) from None
-            io.rd_operations += 1
-            io.rd_bytes += length
-            return data
-        if length <= self._nowait_read_max:
-            if length >= _ZERO_COPY_MIN and self._read_nowait:
-                try:
-                    fast = _pread_nowait(self.fd, length, offset)
-                except OSError as exc:
-                    if exc.errno != errno.EOPNOTSUPP:
-                        io.failed_rd_operations += 1
-                        raise _oserror(exc, "read from", self.filename) from None
-                    self._read_nowait = False
-                    fast = None
-                if fast is not None:
-                    io.rd_operations += 1
-                    io.rd_bytes += length
-                    return fast
-            elif self._read_nowait:
-                buf = bytearray(length)
-                try:
-                    if os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length:
-                        io.rd_operations += 1
-                        io.rd_bytes += length
-                        return bytes(buf)
-                    # short (past EOF, or partly cached): the pool reads it and judges
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.EOPNOTSUPP:
-                        io.failed_rd_operations += 1
-                        raise _oserror(exc, "read from", self.filename) from None
-                    self._read_nowait = False
         try:
-            got: bytes = await self._pool.run(self._pread_full, length, offset)
+            if self._inline:
+                data = self._pread_full(length, offset)
+            else:
+                found = self._read_cached(length, offset) if self._read_nowait else None
+                if found is None:
+                    found = await self._pool.run(self._pread_full, length, offset)
+                data = found
         except OSError as exc:
             io.failed_rd_operations += 1
             raise _oserror(exc, "read from", self.filename) from None
         io.rd_operations += 1
         io.rd_bytes += length
-        return got
+        return data
+
+    def _read_cached(self, length: int, offset: int) -> bytes | None:
+        """The range if the page cache holds all of it, read in the event loop without
+        blocking; None when the pool must read it: it would block, it came short (past the
+        end, or partly cached), or it is too large to copy in the loop.
+
+        :raise OSError: a real read error.
+        """
+        if length > _CACHED_READ_MAX:
+            return None
+        try:
+            if length >= _ZERO_COPY_MIN:
+                return _pread_nowait(self.fd, length, offset)
+            buf = bytearray(length)
+            return bytes(buf) if os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == length else None
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self._read_nowait = False  # the file system cannot: the pool from now on
+            return None
 
     def _pwrite_full(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
@@ -441,6 +430,9 @@ class _DirtyGauge:
 
 _DIRTY = _DirtyGauge()
 
+#: the largest read copied from the page cache in the event loop (~1 ms of copying here): a
+#: job's larger reads go to the pool, so that no one request holds the loop for long
+_CACHED_READ_MAX = 4 << 20
 #: reads from this size on are read non-blocking straight into a new bytes object (one copy,
 #: from the page cache); below it the ctypes call costs more than the copy it saves
 _ZERO_COPY_MIN = 128 * 1024
