@@ -61,6 +61,16 @@ def _wait_exit(pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = 
     return False
 
 
+def end_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Give a daemon asked to stop ``timeout`` seconds to go, then SIGTERM, then as long again
+    and SIGKILL; it is reaped either way."""
+    if not _wait_exit(proc.pid, timeout, proc):
+        proc.terminate()
+        if not _wait_exit(proc.pid, timeout, proc):
+            proc.kill()
+    proc.wait(timeout=30)
+
+
 class BlockfsMount:
     """``blockfs mount MNT disk=IMAGE,format=FMT``; the file is MNT/disk."""
 
@@ -235,11 +245,7 @@ class QsdExport:
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None
-        if not _wait_exit(proc.pid, STOP_TIMEOUT / 2, proc):
-            proc.terminate()
-            if not _wait_exit(proc.pid, STOP_TIMEOUT / 2, proc):
-                proc.kill()
-                proc.wait(timeout=30)
+        end_process(proc, STOP_TIMEOUT / 2)
         _lazy_unmount(self.path)
         self.proc = None
 
@@ -295,11 +301,7 @@ class FloorMount:
         subprocess.run(
             ["fusermount3", "-u", self.mountpoint], capture_output=True, timeout=60, check=False
         )
-        if not _wait_exit(proc.pid, STOP_TIMEOUT / 2, proc):
-            proc.terminate()
-            if not _wait_exit(proc.pid, STOP_TIMEOUT / 2, proc):
-                proc.kill()
-                proc.wait(timeout=30)
+        end_process(proc, STOP_TIMEOUT / 2)
         _lazy_unmount(self.mountpoint)
         self.proc = None
 

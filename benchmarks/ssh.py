@@ -35,7 +35,7 @@ from benchmarks.exposures import (
     ExposureError,
     QsdExport,
     _lazy_unmount,
-    _wait_exit,
+    end_process,
     first_line,
     is_mounted,
     load_fixture,
@@ -241,11 +241,7 @@ class SshfsMount:
             subprocess.run(
                 ["fusermount3", "-u", self.mountpoint], capture_output=True, timeout=60, check=False
             )
-        if not _wait_exit(proc.pid, STOP_TIMEOUT / 4, proc):
-            proc.terminate()
-            if not _wait_exit(proc.pid, STOP_TIMEOUT / 4, proc):
-                proc.kill()
-        proc.wait(timeout=30)
+        end_process(proc, STOP_TIMEOUT / 4)
         _lazy_unmount(self.mountpoint)
         self.proc = None
 

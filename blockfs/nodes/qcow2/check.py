@@ -65,6 +65,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 from blockfs.errors import ImageError
+from blockfs.nodes.checkio import CheckIo as _FileIo
 from blockfs.nodes.qcow2.compressed import CompressedEntry
 from blockfs.nodes.qcow2.format import (
     L1E_OFFSET_MASK,
@@ -360,50 +361,6 @@ class _DiskRefcounts:
         self._cache[off] = blk
 
 
-class _FileIo:
-    """pread/pwrite of the image file; reads past its end read zeroes (as QEMU's do)."""
-
-    def __init__(self, fd: int, where: str, writable: bool) -> None:
-        self.fd = fd
-        self.where = where
-        self.writable = writable
-        self.size = os.lseek(fd, 0, os.SEEK_END)  # (a block device's st_size is 0)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        parts = []
-        got = 0
-        try:
-            while got < length and offset + got < self.size:
-                chunk = os.pread(self.fd, length - got, offset + got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-        except OSError as exc:
-            raise ImageError(f"{self.where}: read at {offset:#x}: {exc.strerror}") from None
-        if got < length:
-            parts.append(bytes(length - got))
-        return b"".join(parts)
-
-    def write(self, offset: int, data: bytes) -> None:
-        assert self.writable
-        try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], offset + done)
-        except OSError as exc:
-            raise CheckFailed(f"{self.where}: write at {offset:#x}: {exc.strerror}") from None
-        self.size = max(self.size, offset + len(data))
-
-    def sync(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            raise CheckFailed(f"{self.where}: flush: {exc.strerror}") from None
-
-
 @dataclass(slots=True)
 class _L2Refs:
     """How many L1 entries point to one L2 table: of the active L1 table, and in all."""
@@ -420,7 +377,7 @@ class _Checker:
         self.fix = fix
         self.say = say
         self.on_progress = on_progress
-        self.io = _FileIo(fd, where, writable=bool(fix))
+        self.io = _FileIo(fd, where, writable=bool(fix), write_error=CheckFailed)
         self._done = 0
         self._total = 0
         self._open()

@@ -26,7 +26,6 @@ the file, never memory.
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from array import array
@@ -34,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from blockfs.errors import ImageError, UnsupportedFeature
+from blockfs.nodes.checkio import CheckIo as _FileIo
 from blockfs.nodes.vhdx.format import (
     BAT_GUID,
     BAT_STATE_MASK,
@@ -62,7 +62,6 @@ BAT_CHUNK = 8 * 1024 * 1024
 #: FileOffsetMB of a BAT entry, as a byte offset (bits 20-63)
 BAT_OFFSET_MASK = 0xFFFFFFFFFFF00000
 INT64_MAX = (1 << 63) - 1
-_ZEROES = bytes(1024 * 1024)
 
 
 @dataclass(slots=True)
@@ -158,61 +157,6 @@ def check_vhdx(
 
 def _ignore(_: str) -> None:
     pass
-
-
-class _FileIo:
-    """pread/pwrite of the image file; reads past its end read zeroes."""
-
-    def __init__(self, fd: int, where: str) -> None:
-        self.fd = fd
-        self.where = where
-        self.size = os.lseek(fd, 0, os.SEEK_END)  # (a block device's st_size is 0)
-
-    def read(self, offset: int, length: int) -> bytes:
-        parts = []
-        got = 0
-        try:
-            while got < length and offset + got < self.size:
-                chunk = os.pread(self.fd, length - got, offset + got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-        except OSError as exc:
-            raise ImageError(f"{self.where}: read at {offset:#x}: {exc.strerror}") from None
-        if got < length:
-            parts.append(bytes(length - got))
-        return b"".join(parts)
-
-    def write(self, offset: int, data: bytes) -> None:
-        try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], offset + done)
-        except OSError as exc:
-            raise ImageError(f"{self.where}: write at {offset:#x}: {exc.strerror}") from None
-        self.size = max(self.size, offset + len(data))
-
-    def zero(self, offset: int, length: int) -> None:
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZEROES), end - offset)
-            self.write(offset, _ZEROES[:n])
-            offset += n
-
-    def extend(self, size: int) -> None:
-        if size > self.size:
-            try:
-                os.ftruncate(self.fd, size)
-            except OSError as exc:
-                raise ImageError(f"{self.where}: extend to {size}: {exc.strerror}") from None
-            self.size = size
-
-    def sync(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            raise ImageError(f"{self.where}: flush: {exc.strerror}") from None
 
 
 def _replay_log(io: _FileIo, header: Header, slot: int, repair: bool, where: str) -> bool:
