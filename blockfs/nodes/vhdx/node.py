@@ -645,6 +645,8 @@ class VhdxNode(FailsafeNode):
             for block in range(g.data_blocks):
                 state = await self._entry(g.payload_index(block)) & BAT_STATE_MASK
                 count += state == _FULLY or state == _PARTIAL
+                if block % 4096 == 4095:  # a big disk's walk never holds the event loop
+                    await trio.lowlevel.checkpoint()
             self._allocated = count * self._bs
         return self._allocated
 
