@@ -3,14 +3,17 @@
 Python pays per request, so the path of one request is kept short. The policy (``hybrid``, the
 default) follows what the benchmarks measured against the alternatives:
 
-1. Reads of up to 64 KiB try ``preadv2(..., RWF_NOWAIT)`` straight from the event loop: when the
-   data is in the page cache this returns at once and costs no thread hop.
+1. Reads of up to 4 MiB try ``preadv2(..., RWF_NOWAIT)`` straight from the event loop: when the
+   data is in the page cache this returns at once and costs no thread hop (from 128 KiB the
+   data goes straight into the bytes object returned: one copy).
 2. Writes of up to 64 KiB are plain ``pwrite`` calls in the event loop: a buffered write is a
-   copy into the page cache, cheaper than any hop (ext4 refuses RWF_NOWAIT for buffered writes).
-3. Everything else (larger requests, reads that would block) goes to the shared
-   :class:`~blockfs.nodes.threads.IoThreadPool`, threads that wake the waiting trio task
-   directly, at a fraction of the cost of ``trio.to_thread.run_sync``. Requests that may block
-   overlap there and never wait for each other. Cancelling a request waits for its call.
+   copy into the page cache, cheaper than any hop (ext4 refuses RWF_NOWAIT for buffered
+   writes); writes of up to 1 MiB too, while the dirty-page gauge says the kernel is far from
+   throttling writers (:class:`_DirtyGauge`).
+3. Everything else (larger requests, reads that would block, writes near throttling) goes to
+   the shared :class:`~blockfs.nodes.threads.IoThreadPool`, threads that wake the waiting trio
+   task directly, at a fraction of the cost of ``trio.to_thread.run_sync``. Requests that may
+   block overlap there and never wait for each other. Cancelling a request waits for its call.
 
 ``BLOCKFS_IO_MODE=inline|threads`` forces every request into the event loop or into the pool,
 for measurements.
