@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -267,6 +268,20 @@ def test_stale_namespaces_are_swept(server: GlusterServer) -> None:
     leftover = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
     (leftover / "run").mkdir()
     try:
+        # swept only once the sleeper is inside: a sweep before nsenter opened the namespace
+        # made nsenter fail (exit 1) instead of leaving a process to end
+        ns = os.stat(NETNS_DIR / name)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                inside = os.stat(f"/proc/{sleeper.pid}/ns/net")
+                entered = (inside.st_dev, inside.st_ino) == (ns.st_dev, ns.st_ino)
+            except OSError:
+                entered = False
+            if entered and Path(f"/proc/{sleeper.pid}/comm").read_text().strip() == "sleep":
+                break
+            assert sleeper.poll() is None and time.monotonic() < deadline, "nsenter failed"
+            time.sleep(0.01)
         assert name in sweep_stale_namespaces()
         assert sleeper.wait(timeout=10) == -signal.SIGTERM
         assert name not in netns_names()
