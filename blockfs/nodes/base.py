@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 
@@ -103,6 +103,56 @@ class Limits:
     #: most requests the node works on at once (its thread pool, a remote's request window);
     #: more are accepted and wait in line. None: no bound of its own (it never blocks a thread).
     max_inflight: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirectIo:
+    """A node's data path callable from any thread, without the event loop (issue 17): the
+    FUSE reader threads answer READ and WRITE with it where the mapping is known without an
+    ``await`` (a raw image on a local file; a qcow2 cluster whose L2 table is cached). Both
+    block their calling thread (never the event loop's), return False when this request needs
+    the event loop after all (an unallocated qcow2 cluster, a probed raw image's head; nothing
+    was done then), and raise :class:`~blockfs.errors.BlockfsError` as the async path does.
+    The caller (:class:`blockfs.export.Export`) has checked the range against ``size``.
+    """
+
+    #: fill the whole view with the bytes at the offset
+    readinto: Callable[[int, memoryview], bool]
+    #: store the view at the offset; None: writes always need the event loop
+    write: Callable[[int, memoryview], bool] | None = None
+
+
+#: what a reader thread copies zeroes from
+_ZEROES = bytes(128 * 1024)
+
+
+def fill_zeroes(view: memoryview) -> None:
+    """Zero ``view`` in place (in chunks: no buffer as large as the request)."""
+    step = len(_ZEROES)
+    length = len(view)
+    for pos in range(0, length, step):
+        n = min(step, length - pos)
+        view[pos : pos + n] = _ZEROES[:n]
+
+
+def read_below_direct(backing: Node | None, offset: int, view: memoryview) -> bool:
+    """Fill ``view`` with what a layer that does not hold the range reads there, in the
+    calling thread: its backing node's bytes through that node's direct path (zeroes past the
+    backing's end), zeroes without a backing. False: the backing has no direct path, or
+    declined (nothing was written then). The chain changes only while the export is
+    quiesced, so ``backing`` stays open for as long as this runs."""
+    if backing is None or offset >= backing.size:
+        fill_zeroes(view)
+        return True
+    below = backing.direct_io()
+    if below is None:
+        return False
+    inside = min(len(view), backing.size - offset)
+    if not below.readinto(offset, view[:inside]):
+        return False
+    if inside < len(view):
+        fill_zeroes(view[inside:])
+    return True
 
 
 class IoCounters:
@@ -225,6 +275,12 @@ class Node(abc.ABC):
         :mod:`blockfs.nodes.inject`), to its child right before it makes that write. Only the
         error-injection filter listens; everywhere else this is a no-op call, made on metadata
         writes only, never on a mapped read or write."""
+
+    def direct_io(self) -> DirectIo | None:
+        """This node's thread-callable data path, or None (the default): every request goes
+        through the event loop. Only a node whose read and write need no ``await`` and no
+        state that the event loop changes may answer (see :class:`DirectIo`)."""
+        return None
 
     def children(self) -> list[Node]:
         """Nodes this node owns and closes (not its backing chain, which is listed apart)."""

@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from blockfs.errors import BlockfsError, ReadOnlyError, UsageError
-from blockfs.nodes.base import Capability, Extent, IoCounters, Limits, Node, Status
+from blockfs.nodes.base import Capability, DirectIo, Extent, IoCounters, Limits, Node, Status
 from blockfs.nodes.threads import shared_pool
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,47 @@ class FileNode(Node):
         io.wr_bytes += len(data)
         if offset + len(data) > self.size:
             self.size = offset + len(data)  # format nodes append to their file
+
+    # -- the data path of the FUSE reader threads (blockfs.fuseloop) ---------------------------
+
+    def direct_io(self) -> DirectIo:
+        return DirectIo(self._readinto_direct, self._write_direct)
+
+    def _readinto_direct(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` from ``offset`` in the calling thread (a blocking ``preadv``; a short
+        read inside the size is EIO, as in :meth:`_pread_full`)."""
+        fd, want, got = self.fd, len(view), 0
+        try:
+            while got < want:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    if offset + got < self.size:
+                        raise OSError(errno.EIO, "file is shorter than it was (truncated?)")
+                    view[got:] = bytes(want - got)
+                    break
+                got += n
+        except OSError as exc:
+            self.io.failed_rd_operations += 1
+            raise _oserror(exc, "read from", self.filename) from None
+        io = self.io
+        io.rd_operations += 1
+        io.rd_bytes += want
+        return True
+
+    def _write_direct(self, offset: int, view: memoryview) -> bool:
+        """Store ``view`` at ``offset`` in the calling thread (blocking ``pwrite``: a thread
+        that the kernel throttles waits here, never the event loop)."""
+        if self.read_only:
+            raise ReadOnlyError(f"{self.filename} is open read-only")
+        try:
+            self._pwrite_full(view, offset)
+        except OSError as exc:
+            self.io.failed_wr_operations += 1
+            raise _oserror(exc, "write to", self.filename) from None
+        io = self.io
+        io.wr_operations += 1
+        io.wr_bytes += len(view)
+        return True
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         if self.read_only:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from blockfs.errors import BlockfsError
-from blockfs.nodes.base import Extent, Node
+from blockfs.nodes.base import DirectIo, Extent, Node
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,19 @@ class RawNode(Node):
         if offset < self._probe_bytes:
             await self._check_head(offset, None, length)
         await self._child_discard(offset, length)
+
+    def direct_io(self) -> DirectIo | None:
+        """The child's, as it is: a raw node maps one to one. A probed image's head is
+        guarded in the event loop, so writes below it are not direct."""
+        below = self.child.direct_io()
+        if below is None or below.write is None or self._probe_guard is None:
+            return below
+        write, head = below.write, self._probe_bytes
+
+        def guarded(offset: int, view: memoryview) -> bool:
+            return offset >= head and write(offset, view)
+
+        return DirectIo(below.readinto, guarded)
 
     async def read(self, offset: int, length: int) -> bytes:  # replaced per instance
         return await self.child.read(offset, length)

@@ -25,6 +25,16 @@ Invariants that the code relies on (write them down, since a new ``await`` break
   writes take no lock at all.
 * A freed host cluster is not reused while a read or an in-place write that may have looked it
   up is in flight (``_io_active``): decrements wait in ``_pending_decref`` until none is.
+* The FUSE reader threads (``blockfs.fuseloop``) read and write allocated clusters whose L2
+  table is cached, and read zero clusters, without the event loop (:meth:`direct_io`): they
+  count themselves in ``_direct_active`` (under a thread lock) *before* they look the cluster
+  up, and the decrements wait for that count too. The table update that drops a reference
+  comes before the decrement is queued, so a thread that counts itself after the event loop
+  saw no one in flight looks the cluster up in the new table. A read of an unallocated
+  cluster goes on to the backing node's own direct path (the chain changes only while the
+  export is quiesced). Anything else (a compressed cluster, a table not in the cache, a
+  backing file without a direct path, any write needing metadata) is declined and goes to
+  the event loop.
 * L2 tables that a task is about to change are pinned in the cache (never evicted), so that a
   reload can never bring back a stale copy (``nodes/cache.py``).
 * Compressed clusters (:meth:`Qcow2Node.write_compressed`) are packed into an area whose
@@ -58,14 +68,24 @@ import dataclasses
 import logging
 import os
 import struct
+import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
 
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UsageError
-from blockfs.nodes.base import Capability, Extent, Limits, Node, Status
+from blockfs.nodes.base import (
+    Capability,
+    DirectIo,
+    Extent,
+    Limits,
+    Node,
+    Status,
+    fill_zeroes,
+    read_below_direct,
+)
 from blockfs.nodes.cache import TableCache
 from blockfs.nodes.failsafe import FailsafeNode
 from blockfs.nodes.qcow2.compressed import (
@@ -180,6 +200,9 @@ class Qcow2Node(FailsafeNode):
         self._meta_lock = trio.Lock()
         self._claims: dict[int, trio.Event] = {}
         self._io_active = 0
+        #: reader threads inside :meth:`_read_direct` / :meth:`_write_direct` (see above)
+        self._direct_active = 0
+        self._direct_lock = threading.Lock()
         self._pending_decref: list[int] = []
         self._data_clusters: int | None = None
         self._closed = False
@@ -440,6 +463,69 @@ class Qcow2Node(FailsafeNode):
             self._dcache.popitem(last=False)
         return out
 
+    # -- the data path of the FUSE reader threads ------------------------------------------------
+
+    def direct_io(self) -> DirectIo | None:
+        below = self.child.direct_io()
+        if below is None or below.write is None:
+            return None
+        child_read, child_write = below.readinto, below.write
+
+        def read(offset: int, view: memoryview) -> bool:
+            return self._read_direct(offset, view, child_read)
+
+        def write(offset: int, view: memoryview) -> bool:
+            return self._write_direct(offset, view, child_write)
+
+        return DirectIo(read, write)
+
+    def _direct_map(self, offset: int, length: int) -> tuple[int, int, int] | None:
+        try:
+            return self._lookup(offset, length)
+        except KeyError:  # the table left the cache between get() and move_to_end()
+            return None
+
+    def _read_direct(
+        self, offset: int, view: memoryview, child_read: Callable[[int, memoryview], bool]
+    ) -> bool:
+        lock = self._direct_lock
+        with lock:
+            self._direct_active += 1
+        try:
+            length = len(view)
+            m = self._direct_map(offset, length)
+            if m is None or m[2] != length:
+                return False
+            kind = m[0]
+            if kind == K_DATA or kind == K_COW:
+                return child_read(m[1], view)
+            if kind == K_ZERO:
+                fill_zeroes(view)
+                return True
+            if kind == K_UNALLOC:
+                return read_below_direct(self.backing, offset, view)
+            return False
+        finally:
+            with lock:
+                self._direct_active -= 1
+
+    def _write_direct(
+        self, offset: int, view: memoryview, child_write: Callable[[int, memoryview], bool]
+    ) -> bool:
+        if self.read_only or self._broken is not None:
+            return False
+        lock = self._direct_lock
+        with lock:
+            self._direct_active += 1
+        try:
+            m = self._direct_map(offset, len(view))
+            if m is None or m[0] != K_DATA or m[2] != len(view):
+                return False
+            return child_write(m[1], view)
+        finally:
+            with lock:
+                self._direct_active -= 1
+
     # -- writing -------------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> None:
@@ -588,7 +674,7 @@ class Qcow2Node(FailsafeNode):
     async def _apply_pending(self, force: bool = False) -> None:
         """Apply queued decrements (caller holds ``_meta_lock``) once no request that might
         still touch a freed cluster is in flight."""
-        if not self._pending_decref or (self._io_active and not force):
+        if not self._pending_decref or ((self._io_active or self._direct_active) and not force):
             return
         pend = self._pending_decref
         self._pending_decref = []
@@ -708,7 +794,7 @@ class Qcow2Node(FailsafeNode):
                 self.l2_cache.unpin(l2off)
         finally:
             self._release(g, g + 1, ev)
-        if self._pending_decref and not self._io_active:
+        if self._pending_decref and not (self._io_active or self._direct_active):
             async with self._meta_lock:
                 await self._apply_pending()
 
@@ -831,7 +917,7 @@ class Qcow2Node(FailsafeNode):
                 self.l2_cache.unpin(l2off)
         finally:
             self._release(g0, g1, ev)
-        if self._pending_decref and not self._io_active:
+        if self._pending_decref and not (self._io_active or self._direct_active):
             async with self._meta_lock:
                 await self._apply_pending()
 

@@ -111,7 +111,17 @@ import trio
 from bitarray import bitarray
 
 from blockfs.errors import BlockfsError, ImageError, ReadOnlyError, UnsupportedFeature, UsageError
-from blockfs.nodes.base import Capability, Extent, Limits, Node, Status, chain_block_status
+from blockfs.nodes.base import (
+    Capability,
+    DirectIo,
+    Extent,
+    Limits,
+    Node,
+    Status,
+    chain_block_status,
+    fill_zeroes,
+    read_below_direct,
+)
 from blockfs.nodes.cache import TableCache
 from blockfs.nodes.failsafe import FailsafeNode
 from blockfs.nodes.protocols import protocol_for, resolve_backing
@@ -649,6 +659,55 @@ class VhdxNode(FailsafeNode):
                     await trio.lowlevel.checkpoint()
             self._allocated = count * self._bs
         return self._allocated
+
+    # -- the data path of the FUSE reader threads ----------------------------------------------
+
+    def direct_io(self) -> DirectIo | None:
+        """Reads of fully present blocks, of blocks that read as zeroes, and of blocks not
+        present (through the parent's own direct path); writes into fully present blocks once
+        the first write after the open changed the GUIDs. Everything else (a partially
+        present block, an allocation, a BAT page not in the cache) is declined and goes to the
+        event loop. Safe from a thread: a block's space is never given to another block
+        (``_grow``, retained space), so a mapping a thread read is never another block's."""
+        below = self.child.direct_io()
+        if below is None or below.write is None:
+            return None
+        child_read, child_write = below.readinto, below.write
+
+        def read(offset: int, view: memoryview) -> bool:
+            e = self._direct_entry(offset, len(view))
+            if e is None:
+                return False
+            state = e & BAT_STATE_MASK
+            if state == _FULLY:
+                return child_read(bat_entry_offset(e) + (offset & self._bmask), view)
+            if state == _NOT_PRESENT:
+                return read_below_direct(self.backing, offset, view)
+            if state == _PARTIAL:
+                return False
+            fill_zeroes(view)  # ZERO, UNDEFINED, UNMAPPED
+            return True
+
+        def write(offset: int, view: memoryview) -> bool:
+            if not self._writing or self.read_only or self._broken is not None:
+                return False
+            e = self._direct_entry(offset, len(view))
+            if e is None or e & BAT_STATE_MASK != _FULLY:
+                return False
+            return child_write(bat_entry_offset(e) + (offset & self._bmask), view)
+
+        return DirectIo(read, write)
+
+    def _direct_entry(self, offset: int, length: int) -> int | None:
+        """The BAT entry of the block holding the whole range, if its page is cached."""
+        if (offset & self._bmask) + length > self._bs:
+            return None
+        block = offset >> self._bb
+        idx = block + (block >> self._crb)
+        table = self._pages.get(self._bat_off + ((idx >> PAGE_BITS) * PAGE_BYTES))
+        if table is None:
+            return None
+        return int(table[idx & (PAGE_ENTRIES - 1)])
 
     # -- writing: the first change after an open --------------------------------------------
 
