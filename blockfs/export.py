@@ -19,6 +19,17 @@ starts until the change is made. Jobs never assign ``root`` themselves.
 Invariant kept without locks: between reading ``self.root`` and calling into it there is no
 ``await``, so a request runs entirely against one graph.
 
+**Requests from the FUSE reader threads** (:mod:`blockfs.fuseloop`): where the root offers a
+thread-callable data path (:meth:`Node.direct_io`: a raw image on a local file, the cached and
+allocated clusters of a local qcow2 image; never a filter), a reader thread answers READ and
+WRITE itself through :meth:`read_direct` and :meth:`write_direct`: the same checks and
+counters as :meth:`read` and :meth:`write`, without the event loop. The in-flight count, the
+gate, the counters and the choice of the direct path are kept under one lock, shared by both
+paths, so that ``quiesced()`` waits for the threads' requests too and no thread starts one
+inside it: a job's filter, once in the graph, sees every write (the root changes only inside
+``quiesced()``, and a filter has no direct path). A request the direct path declines (the gate
+is shut, a cluster to allocate, a probed image's head) goes to the event loop.
+
 A failed flush stays failed (guarantee G4): once a flush of the image has failed, every later
 flush fails too, until the image is reopened (a remount). After a failed fsync the kernel may
 have dropped the dirty pages it could not write, so a later flush that "succeeds" would claim
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -38,7 +50,7 @@ from typing import Literal, TypeVar
 import trio
 
 from blockfs.errors import BlockfsError, NoSpaceError, ReadOnlyError, UsageError
-from blockfs.nodes.base import Node
+from blockfs.nodes.base import DirectIo, Node
 from blockfs.nodes.filter import FilterNode
 
 log = logging.getLogger(__name__)
@@ -178,15 +190,44 @@ class Export:
 
     def __init__(self, name: str, root: Node, *, read_only: bool = False) -> None:
         self.name = name
-        self.root = root
         self.read_only = read_only or root.read_only
         self.stats = BlockStats()
         self.mtime_ns = time.time_ns()
+        #: guards the in-flight count, the gate, the counters and the direct path (see the
+        #: module docstring); held for a few bytecodes, never across I/O or an await
+        self._lock = threading.Lock()
         self._inflight = 0
         self._gate: trio.Event | None = None  # set while requests are held back
         self._drained: trio.Event | None = None  # set when the last in-flight request ends
+        self._token: trio.lowlevel.TrioToken | None = None  # to set _drained from a thread
+        self._loop_thread = 0  # the thread that runs the event loop
+        self._direct: DirectIo | None = None
+        #: the direct path is off for good (the images are closing)
+        self._direct_closed = False
+        #: requests answered by the direct path (also counted in ``stats``)
+        self.direct_rd_operations = 0
+        self.direct_wr_operations = 0
         #: the first flush failure; every later flush fails with it (see the module docstring)
         self.flush_error: str | None = None
+        self._root = root
+        self.root = root
+
+    @property
+    def root(self) -> Node:
+        return self._root
+
+    @root.setter
+    def root(self, node: Node) -> None:
+        """The graph changes inside ``quiesced()`` only (or before the export serves): the
+        direct path follows the new root."""
+        with self._lock:
+            self._root = node
+            self._direct = None if self._direct_closed else node.direct_io()
+
+    @property
+    def has_direct_path(self) -> bool:
+        """Whether FUSE reader threads can answer some of this image's reads and writes."""
+        return self._direct is not None
 
     # -- the data path ------------------------------------------------------------------------
 
@@ -199,22 +240,26 @@ class Export:
         if self._gate is not None:
             await self._wait_admitted()
         stats = self.stats
-        self._inflight += 1
+        lock = self._lock
+        with lock:
+            self._inflight += 1
         t0 = _now()
         try:
             data = await self.root.read(offset, length)
         except BaseException:
-            stats.failed_rd_operations += 1
+            with lock:
+                stats.failed_rd_operations += 1
             raise
         finally:
             self._request_done()
         t1 = _now()
         dt = t1 - t0
-        # the histogram's bin, which counts the operation too (see BlockStats)
-        stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
-        stats.rd_bytes += length
-        stats.rd_total_time_ns += dt
-        stats.last_io_ns = t1
+        with lock:
+            # the histogram's bin, which counts the operation too (see BlockStats)
+            stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
+            stats.rd_bytes += length
+            stats.rd_total_time_ns += dt
+            stats.last_io_ns = t1
         return data
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -238,25 +283,133 @@ class Export:
             return 0
         if self._gate is not None:
             await self._wait_admitted()
-        self._inflight += 1
+        lock = self._lock
+        with lock:
+            self._inflight += 1
         t0 = _now()
         try:
             await self.root.write(offset, data)
         except BaseException:
-            stats.failed_wr_operations += 1
+            with lock:
+                stats.failed_wr_operations += 1
             raise
         finally:
             self._request_done()
+        self._count_write(offset, length, t0)
+        return length
+
+    def _count_write(self, offset: int, length: int, t0: int, direct: bool = False) -> None:
         t1 = _now()
         dt = t1 - t0
-        stats.wr_bins[bisect_right(stats.wr_boundaries, dt)] += 1
-        stats.wr_bytes += length
-        stats.wr_total_time_ns += dt
-        stats.last_io_ns = t1
-        if offset + length > stats.wr_highest_offset:
-            stats.wr_highest_offset = offset + length
+        stats = self.stats
+        with self._lock:
+            self.direct_wr_operations += direct
+            stats.wr_bins[bisect_right(stats.wr_boundaries, dt)] += 1
+            stats.wr_bytes += length
+            stats.wr_total_time_ns += dt
+            stats.last_io_ns = t1
+            if offset + length > stats.wr_highest_offset:
+                stats.wr_highest_offset = offset + length
         self.mtime_ns = time.time_ns()
+
+    # -- the data path of the FUSE reader threads ----------------------------------------------
+
+    def read_direct(self, offset: int, into: memoryview) -> int | None:
+        """Read into ``into`` (as long as the request) in the calling thread; the bytes read
+        (fewer at the end of the disk), or None: the event loop must answer (no direct path,
+        or the gate is shut). :raise BlockfsError: the read failed (counted)."""
+        with self._lock:
+            direct = self._direct
+            if direct is None or self._gate is not None:
+                return None
+            size = self._root.size
+            length = len(into)
+            if offset >= size or length <= 0:
+                return 0
+            if offset + length > size:
+                length = size - offset
+            self._inflight += 1
+        stats = self.stats
+        t0 = _now()
+        try:
+            done = direct.readinto(offset, into[:length])
+        except BaseException:
+            with self._lock:
+                stats.failed_rd_operations += 1
+            raise
+        finally:
+            self._request_done()
+        if not done:
+            return None
+        t1 = _now()
+        dt = t1 - t0
+        with self._lock:
+            stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
+            stats.rd_bytes += length
+            stats.rd_total_time_ns += dt
+            stats.last_io_ns = t1
+            self.direct_rd_operations += 1
         return length
+
+    def write_direct(self, offset: int, data: memoryview) -> int | None:
+        """Write ``data`` in the calling thread, as :meth:`write` does; the length written, or
+        None: the event loop must answer (no direct path for writes here, the gate is shut, or
+        a check that needs the loop). :raise BlockfsError: refused or failed (counted)."""
+        stats = self.stats
+        with self._lock:
+            direct = self._direct
+            if direct is None or direct.write is None or self._gate is not None:
+                return None
+            if self.read_only:
+                return None  # the event loop answers (and counts) these
+            size = self._root.size
+            length = len(data)
+            if offset >= size:
+                if length == 0:
+                    return 0
+                stats.invalid_wr_operations += 1
+                raise NoSpaceError(f"write past the end of {self.name}")
+            if offset + length > size:
+                length = size - offset
+            if length == 0:
+                return 0
+            self._inflight += 1
+        t0 = _now()
+        try:
+            done = direct.write(offset, data[:length])
+        except BaseException:
+            with self._lock:
+                stats.failed_wr_operations += 1
+            raise
+        finally:
+            self._request_done()
+        if not done:
+            return None
+        self._count_write(offset, length, t0, direct=True)
+        return length
+
+    async def close_direct(self) -> None:
+        """No thread starts a direct request from now on (the image is about to close), and
+        none is in flight on return; later requests go to the event loop."""
+        with self._lock:
+            self._direct_closed = True
+            self._direct = None
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait until no request is in flight (none may start meanwhile: the caller shut the
+        gate or the direct path)."""
+        with self._lock:
+            if not self._inflight:
+                return
+            drained = self._drained
+            if drained is None:
+                drained = self._drained = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._loop_thread = threading.get_ident()
+        with trio.CancelScope(shield=True):
+            await drained.wait()
+        self._drained = None
 
     async def flush(self) -> None:
         """Make every acknowledged write durable.
@@ -274,12 +427,14 @@ class Export:
             )
         if self._gate is not None:
             await self._wait_admitted()
-        self._inflight += 1
+        with self._lock:
+            self._inflight += 1
         t0 = _now()
         try:
             await self.root.flush()
         except BaseException as exc:
-            self.stats.failed_flush_operations += 1
+            with self._lock:
+                self.stats.failed_flush_operations += 1
             if isinstance(exc, Exception) and self.flush_error is None:
                 self.flush_error = str(exc)
                 log.error(
@@ -292,13 +447,22 @@ class Export:
             self._request_done()
         dt = _now() - t0
         stats = self.stats
-        stats.flush_bins[bisect_right(stats.flush_boundaries, dt)] += 1
-        stats.flush_total_time_ns += dt
+        with self._lock:
+            stats.flush_bins[bisect_right(stats.flush_boundaries, dt)] += 1
+            stats.flush_total_time_ns += dt
 
     def _request_done(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0 and self._drained is not None:
-            self._drained.set()
+        """One request less in flight; the last one wakes ``quiesced()`` (from a reader thread
+        through the event loop's token)."""
+        with self._lock:
+            self._inflight -= 1
+            drained = self._drained if self._inflight == 0 else None
+        if drained is not None:
+            token = self._token
+            if token is not None and threading.get_ident() != self._loop_thread:
+                token.run_sync_soon(drained.set)
+            else:
+                drained.set()
 
     async def _wait_admitted(self) -> None:
         while self._gate is not None:
@@ -314,16 +478,14 @@ class Export:
         """
         while self._gate is not None:
             await self._gate.wait()
-        gate = self._gate = trio.Event()
+        with self._lock:
+            gate = self._gate = trio.Event()
         try:
-            if self._inflight:
-                self._drained = trio.Event()
-                with trio.CancelScope(shield=True):
-                    await self._drained.wait()
-                self._drained = None
+            await self._drain()
             yield
         finally:
-            self._gate = None
+            with self._lock:
+                self._gate = None
             gate.set()
 
     async def insert_filter(self, make: Callable[[Node], Awaitable[_F]]) -> _F:

@@ -8,7 +8,9 @@ Read: one JSON object, QEMU's ``query-blockstats`` names throughout --
   counting the successful requests that took ``[boundaries[i-1], boundaries[i])`` ns;
 - ``nodes``: one entry per layer of the backing chain, top first (``depth`` 0), with what that
   layer's storage did (its protocol node's :class:`blockfs.nodes.base.IoCounters`): format
-  metadata I/O, and reads that fall through to a backing file, show up there.
+  metadata I/O, and reads that fall through to a backing file, show up there;
+- ``direct`` (blockfs's own): ``rd_operations`` and ``wr_operations`` of those counted above
+  that a FUSE reader thread answered without the event loop (:mod:`blockfs.fuseloop`).
 
 Write (the mount's owner only): ``clear`` (every bin back to zero), or key=value words as QEMU's
 ``block-latency-histogram-set`` takes them: ``boundaries=10000,50000,1000000`` (ns, all three
@@ -100,6 +102,10 @@ def stats_document(export: Export) -> dict[str, object]:
     doc: dict[str, object] = {"device": export.name}
     doc.update(export.stats.as_dict())
     doc["nodes"] = chain_io(export.root)
+    doc["direct"] = {
+        "rd_operations": export.direct_rd_operations,
+        "wr_operations": export.direct_wr_operations,
+    }
     return doc
 
 
