@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: how many FUSE requests may be served at once (pyfuse3 worker tasks)
+#: how many FUSE requests may be served at once in the event loop (tasks)
 MAX_FUSE_TASKS = 64
+#: FUSE reader threads (blockfs.fuseloop) when some image has a direct data path
+FUSE_THREADS = 2
+MAX_FUSE_THREADS = 64
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class MountConfig:
     read_only: bool = False
     allow_other: bool = False
     fuse_tasks: int = MAX_FUSE_TASKS
+    #: FUSE reader threads; 0: pyfuse3's own loop; None (auto): FUSE_THREADS when some image
+    #: has a data path the threads can answer (blockfs.fuseloop), else pyfuse3's loop
+    fuse_threads: int | None = None
     extra_fuse_options: list[str] = field(default_factory=list)
     #: the mount's source as mount(8) and /proc/mounts show it (mount.fuse.blockfs passes the
     #: fstab line's, so that `mount -a` sees the line mounted); default "blockfs"

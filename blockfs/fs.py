@@ -63,6 +63,10 @@ _ALLOC_CACHE_NS = 1_000_000_000
 _CONTROL_FH_BASE = 1 << 32
 
 
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
 class ImageFile(VFile):
     """The file of one export under the mountpoint."""
 
@@ -173,6 +177,11 @@ class BlockfsOperations(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self._exports: dict[int, Export] = {}  # inode (= handle) -> export
+        #: the same dict, read by the FUSE reader threads (blockfs.fuseloop)
+        self.exports_by_handle = self._exports
+        #: make the kernel forget a cached entry (parent inode, name); the daemon's FUSE loop
+        #: replaces it when it serves the session itself
+        self.invalidate_entry: Callable[[int, bytes], None] = _invalidate_entry
         self._handles: dict[int, _ControlHandle] = {}
         self._next_fh = _CONTROL_FH_BASE
         self._uid = os.getuid()
@@ -220,7 +229,7 @@ class BlockfsOperations(pyfuse3.Operations):
         # Open handles keep working until released (the last release drops the export); new
         # opens cannot find the name once the kernel forgets the entry it cached.
         if parent is not None:
-            pyfuse3.invalidate_entry_async(parent.inode, os.fsencode(node.name), ignore_enoent=True)
+            self.invalidate_entry(parent.inode, os.fsencode(node.name))
 
     def _node(self, inode: int) -> Any:
         try:
@@ -302,18 +311,26 @@ class BlockfsOperations(pyfuse3.Operations):
         self.tree.opened(node)
         return inode
 
+    def _children_after(self, fh: int, start_id: int) -> list[Any]:
+        node = self._node(fh)
+        if not isinstance(node, VDir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        entries = sorted(node.children.values(), key=lambda n: n.inode)
+        return [child for child in entries if child.inode > start_id]
+
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        node = self._node(fh)
-        assert isinstance(node, VDir)
-        entries = sorted(node.children.values(), key=lambda n: n.inode)
-        for child in entries:
-            if child.inode <= start_id:
-                continue
+        for child in self._children_after(fh, start_id):
             if not pyfuse3.readdir_reply(
                 token, os.fsencode(child.name), await self._attrs(child), child.inode
             ):
                 break
+
+    def dir_entries(self, fh: int, start_id: int) -> list[tuple[bytes, int, int]]:
+        """The entries of an open directory after ``start_id``, in order, as (name, inode,
+        mode): a plain READDIR (blockfs.fuseloop) needs no attributes. Each entry's inode is
+        where the next listing starts. :raise pyfuse3.FUSEError: not an open directory."""
+        return [(os.fsencode(c.name), c.inode, c.mode) for c in self._children_after(fh, start_id)]
 
     async def releasedir(self, fh: int) -> None:
         self.tree.closed(fh)

@@ -1,11 +1,12 @@
 """The import rule: each layer of blockfs imports only from the layers below it.
 
 From the top down: ``cli`` (the command), ``daemon`` (the life of a mount), ``fs`` (the FUSE
-operations), ``control`` (the virtual files), ``jobs``, ``export``, ``info``, ``mapping`` and
+operations) and ``fuseloop`` (the FUSE request loop that calls them), ``control`` (the virtual files), ``jobs``, ``export``, ``info``, ``mapping`` and
 ``imagespec``, ``nodes``, and at the bottom ``config``, ``values`` and ``errors``, which
 any layer may use. Every import counts,
 also those inside functions and under ``TYPE_CHECKING``: a circle that only type checkers see is
-still a circle in the design. Only ``fs.py`` and ``daemon.py`` may import pyfuse3.
+still a circle in the design. Only ``fs.py``, ``fuseloop.py`` and ``daemon.py`` may import
+pyfuse3.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ LAYERS = {
     "jobs": 3,
     "control": 4,
     "fs": 5,
+    "fuseloop": 5,
     "daemon": 6,
     "cli": 7,
     "__main__": 8,
     "__init__": 0,  # the package face: its version, nothing else
 }
-PYFUSE3_ALLOWED = {"blockfs.fs", "blockfs.daemon"}
+PYFUSE3_ALLOWED = {"blockfs.fs", "blockfs.fuseloop", "blockfs.daemon"}
 
 
 def _module_name(path: Path) -> str:

@@ -186,7 +186,8 @@ def test_hot_add_and_remove(mount, tmp_path: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", str(first), "4M")
     second = tmp_path / "second.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(second), "4M")
-    run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(second)])
+    # 2 MiB of data: a backup at 64 KiB/s is still running seconds later (below)
+    run(["qemu-io", "-c", "write -P 0x5a 0 64k", "-c", "write -P 0x33 2M 2M", str(second)])
     m = mount(f"disk={first}")
     add, remove = control(m, "images", "add"), control(m, "images", "remove")
     assert oct(add.stat().st_mode & 0o777) == "0o600"

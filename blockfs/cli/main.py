@@ -19,7 +19,7 @@ import time
 
 from blockfs import __version__
 from blockfs.cli import check, images, inspect, jobs
-from blockfs.config import ImageSpec
+from blockfs.config import FUSE_THREADS, MAX_FUSE_THREADS, ImageSpec
 from blockfs.errors import BlockfsError, UsageError
 from blockfs.imagespec import parse_image_specs
 
@@ -103,6 +103,7 @@ def _run_daemon(args: argparse.Namespace, specs: list[ImageSpec]) -> int:
         image_gid=args.gid,
         image_mode=args.mode,
         fsname=args.fsname,
+        fuse_threads=args.fuse_threads,
     )
     ready_fd: int | None = args.ready_fd
 
@@ -150,6 +151,8 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         cmd += ["--log", os.path.abspath(args.log)]
     if args.fsname != "blockfs":
         cmd.append(f"--fsname={args.fsname}")
+    if args.fuse_threads is not None:
+        cmd.append(f"--fuse-threads={args.fuse_threads}")
     cmd += [os.path.abspath(args.mountpoint), "--", *args.images]
     with open(os.devnull, "rb+") as devnull:
         proc = subprocess.Popen(
@@ -289,6 +292,18 @@ def id_number(text: str) -> int:
     return n
 
 
+def _fuse_threads(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, nor auto") from None
+    if not 0 <= n <= MAX_FUSE_THREADS:
+        raise argparse.ArgumentTypeError(f"{text!r}: 0 to {MAX_FUSE_THREADS}")
+    return n
+
+
 TOP_EPILOG = """\
 examples:
   blockfs mount /mnt/disks disk0=/srv/a.qcow2,format=qcow2 disk1=/srv/b.img
@@ -312,6 +327,7 @@ examples:
   blockfs mount --read-only --allow-other --uid=1000 --gid=1000 --mode=640 /mnt/ro /srv/a.img
   blockfs mount --log=/var/log/blockfs.log /mnt/vm vm=ssh://alice@host/srv/vm.qcow2,format=qcow2
   blockfs mount -f -v /mnt/debug disk0=/srv/a.img     # serve in the foreground, log to stderr
+  blockfs mount --fuse-threads=0 /mnt/disks /srv/a.img   # pyfuse3's own request loop
 """
 
 UMOUNT_EPILOG = """\
@@ -368,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="blockfs",
         metavar="SOURCE",
         help="the source /proc/mounts shows (default blockfs; mount.fuse.blockfs passes its own)",
+    )
+    m.add_argument(
+        "--fuse-threads",
+        type=_fuse_threads,
+        default=None,
+        metavar="N",
+        help=f"threads reading FUSE requests; 0: pyfuse3's own loop, one task per request "
+        f"(default auto: {FUSE_THREADS} when some image is a local raw, qcow2 or VHDX file, "
+        "else 0)",
     )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=_cmd_mount)
