@@ -76,8 +76,16 @@ class BlockfsMount:
 
     side = "blockfs"
 
-    def __init__(self, image: str, fmt: str, workdir: str, io_mode: str | None) -> None:
+    def __init__(
+        self,
+        image: str,
+        fmt: str,
+        workdir: str,
+        io_mode: str | None,
+        fuse_threads: int | None = None,
+    ) -> None:
         self.image = image
+        self.fuse_threads = fuse_threads
         self.fmt = fmt
         self.mountpoint = os.path.join(workdir, "mnt")
         self.path = os.path.join(self.mountpoint, "disk")
@@ -98,6 +106,7 @@ class BlockfsMount:
             "mount",
             "--log",
             self.log,
+            *(() if self.fuse_threads is None else (f"--fuse-threads={self.fuse_threads}",)),
             self.mountpoint,
             f"disk={self.image},format={self.fmt}",
         ]

@@ -115,6 +115,7 @@ class Settings:
     load_timeout: float  # how long a mirror may take to reach READY under the write load
     ssh: bool = True  # the ssh lines (blockfs, qemu's ssh driver and sshfs over a loopback sshd)
     gluster: bool = True  # the gluster lines (blockfs and qemu's gluster driver, one volume)
+    fuse_threads: int | None = None  # blockfs mount --fuse-threads (None: the default)
 
 
 def line_specs(formats: tuple[str, ...], jobs: bool = True) -> list[tuple[str, str, str]]:
@@ -221,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="BLOCKFS_IO_MODE for the blockfs daemon (default: the daemon's own)",
     )
     p.add_argument(
+        "--fuse-threads",
+        type=int,
+        metavar="N",
+        help="blockfs mount --fuse-threads=N (0: pyfuse3's own request loop; default: blockfs's)",
+    )
+    p.add_argument(
         "--workdir",
         default="/var/tmp",
         help="where the scratch directory is made (removed afterwards)",
@@ -284,6 +291,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         load_timeout=20.0 if quick else 300.0,
         ssh=ssh,
         gluster=gluster,
+        fuse_threads=args.fuse_threads,
     )
     if s.size < 16 << 20 or s.size % (1 << 20):
         raise SystemExit("--size must be a whole number of MiB, at least 16M")
@@ -668,7 +676,9 @@ def run_ssh_side(runs: Runs, site: SshSite, side: str, workdir: str) -> None:
     """One fresh exposure of the ssh image on ``side``, every fio job of the ssh lines."""
     exposure: BlockfsMount | QsdSshExport | SshfsMount
     if side == "blockfs":
-        exposure = BlockfsMount(site.blockfs_location(), "raw", workdir, runs.s.io_mode)
+        exposure = BlockfsMount(
+            site.blockfs_location(), "raw", workdir, runs.s.io_mode, runs.s.fuse_threads
+        )
     elif side == "qemu":
         exposure = QsdSshExport(site, workdir)
     else:
@@ -693,7 +703,9 @@ def run_gluster(runs: Runs, workdir: str) -> None:
                 for side in ("blockfs", "qemu"):
                     exposure: BlockfsMount | QsdGlusterExport
                     if side == "blockfs":
-                        exposure = BlockfsMount(site.url(), "raw", workdir, s.io_mode)
+                        exposure = BlockfsMount(
+                            site.url(), "raw", workdir, s.io_mode, s.fuse_threads
+                        )
                     else:
                         exposure = QsdGlusterExport(site, workdir)
                     run_remote_side(runs, "gluster", GLUSTER_JOBS, exposure, side)
@@ -749,7 +761,9 @@ def run_all(s: Settings, workdir: str) -> Runs:
             chain = prepare_chain(runs, fmt, workdir, image)
         for rnd in range(s.rounds):
             _say(f"{fmt}: round {rnd + 1} of {s.rounds}")
-            blockfs = functools.partial(BlockfsMount, image, fmt, workdir, s.io_mode)
+            blockfs = functools.partial(
+                BlockfsMount, image, fmt, workdir, s.io_mode, s.fuse_threads
+            )
             qemu = functools.partial(QsdExport, image, fmt, workdir)
             for expose in (blockfs, qemu):
                 run_side(runs, fmt, workdir, expose())
@@ -759,7 +773,13 @@ def run_all(s: Settings, workdir: str) -> Runs:
                 run_side(runs, fmt, workdir, FloorMount(image, workdir))
             if chain is not None:
                 for on_chain in (
-                    functools.partial(BlockfsMount, fmt=fmt, workdir=workdir, io_mode=s.io_mode),
+                    functools.partial(
+                        BlockfsMount,
+                        fmt=fmt,
+                        workdir=workdir,
+                        io_mode=s.io_mode,
+                        fuse_threads=s.fuse_threads,
+                    ),
                     functools.partial(QsdExport, fmt=fmt, workdir=workdir),
                 ):
                     run_chain_jobs(runs, fmt, workdir, chain, on_chain)
@@ -817,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         "ramp_s": s.ramp,
         "formats": list(s.formats),
         "io_mode": s.io_mode or os.environ.get("BLOCKFS_IO_MODE") or "default",
+        "fuse_threads": "default" if s.fuse_threads is None else s.fuse_threads,
         "quick": bool(args.quick),
         "ssh": s.ssh,
     }
