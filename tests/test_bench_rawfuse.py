@@ -43,6 +43,7 @@ def test_threads_on_cloned_fuse_descriptors_serve_the_image(tmp_path: Path) -> N
                  f"--iodepth={depth}", "--ioengine=libaio", "--direct=1", f"--offset={offset}",
                  "--size=32M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"],
                 check=False,
+                cwd=tmp_path,  # fio's verify state file goes there, not into the checkout
             )  # fmt: skip
             assert res.returncode == 0 and "err= 0" in res.stdout, res.stdout + res.stderr
         with open(mnt / "disk", "rb") as f:
