@@ -326,6 +326,10 @@ class FuseLoop:
     def _read_loop(self, fd: int) -> None:
         buf = bytearray(self.bufsize)
         view = memoryview(buf)
+        # READ answers are built apart from the request: a direct read that declines may
+        # have filled part of its range, and the request then goes to the event loop whole
+        out = bytearray(_OUT + self.max_write)
+        out_view = memoryview(out)
         readv = os.readv
         unpack_header, unpack_rw = IN_HEADER.unpack_from, RW_IN.unpack_from
         pack_out = OUT_HEADER.pack_into
@@ -346,10 +350,10 @@ class FuseLoop:
                 if export is not None:
                     try:
                         if op == READ:
-                            got = export.read_direct(off, view[_OUT : _OUT + size])
+                            got = export.read_direct(off, out_view[_OUT : _OUT + size])
                             if got is not None:
-                                pack_out(buf, 0, _OUT + got, 0, unique)
-                                self._answer(fd, view[: _OUT + got])
+                                pack_out(out, 0, _OUT + got, 0, unique)
+                                self._answer(fd, out_view[: _OUT + got])
                                 continue
                         else:
                             got = export.write_direct(off, view[80 : 80 + size])

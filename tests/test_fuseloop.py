@@ -339,3 +339,28 @@ def test_reads_through_the_parent_in_threads(mount, tmp_path: Path, fmt: str) ->
     s = m.stats("top")
     assert s["direct"]["rd_operations"] == s["rd_operations"] == 8 * MiB // 65536
     m.umount()
+
+
+def test_uncached_reads_leave_the_threads(mount, tmp_path: Path) -> None:
+    """A read the page cache cannot answer is not waited for in a reader thread (two
+    threads would cap the disk's queue depth at two): it goes to the event loop and its pool.
+    Once cached, the same reads are the threads'. The data is right either way."""
+    raw = tmp_path / "a.img"
+    data = random_file(raw, 8 * MiB, seed=13)
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+    finally:
+        os.close(fd)
+    m = mount(f"a={raw},format=raw")
+    copy = tmp_path / "cold"
+    run(["dd", f"if={m / 'a'}", f"of={copy}", "bs=64k", "iflag=direct", "status=none"])
+    assert copy.read_bytes() == data.read_bytes()
+    cold = m.stats("a")
+    assert cold["rd_operations"] == 128
+    assert cold["direct"]["rd_operations"] < 128  # the uncached ones went to the loop
+    run(["dd", f"if={m / 'a'}", f"of={copy}", "bs=64k", "iflag=direct", "status=none"])
+    assert copy.read_bytes() == data.read_bytes()
+    warm = m.stats("a")
+    assert warm["direct"]["rd_operations"] - cold["direct"]["rd_operations"] == 128

@@ -110,9 +110,11 @@ class DirectIo:
     """A node's data path callable from any thread, without the event loop (issue 17): the
     FUSE reader threads answer READ and WRITE with it where the mapping is known without an
     ``await`` (a raw image on a local file; a qcow2 cluster whose L2 table is cached). Both
-    block their calling thread (never the event loop's), return False when this request needs
-    the event loop after all (an unallocated qcow2 cluster, a probed raw image's head; nothing
-    was done then), and raise :class:`~blockfs.errors.BlockfsError` as the async path does.
+    may block their calling thread (never the event loop's), return False when this request
+    needs the event loop after all (an unallocated qcow2 cluster, a probed raw image's head,
+    a read the page cache cannot answer: a read may then have filled part of the view, a
+    write has written nothing), and raise :class:`~blockfs.errors.BlockfsError` as the async
+    path does.
     The caller (:class:`blockfs.export.Export`) has checked the range against ``size``.
     """
 

@@ -77,6 +77,7 @@ class FileNode(Node):
         self._is_blockdev = False
         self._pool = shared_pool()
         self.limits = Limits(max_inflight=self._pool.size)
+        self._mode = mode
         self._inline = mode == "inline"  # everything in the event loop (for measurements)
         self._read_nowait = mode == "hybrid" and _RWF_NOWAIT != 0
         # Writes beyond 64 KiB go to the pool: a buffered write cannot be made non-blocking
@@ -256,22 +257,44 @@ class FileNode(Node):
 
     # -- the data path of the FUSE reader threads (blockfs.fuseloop) ---------------------------
 
-    def direct_io(self) -> DirectIo:
+    def direct_io(self) -> DirectIo | None:
+        """Reads from the page cache and buffered writes, in the reader thread. A read that
+        the cache cannot answer, or a write while the kernel is near throttling writers (the
+        dirty-page gauge), is declined: it goes to the event loop and the pool, so that the
+        few reader threads never wait on the disk while other requests queue behind them.
+        ``BLOCKFS_IO_MODE=threads`` (everything through the pool, for measurements): none."""
+        if self._mode == "threads":
+            return None
         return DirectIo(self._readinto_direct, self._write_direct)
 
     def _readinto_direct(self, offset: int, view: memoryview) -> bool:
-        """Fill ``view`` from ``offset`` in the calling thread (a blocking ``preadv``; a short
-        read inside the size is EIO, as in :meth:`_pread_full`)."""
-        fd, want, got = self.fd, len(view), 0
+        """Fill ``view`` from ``offset`` in the calling thread: a non-blocking ``preadv2``
+        (False when it would block or comes short: part of the range is not cached, or the
+        file ended); in inline mode, or where the file system cannot read non-blocking, a
+        blocking read (a short read inside the size is EIO, as in :meth:`_pread_full`)."""
+        fd, want = self.fd, len(view)
         try:
-            while got < want:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n == 0:
-                    if offset + got < self.size:
-                        raise OSError(errno.EIO, "file is shorter than it was (truncated?)")
-                    view[got:] = bytes(want - got)
-                    break
-                got += n
+            if self._read_nowait:
+                try:
+                    if os.preadv(fd, [view], offset, _RWF_NOWAIT) != want:
+                        return False
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    if exc.errno != errno.EOPNOTSUPP:
+                        raise
+                    self._read_nowait = False  # the file system cannot: blocking from now on
+                    return False
+            else:
+                got = 0
+                while got < want:
+                    n = os.preadv(fd, [view[got:]], offset + got)
+                    if n == 0:
+                        if offset + got < self.size:
+                            raise OSError(errno.EIO, "file is shorter than it was (truncated?)")
+                        view[got:] = bytes(want - got)
+                        break
+                    got += n
         except OSError as exc:
             self.io.failed_rd_operations += 1
             raise _oserror(exc, "read from", self.filename) from None
@@ -281,10 +304,12 @@ class FileNode(Node):
         return True
 
     def _write_direct(self, offset: int, view: memoryview) -> bool:
-        """Store ``view`` at ``offset`` in the calling thread (blocking ``pwrite``: a thread
-        that the kernel throttles waits here, never the event loop)."""
+        """Store ``view`` at ``offset`` in the calling thread (``pwrite``), unless the
+        dirty-page gauge says the kernel may throttle it (False: the pool takes it)."""
         if self.read_only:
             raise ReadOnlyError(f"{self.filename} is open read-only")
+        if not self._inline and not _DIRTY.room(self._now()):
+            return False
         try:
             self._pwrite_full(view, offset)
         except OSError as exc:
