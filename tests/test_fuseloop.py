@@ -110,9 +110,9 @@ def test_threads_count_every_request(mount, tmp_path: Path) -> None:
     """Four fio jobs at queue depth 16 through two reader threads: the image's counters (and
     its file's) move by exactly what fio did."""
     need_tool("fio")
-    raw = tmp_path / "a.img"
-    with open(raw, "wb") as f:
-        f.truncate(64 * MiB)
+    # written, so in the page cache: every read is the threads' (an uncached one is not: see
+    # test_uncached_reads_leave_the_threads)
+    raw = random_file(tmp_path / "a.img", 64 * MiB, seed=1)
     m = mount(f"a={raw},format=raw")
     before = m.stats("a")
     out = run(
