@@ -200,6 +200,8 @@ class FuseLoop:
         self._queue_lock = threading.Lock()
         self._wake_pending = False
         self._fds: list[int] = []
+        #: held while the notifier writes on a descriptor, and while they are closed
+        self._fd_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._running = 0
         self._running_lock = threading.Lock()
@@ -290,12 +292,20 @@ class FuseLoop:
         under the lazily detached mount is still open) keeps its descriptor until the process
         exits, which ends the connection."""
         deadline = time.monotonic() + timeout
-        for t, fd in zip(self._workers, self._fds, strict=True):
+        for t in self._workers:
             t.join(max(0.0, deadline - time.monotonic()))
-            if not t.is_alive():
-                os.close(fd)
+        # the notifier writes on the first descriptor: not while it is being closed (a write
+        # it is blocked in ends with the connection; then the descriptors stay to the exit)
+        if not self._fd_lock.acquire(timeout=max(0.1, deadline - time.monotonic())):
+            return
+        try:
+            for i, fd in enumerate(self._fds):
+                if i >= len(self._workers) or not self._workers[i].is_alive():
+                    os.close(fd)
+            self._fds = []
+        finally:
+            self._fd_lock.release()
         self._workers.clear()
-        self._fds.clear()
 
     # -- the reader threads --------------------------------------------------------------------
 
@@ -525,12 +535,13 @@ class FuseLoop:
         assert self._notify is not None
         while True:
             parent, name = self._notify.get()
-            fds = self._fds
-            if not fds:
-                continue
             body = NOTIFY_INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
-            try:
-                os.write(fds[0], OUT_HEADER.pack(_OUT + len(body), _NOTIFY_INVAL_ENTRY, 0) + body)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
-                    log.warning("invalidating %r failed: %s", name, exc)
+            msg = OUT_HEADER.pack(_OUT + len(body), _NOTIFY_INVAL_ENTRY, 0) + body
+            with self._fd_lock:
+                if not self._fds:
+                    continue
+                try:
+                    os.write(self._fds[0], msg)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                        log.warning("invalidating %r failed: %s", name, exc)
