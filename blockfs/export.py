@@ -269,18 +269,11 @@ class Export:
         if self.read_only:
             stats.invalid_wr_operations += 1
             raise ReadOnlyError(f"{self.name} is read-only")
-        size = self.root.size
-        length = len(data)
-        if offset >= size:
-            if length == 0:
-                return 0
-            stats.invalid_wr_operations += 1
-            raise NoSpaceError(f"write past the end of {self.name}")
-        if offset + length > size:
-            length = size - offset
-            data = data[:length]
+        length = self._landing(offset, len(data))
         if length == 0:
             return 0
+        if length < len(data):
+            data = data[:length]
         if self._gate is not None:
             await self._wait_admitted()
         lock = self._lock
@@ -297,6 +290,18 @@ class Export:
             self._request_done()
         self._count_write(offset, length, t0)
         return length
+
+    def _landing(self, offset: int, length: int) -> int:
+        """How much of a write of ``length`` at ``offset`` lands: cut short at the end of the
+        disk (0: nothing to write). :raise NoSpaceError: it starts at or past the end (counted
+        as invalid), as on a block device."""
+        size = self._root.size
+        if offset >= size:
+            if length == 0:
+                return 0
+            self.stats.invalid_wr_operations += 1
+            raise NoSpaceError(f"write past the end of {self.name}")
+        return min(length, size - offset)
 
     def _count_write(self, offset: int, length: int, t0: int, direct: bool = False) -> None:
         t1 = _now()
@@ -362,15 +367,7 @@ class Export:
                 return None
             if self.read_only:
                 return None  # the event loop answers (and counts) these
-            size = self._root.size
-            length = len(data)
-            if offset >= size:
-                if length == 0:
-                    return 0
-                stats.invalid_wr_operations += 1
-                raise NoSpaceError(f"write past the end of {self.name}")
-            if offset + length > size:
-                length = size - offset
+            length = self._landing(offset, len(data))
             if length == 0:
                 return 0
             self._inflight += 1
