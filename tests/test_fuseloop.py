@@ -1,6 +1,6 @@
 """The FUSE request loop of reader threads (blockfs.fuseloop, issue 17) and pyfuse3's own.
 
-Every other test runs on the default loop (reader threads). Here one battery of requests runs
+Every other test runs on the default loop (pyfuse3's). Here one battery of requests runs
 on both loops (``--fuse-threads=2`` and ``--fuse-threads=0``); the rest holds the threads' loop
 to what it adds: counters exact under concurrent threads, listings longer than one READDIR
 answer, hot-added names found at once, a signal while the threads write.
@@ -34,6 +34,8 @@ from conftest import (
 )
 
 MiB = 1 << 20
+#: the reader threads are opt-in (pyfuse3's loop is the default; see blockfs.fuseloop)
+THREADS = ("--fuse-threads=2",)
 
 
 @pytest.mark.parametrize("threads", [2, 0], ids=["threads", "pyfuse3"])
@@ -111,7 +113,7 @@ def test_threads_count_every_request(mount, tmp_path: Path) -> None:
     # written, so in the page cache: every read is the threads' (an uncached one is not: see
     # test_uncached_reads_leave_the_threads)
     raw = random_file(tmp_path / "a.img", 64 * MiB, seed=1)
-    m = mount(f"a={raw},format=raw")
+    m = mount(f"a={raw},format=raw", options=THREADS)
     before = m.stats("a")
     out = run(
         ["fio", "--name=mix", f"--filename={m / 'a'}", "--rw=randrw", "--rwmixread=60",
@@ -145,7 +147,7 @@ def test_job_filter_takes_every_write(mount, tmp_path: Path) -> None:
     old = random_file(raw, 16 * MiB, seed=7)
     snapshot = tmp_path / "at-start.img"
     snapshot.write_bytes(old.read_bytes())
-    m = mount(f"a={raw},format=raw")
+    m = mount(f"a={raw},format=raw", options=THREADS)
     target = tmp_path / "backup.qcow2"
     assert start(m, f"device=a target={target} format=qcow2 speed=2M id=bk") == "bk"
     before = m.stats("a")
@@ -173,7 +175,7 @@ def test_listing_longer_than_one_answer(mount, tmp_path: Path) -> None:
     base = tmp_path / "base.img"
     with open(base, "wb") as f:
         f.truncate(MiB)
-    m = mount(f"d000={base},format=raw")
+    m = mount(f"d000={base},format=raw", options=THREADS)
     with pytest.raises(FileNotFoundError):
         os.stat(m / "d001")
     add = m / ".control" / "images" / "add"
@@ -200,7 +202,7 @@ def test_signal_while_threads_write(mount, tmp_path: Path) -> None:
     raw = tmp_path / "a.img"
     with open(raw, "wb") as f:
         f.truncate(64 * MiB)
-    m = mount(f"a={raw},format=raw")
+    m = mount(f"a={raw},format=raw", options=THREADS)
     head = random_file(tmp_path / "head", MiB, seed=3)
     run(["dd", f"if={head}", f"of={m / 'a'}", "bs=1M", "oflag=direct", "conv=notrunc,fsync",
          "status=none"])  # fmt: skip
@@ -231,15 +233,16 @@ def test_signal_while_threads_write(mount, tmp_path: Path) -> None:
 
 
 def test_auto_loop_choice(mount, tmp_path: Path) -> None:
-    """By default the threads serve a mount where some image has a direct path; a mount of
-    images without one (here: behind the error-injection filter) keeps pyfuse3's loop."""
+    """With ``--fuse-threads=auto`` the threads serve a mount where some image has a direct
+    path; a mount of images without one (here: behind the error-injection filter) keeps
+    pyfuse3's loop, as a mount does by default."""
     raw = tmp_path / "a.img"
     with open(raw, "wb") as f:
         f.truncate(MiB)
-    m = mount(f"a={raw},format=raw")
+    m = mount(f"a={raw},format=raw", options=("--fuse-threads=auto",))
     assert "FUSE requests: 2 reader threads" in m.log_text()
     m.umount()
-    n = mount(f"a={raw},format=raw,inject=on")
+    n = mount(f"a={raw},format=raw,inject=on", options=("--fuse-threads=auto",))
     assert "FUSE requests: pyfuse3's loop" in n.log_text()
     data = random_file(tmp_path / "data", MiB, seed=5)
     run(["dd", f"if={data}", f"of={n / 'a'}", "bs=64k", "oflag=direct", "conv=notrunc",
@@ -258,7 +261,7 @@ def test_allocated_blocks_in_threads(mount, tmp_path: Path, fmt: str) -> None:
     written reads as zeroes, in a thread too."""
     image = tmp_path / f"a.{fmt}"
     qemu_img("create", "-f", fmt, str(image), "160M")
-    m = mount(f"a={image},format={fmt}")
+    m = mount(f"a={image},format={fmt}", options=THREADS)
     first = fio_verify(m / "a", tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     after_first = m.stats("a")
@@ -301,7 +304,7 @@ def test_reads_through_the_parent_in_threads(mount, tmp_path: Path, fmt: str) ->
     else:
         qemu_img("convert", "-f", "raw", "-O", "vhdx", str(data), str(base))
         blockfs("create", "-f", "vhdx", "-b", str(base), "-F", "vhdx", str(tmp_path / "top"))
-    m = mount(f"top={tmp_path / 'top'},format={fmt}")
+    m = mount(f"top={tmp_path / 'top'},format={fmt}", options=THREADS)
     copy = tmp_path / "through.raw"
     run(["dd", f"if={m / 'top'}", f"of={copy}", "bs=64k", "iflag=direct", "status=none"])
     assert copy.read_bytes() == data.read_bytes()
@@ -322,7 +325,7 @@ def test_uncached_reads_leave_the_threads(mount, tmp_path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
     finally:
         os.close(fd)
-    m = mount(f"a={raw},format=raw")
+    m = mount(f"a={raw},format=raw", options=THREADS)
     copy = tmp_path / "cold"
     run(["dd", f"if={m / 'a'}", f"of={copy}", "bs=64k", "iflag=direct", "status=none"])
     assert copy.read_bytes() == data.read_bytes()
