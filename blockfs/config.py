@@ -34,11 +34,9 @@ class MountConfig:
     read_only: bool = False
     allow_other: bool = False
     fuse_tasks: int = MAX_FUSE_TASKS
-    #: FUSE reader threads (blockfs.fuseloop); 0 (the default): pyfuse3's own loop; None
-    #: (auto): FUSE_THREADS when some image has a data path the threads can answer, else 0.
-    #: Not the default yet: while the event loop is CPU-bound (a big job's bookkeeping), the
-    #: reader threads wait for the GIL (see blockfs.fuseloop)
-    fuse_threads: int | None = 0
+    #: FUSE reader threads (blockfs.fuseloop); None (auto, the default): FUSE_THREADS when
+    #: some image has a data path the threads can answer, else 0; 0: pyfuse3's own loop
+    fuse_threads: int | None = None
     extra_fuse_options: list[str] = field(default_factory=list)
     #: the mount's source as mount(8) and /proc/mounts show it (mount.fuse.blockfs passes the
     #: fstab line's, so that `mount -a` sees the line mounted); default "blockfs"

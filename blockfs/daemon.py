@@ -450,9 +450,8 @@ class Daemon:
         """The FUSE loop of reader threads answers the session pyfuse3 just mounted
         (blockfs.fuseloop), or None: pyfuse3's own loop will.
 
-        ``fuse_threads`` 0 (the default): pyfuse3's loop (see blockfs.fuseloop for why the
-        threads are opt-in). None (auto): threads when some image has a direct data path (a
-        local raw, qcow2 or VHDX image). Images without one (ssh, gluster) gain nothing from
+        ``fuse_threads`` None (auto, the default): threads when some image has a direct data
+        path (a local raw, qcow2 or VHDX image); 0: pyfuse3's loop; N: N threads. Images without one (ssh, gluster) gain nothing from
         the threads and would pay for them: each of their requests then goes from a reader
         thread to the event loop, one more thread wake-up (~40 us here) than pyfuse3's loop.
         """

@@ -1,8 +1,8 @@
 """The FUSE request loop of reader threads (blockfs.fuseloop, issue 17) and pyfuse3's own.
 
-Every other test runs on the default loop (pyfuse3's). Here one battery of requests runs
-on both loops (``--fuse-threads=2`` and ``--fuse-threads=0``); the rest holds the threads' loop
-to what it adds: counters exact under concurrent threads, listings longer than one READDIR
+Every other test runs on the default (auto: the threads for local images, pyfuse3's loop for
+remote ones). Here one battery of requests runs on both loops (``--fuse-threads=2`` and
+``--fuse-threads=0``); the rest holds the threads' loop to what it adds: counters exact under concurrent threads, listings longer than one READDIR
 answer, hot-added names found at once, a signal while the threads write.
 """
 
@@ -34,7 +34,7 @@ from conftest import (
 )
 
 MiB = 1 << 20
-#: the reader threads are opt-in (pyfuse3's loop is the default; see blockfs.fuseloop)
+#: two reader threads whatever the images (auto, the default, would choose the same here)
 THREADS = ("--fuse-threads=2",)
 
 
@@ -233,15 +233,18 @@ def test_signal_while_threads_write(mount, tmp_path: Path) -> None:
 
 
 def test_auto_loop_choice(mount, tmp_path: Path) -> None:
-    """With ``--fuse-threads=auto`` the threads serve a mount where some image has a direct
-    path; a mount of images without one (here: behind the error-injection filter) keeps
-    pyfuse3's loop, as a mount does by default."""
+    """By default (auto) the threads serve a mount where some image has a direct path; a
+    mount of images without one (here: behind the error-injection filter) keeps pyfuse3's
+    loop, as ``--fuse-threads=0`` asks for any mount."""
     raw = tmp_path / "a.img"
     with open(raw, "wb") as f:
         f.truncate(MiB)
-    m = mount(f"a={raw},format=raw", options=("--fuse-threads=auto",))
+    m = mount(f"a={raw},format=raw")
     assert "FUSE requests: 2 reader threads" in m.log_text()
     m.umount()
+    z = mount(f"a={raw},format=raw", options=("--fuse-threads=0",))
+    assert "FUSE requests: pyfuse3's loop" in z.log_text()
+    z.umount()
     n = mount(f"a={raw},format=raw,inject=on", options=("--fuse-threads=auto",))
     assert "FUSE requests: pyfuse3's loop" in n.log_text()
     data = random_file(tmp_path / "data", MiB, seed=5)

@@ -335,8 +335,10 @@ def test_fifo_backing_file_is_refused_at_once(tmp_path: Path) -> None:
 
 def test_backup_start_of_a_2tib_disk_does_not_stall_other_disks(mount, tmp_path: Path) -> None:
     """Figure: the longest 4k read of another disk while a backup of a 2 TiB disk starts.
-    It was 5.8 s (a Python loop per cluster in the event loop); the bound here is loose so
-    that only a stall fails it, the figure itself is printed."""
+    It was 5.8 s (a Python loop per cluster in the event loop), then 0.5-1.75 s through the
+    FUSE reader threads (starved of the GIL by the busy event loop; blockfs.fuseloop's
+    _GilShare), 6-10 ms since. The bound is loose so that only a stall fails it; the figure
+    itself is printed."""
     big = tmp_path / "big.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(big), "2T")
     other = random_file(tmp_path / "other.raw", 4 * MiB, seed=8)
@@ -373,7 +375,7 @@ def test_backup_start_of_a_2tib_disk_does_not_stall_other_disks(mount, tmp_path:
         t.join()
     print(f"2 TiB backup start: {started * 1000:.0f} ms; worst 4k read of another disk "
           f"meanwhile: {worst[0] * 1000:.1f} ms")  # fmt: skip
-    assert worst[0] < 1.0
+    assert worst[0] < 0.3
 
 
 # -- hole 7: an unfinished target never looks finished ------------------------------------------

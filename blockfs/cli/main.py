@@ -151,8 +151,8 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         cmd += ["--log", os.path.abspath(args.log)]
     if args.fsname != "blockfs":
         cmd.append(f"--fsname={args.fsname}")
-    if args.fuse_threads != 0:
-        cmd.append(f"--fuse-threads={'auto' if args.fuse_threads is None else args.fuse_threads}")
+    if args.fuse_threads is not None:
+        cmd.append(f"--fuse-threads={args.fuse_threads}")
     cmd += [os.path.abspath(args.mountpoint), "--", *args.images]
     with open(os.devnull, "rb+") as devnull:
         proc = subprocess.Popen(
@@ -327,7 +327,7 @@ examples:
   blockfs mount --read-only --allow-other --uid=1000 --gid=1000 --mode=640 /mnt/ro /srv/a.img
   blockfs mount --log=/var/log/blockfs.log /mnt/vm vm=ssh://alice@host/srv/vm.qcow2,format=qcow2
   blockfs mount -f -v /mnt/debug disk0=/srv/a.img     # serve in the foreground, log to stderr
-  blockfs mount --fuse-threads=2 /mnt/disks /srv/a.img   # FUSE reader threads (faster I/O)
+  blockfs mount --fuse-threads=0 /mnt/disks /srv/a.img   # pyfuse3's loop, no reader threads
 """
 
 UMOUNT_EPILOG = """\
@@ -388,11 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--fuse-threads",
         type=_fuse_threads,
-        default=0,
+        default=None,
         metavar="N",
         help="threads reading FUSE requests, which answer reads and writes of local raw, qcow2 "
-        f"and VHDX images themselves; auto: {FUSE_THREADS} when some image is one, else 0 "
-        "(default 0: pyfuse3's own loop, one task per request)",
+        f"and VHDX images themselves; auto (the default): {FUSE_THREADS} when some image is "
+        "one, else 0 (0: pyfuse3's own loop, one task per request)",
     )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=_cmd_mount)
