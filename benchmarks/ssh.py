@@ -1,7 +1,8 @@
 """The ssh lines: one raw image on a loopback OpenSSH sshd, reached three ways.
 
 * blockfs mounting ``ssh://root@127.0.0.1:PORT/PATH?identity=KEY&host-key-check=sha256:FP``
-  (``format=raw``): asyncssh, SFTP, in the daemon;
+  (``format=raw``): SFTP spoken by the daemon, the connection carried by OpenSSH's ``ssh`` (the
+  default transport; ``BLOCKFS_BENCH_SSH_TRANSPORT=asyncssh`` measures the asyncssh relay);
 * qemu-storage-daemon exporting over FUSE a ``driver=raw`` node over a ``driver=ssh`` node
   (QEMU's ssh driver, libssh, SFTP), authenticated through an ssh-agent holding the key;
 * sshfs mounting the image's folder (OpenSSH's ``ssh`` client, SFTP), the file inside.
@@ -133,10 +134,11 @@ class SshSite:
 
     def blockfs_location(self) -> str:
         """The image's ``ssh://`` location for blockfs: the key, the host key's fingerprint."""
-        query = urllib.parse.urlencode(
-            {"identity": self.identity, "host-key-check": f"sha256:{self.fp_sha256}"},
-            safe="/:",
-        )
+        props = {"identity": self.identity, "host-key-check": f"sha256:{self.fp_sha256}"}
+        transport = os.environ.get("BLOCKFS_BENCH_SSH_TRANSPORT")
+        if transport:
+            props["transport"] = transport
+        query = urllib.parse.urlencode(props, safe="/:")
         path = urllib.parse.quote(self.image, safe="/")
         return f"ssh://{self.user}@{self.host}:{self.port}{path}?{query}"
 

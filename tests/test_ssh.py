@@ -190,7 +190,7 @@ def test_an_overlay_reads_its_backing_file_beside_it_on_the_host(
     assert chain[1].split("?")[0].endswith(f"{base}"), chain
     data = (m / "vm").read_bytes()
     assert data[:MiB] == b"\x11" * MiB and data[MiB:] == raw.read_bytes()[MiB:]
-    # both layers share one connection: one relay process (blockfs.nodes.ssh_relay)
+    # both layers share one connection: one ssh process
     relays = _relays(m.pid)
     assert len(relays) == 1, relays
     # the daemon killed outright: its relay sees its input end and goes too
@@ -202,7 +202,8 @@ def test_an_overlay_reads_its_backing_file_beside_it_on_the_host(
 
 
 def _relays(daemon: int) -> list[int]:
-    """The ssh relay processes whose parent is ``daemon``."""
+    """The processes carrying ssh connections (OpenSSH's ssh, or an asyncssh relay) whose
+    parent is ``daemon``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -212,7 +213,8 @@ def _relays(daemon: int) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon and b"ssh_relay" in cmdline:
+        carrier = b"ssh_relay" in cmdline or b"\0blockfs-ssh-host\0" in cmdline
+        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon and carrier:
             found.append(int(entry))
     return found
 
@@ -246,22 +248,27 @@ def _info(location: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )  # fmt: skip
 
 
-def test_each_way_to_authenticate(sshd, ssh_keys, ssh_agent, ssh_password_user, tmp_path) -> None:  # type: ignore[no-untyped-def]
+#: both carriers of the connection: OpenSSH's ssh (the default where installed) and asyncssh
+TRANSPORTS = ["openssh", "asyncssh"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_each_way_to_authenticate(sshd, ssh_keys, ssh_agent, ssh_password_user, tmp_path, transport) -> None:  # type: ignore[no-untyped-def]
     img, _ = _image(tmp_path, "qcow2")
     home = ssh_password_user.make_dir()
     theirs = home / "disk.qcow2"
     run(["cp", str(img), str(theirs)])
     ssh_password_user.give(theirs)
     cases = {
-        "agent": (url(sshd, img, identity=""), {"SSH_AUTH_SOCK": str(ssh_agent)}),
-        "key": (url(sshd, img), {}),
+        "agent": (url(sshd, transport=transport, path=img, identity=""), {"SSH_AUTH_SOCK": str(ssh_agent)}),
+        "key": (url(sshd, transport=transport, path=img), {}),
         "key with passphrase": (
-            url(sshd, img, identity=str(ssh_keys.identity_enc),
+            url(sshd, transport=transport, path=img, identity=str(ssh_keys.identity_enc),
                 **{"identity-passphrase-file": str(ssh_keys.passphrase_file)}),
             {},
         ),
         "password": (
-            url(sshd, theirs, user=ssh_password_user.name, identity="",
+            url(sshd, transport=transport, path=theirs, user=ssh_password_user.name, identity="",
                 **{"password-file": str(ssh_password_user.password_file)}),
             {"SSH_AUTH_SOCK": ""},
         ),
@@ -272,7 +279,8 @@ def test_each_way_to_authenticate(sshd, ssh_keys, ssh_agent, ssh_password_user, 
         assert "virtual size: 16 MiB" in res.stdout, (what, res.stdout)
 
 
-def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_path, transport) -> None:  # type: ignore[no-untyped-def]
     img, _ = _image(tmp_path, "qcow2")
     wrong_pw = tmp_path / "wrong-password"
     wrong_pw.write_text("not the password\n")
@@ -280,23 +288,23 @@ def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_pat
     os.mkfifo(fifo)
     no_agent = {"SSH_AUTH_SOCK": "", "HOME": str(tmp_path)}
     cases = [
-        ("a wrong password", url(sshd, img, user=ssh_password_user.name, identity="",
+        ("a wrong password", url(sshd, transport=transport, path=img, user=ssh_password_user.name, identity="",
                                  **{"password-file": str(wrong_pw)}), no_agent,
          "authentication failed (tried: keys in ~/.ssh, password)"),
-        ("no way at all", url(sshd, img, identity=""), no_agent,
+        ("no way at all", url(sshd, transport=transport, path=img, identity=""), no_agent,
          "authentication failed (tried: keys in ~/.ssh)"),
-        ("a wrong passphrase", url(sshd, img, identity=str(ssh_keys.identity_enc),
+        ("a wrong passphrase", url(sshd, transport=transport, path=img, identity=str(ssh_keys.identity_enc),
                                    **{"identity-passphrase-file": str(wrong_pw)}), {},
          "identity"),
-        ("a wrong fingerprint", url(sshd, img, **{"host-key-check": "sha256:" + "A" * 43}), {},
+        ("a wrong fingerprint", url(sshd, transport=transport, path=img, **{"host-key-check": "sha256:" + "A" * 43}), {},
          "host key not trusted"),
-        ("a wrong md5", url(sshd, img, **{"host-key-check": "md5:" + ":".join(["00"] * 16)}),
+        ("a wrong md5", url(sshd, transport=transport, path=img, **{"host-key-check": "md5:" + ":".join(["00"] * 16)}),
          {}, "host key not trusted"),
-        ("no file there", url(sshd, tmp_path / "nothing.qcow2"), {}, "no such file"),
-        ("a FIFO as the password file (no hang)", url(sshd, img, identity="",
+        ("no file there", url(sshd, transport=transport, path=tmp_path / "nothing.qcow2"), {}, "no such file"),
+        ("a FIFO as the password file (no hang)", url(sshd, transport=transport, path=img, identity="",
                                                       **{"password-file": str(fifo)}),
          no_agent, "not a regular file"),
-        ("a FIFO as the key", url(sshd, img, identity=str(fifo)), {}, "not a regular file"),
+        ("a FIFO as the key", url(sshd, transport=transport, path=img, identity=str(fifo)), {}, "not a regular file"),
     ]  # fmt: skip
     for what, loc, env, text in cases:
         res = _info(loc, env)
@@ -317,12 +325,13 @@ def test_an_ipv6_host_in_brackets(sshd, tmp_path: Path) -> None:  # type: ignore
     assert res.returncode == 0 and "virtual size: 16 MiB" in res.stdout, res.stderr
 
 
-def test_host_key_checks(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_host_key_checks(sshd, tmp_path: Path, transport: str) -> None:  # type: ignore[no-untyped-def]
     img, _ = _image(tmp_path, "qcow2")
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     known = home / ".ssh" / "known_hosts"
-    plain = url(sshd, img, **{"host-key-check": ""})  # the default: known_hosts
+    plain = url(sshd, transport=transport, path=img, **{"host-key-check": ""})  # the default: known_hosts
     # unknown host: refused
     res = _info(plain, {"HOME": str(home)})
     assert res.returncode != 0 and "host key not trusted" in res.stderr, res.stderr
@@ -334,9 +343,9 @@ def test_host_key_checks(sshd, tmp_path: Path) -> None:  # type: ignore[no-untyp
     known.write_text(Path(sshd.known_hosts).read_text())
     assert _info(plain, {"HOME": str(home)}).returncode == 0
     # fingerprints, either hash
-    assert _info(url(sshd, img, **{"host-key-check": f"md5:{sshd.fp_md5}"})).returncode == 0
+    assert _info(url(sshd, transport=transport, path=img, **{"host-key-check": f"md5:{sshd.fp_md5}"})).returncode == 0
     # none: accepted, with a warning
-    res = _info(url(sshd, img, **{"host-key-check": "none"}), {"HOME": str(tmp_path)})
+    res = _info(url(sshd, transport=transport, path=img, **{"host-key-check": "none"}), {"HOME": str(tmp_path)})
     assert res.returncode == 0
 
 

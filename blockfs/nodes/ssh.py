@@ -1,5 +1,5 @@
 """The ssh protocol: images on any host that runs an OpenSSH server with sftp (nothing to
-install there), reached with asyncssh and SFTP.
+install there), reached over SFTP, the connection carried by OpenSSH's ``ssh`` or asyncssh.
 
 Location::
 
@@ -17,14 +17,20 @@ folded into it, see :func:`fold_properties`):
                               ``md5:FINGERPRINT``, or ``none`` (only when asked; a warning)
 ``timeout``                   seconds a request may take, retries included, before it fails
                               with EIO (default 30); also the connect timeout
+``transport``                 what carries the connection: ``auto`` (the default: OpenSSH's
+                              ``ssh`` where it is installed, else asyncssh), ``openssh``,
+                              ``asyncssh``
 
-The SSH layer (asyncssh, on asyncio) runs in a process of its own for each connection,
-:mod:`blockfs.nodes.ssh_relay`, which authenticates, checks the host key and then only carries
-the bytes of the SFTP channel over two pipes; the daemon speaks SFTP itself over them, on its
-own trio loop (:mod:`blockfs.nodes.sftp`). A request costs the daemon one pipe write and its
-share of one pipe read, and no thread hand-off; the ciphers and SSH packets run on another
-core. (The first bridge, an asyncio loop in a thread of the daemon, and trio-asyncio were
-measured against it: see benchmarks/README.md.)
+The SSH layer runs in a process of its own for each connection, which authenticates, checks
+the host key and then only carries the bytes of the SFTP channel over two pipes; the daemon
+speaks SFTP itself over them, on its own trio loop (:mod:`blockfs.nodes.sftp`). That process
+is OpenSSH's ``ssh -s HOST sftp`` (:mod:`blockfs.nodes.openssh`: every choice on its command
+line, secrets through an askpass helper) or an asyncssh relay
+(:mod:`blockfs.nodes.ssh_relay`). Both give the same errors for the same refusals; ``ssh``
+costs less than half the relay's CPU per request (benchmarks/README.md). A request costs the
+daemon one pipe write and its share of one pipe read, and no thread hand-off; the ciphers and
+SSH packets run on another core. (The first bridge, an asyncio loop in a thread of the daemon,
+and trio-asyncio were measured against the relay: see benchmarks/README.md.)
 
 One SSH connection per (host, port, user, credentials, host-key rule) serves every image on
 it (a chain's backing files share their overlay's); SFTP carries many requests in flight on
@@ -47,6 +53,7 @@ import logging
 import os
 import posixpath
 import sys
+import tempfile
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -55,7 +62,7 @@ from typing import Any, TypeVar
 import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
-from blockfs.nodes import sftp
+from blockfs.nodes import openssh, sftp
 from blockfs.nodes.base import Extent, IoCounters, Node, Status
 from blockfs.nodes.runpool import RunPool
 from blockfs.nodes.sftp import SftpError, SftpSession
@@ -65,7 +72,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: properties a location's query (or the mount spec) may give
-QUERY_KEYS = ("identity", "identity-passphrase-file", "password-file", "host-key-check", "timeout")
+QUERY_KEYS = (
+    "identity", "identity-passphrase-file", "password-file", "host-key-check", "timeout",
+    "transport",
+)  # fmt: skip
+#: what carries the SSH connection (``auto``: OpenSSH's ssh where installed, else asyncssh)
+TRANSPORTS = ("auto", "openssh", "asyncssh")
 #: the mount spec's options that name parts of the URI itself
 URI_KEYS = ("host", "port", "user", "path")
 DEFAULT_TIMEOUT = 30.0
@@ -162,6 +174,9 @@ def _check_options(options: dict[str, str], where: str) -> None:
                 f"{where}: host-key-check={check[:60]}: known_hosts, sha256:FINGERPRINT, "
                 "md5:FINGERPRINT or none"
             )
+    transport = options.get("transport")
+    if transport is not None and transport not in TRANSPORTS:
+        raise UsageError(f"{where}: transport={transport[:20]}: {', '.join(TRANSPORTS)}")
     if "timeout" in options:
         try:
             t = float(options["timeout"])
@@ -201,12 +216,12 @@ def fold_properties(location: str, props: dict[str, str]) -> str:
     return SshLocation.parse(loc.uri()).uri()
 
 
-# -- the connection: a relay process and an SFTP session over its pipes -------------------------
+# -- the connection: a process carrying it and an SFTP session over its pipes ------------------
 
 
 class _Connection:
-    """One SSH connection (a :mod:`~blockfs.nodes.ssh_relay` process) and the SFTP session
-    over its pipes. ``generation`` tells a node whether the session it used is still the
+    """One SSH connection (an ``ssh`` or :mod:`~blockfs.nodes.ssh_relay` process) and the
+    SFTP session over its pipes. ``generation`` tells a node whether the session it used is still the
     current one."""
 
     def __init__(self, loc: SshLocation) -> None:
@@ -245,11 +260,87 @@ _RELAY_START = 10.0
 
 
 async def _start_relay(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
-    """Start a relay for ``loc``, wait for its word, start SFTP over it.
+    """Start the process that carries ``loc``'s connection (OpenSSH's ``ssh``, or the
+    asyncssh relay) and SFTP over its pipes.
 
     :raise UsageError: refused for the user's words (key, host key, credentials);
         TransientError: the host cannot be reached now.
     """
+    transport = loc.opts.get("transport", "auto")
+    tools = openssh.find_tools() if transport != "asyncssh" else None
+    if tools is not None:
+        return await _start_openssh(loc, *tools)
+    if transport == "openssh":
+        raise UsageError(
+            f"{loc.server}: transport=openssh: ssh or {openssh.HELPER} is not installed",
+            errno=errno.ENOENT,
+        )
+    return await _start_asyncssh(loc)
+
+
+async def _start_openssh(loc: SshLocation, ssh: str, helper: str) -> tuple[SftpSession, trio.Process]:
+    """``ssh -s HOST sftp`` (:mod:`blockfs.nodes.openssh`); SFTP over its standard input
+    and output. When it ends before SFTP begins, its error output says why."""
+    check = loc.opts.get("host-key-check", "known_hosts")
+    try:
+        launch = openssh.command(loc.host, loc.port, loc.user, loc.opts, loc.timeout, ssh, helper)
+    except openssh.SecretError as exc:
+        raise UsageError(str(exc), errno=exc.code) from None
+    for warning in launch.warnings:
+        log.warning("%s", warning)
+    if launch.key_check is not None:
+        res = await trio.run_process(
+            launch.key_check, env=launch.env, stdin=b"", capture_stdout=True,
+            capture_stderr=True, check=False,
+        )  # fmt: skip
+        if res.returncode != 0:
+            why = [line for line in res.stderr.decode(errors="replace").splitlines()
+                   if line.strip() and not line.startswith(openssh.ASKED)]  # fmt: skip
+            text = why[-1].strip()[:200] if why else f"ssh-keygen exited {res.returncode}"
+            raise UsageError(f"{loc.server}: identity {launch.key_check[-1]}: {text}",
+                             errno=errno.EACCES)  # fmt: skip
+    errors = tempfile.TemporaryFile()  # ssh's complaints: private, gone when closed
+    to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
+    from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = await trio.lowlevel.open_process(
+            launch.argv, stdin=to_child_r, stdout=from_child_w, stderr=errors.fileno(),
+            env=launch.env, start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        errors.close()
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        raise TransientError(f"{loc.server}: ssh did not start: {exc.strerror}",
+                             reached=False) from None  # fmt: skip
+    os.close(to_child_r)
+    os.close(from_child_w)
+    stall = max(1.0, loc.timeout / 3)
+    session = SftpSession(to_child_w, from_child_r, loc.server, b"", stall_timeout=stall)
+    try:
+        try:
+            await session.start()
+        except BlockfsError:
+            session.close()
+            with trio.move_on_after(2):
+                await proc.wait()
+            if proc.returncode is None:
+                raise
+            errors.seek(0)
+            text = errors.read(64 << 10).decode(errors="replace")
+            raise openssh.refusal(loc.server, check, text, launch) from None
+    except BaseException:
+        session.close()
+        with trio.CancelScope(shield=True):
+            await _reap(proc)
+        raise
+    finally:
+        errors.close()
+    return session, proc
+
+
+async def _start_asyncssh(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
+    """Start an asyncssh relay for ``loc``, wait for its word, start SFTP over it."""
     to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
     from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
     try:

@@ -28,13 +28,11 @@ import errno
 import json
 import logging
 import os
-import stat
 import sys
 from typing import Any
 
-#: a secret file is read only if it is this small
-MAX_SECRET_FILE = 64 << 10
-KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+from blockfs.nodes.openssh import KNOWN_HOSTS, SecretError, read_secret, read_small_file
+
 #: the ciphers offered, in order (all that OpenSSH's server takes by default). AES-GCM first:
 #: with AES-NI (through OpenSSL) it moved twice the data of asyncssh's default,
 #: chacha20-poly1305, per CPU second here (1 MiB reads: 248 against 123 MB/s).
@@ -62,32 +60,6 @@ class Refused(Exception):
         self.code = code
 
 
-def read_small_file(path: str, what: str) -> bytes:
-    """The bytes of a small regular file the user named (a key, a passphrase, a password):
-    opened once, without blocking (a FIFO would hang the connection forever); anything but a
-    regular file (a FIFO, a device) is refused. :raise Refused:"""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(os.path.expanduser(path), flags)
-    except OSError as exc:
-        raise Refused("usage", f"{what} {path}: {exc.strerror}", exc.errno or errno.EIO) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Refused("usage", f"{what} {path}: not a regular file", errno.EINVAL)
-        data = os.read(fd, MAX_SECRET_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE:
-        raise Refused("usage", f"{what} {path}: larger than {MAX_SECRET_FILE} bytes", errno.EINVAL)
-    return data
-
-
-def read_secret(path: str, what: str) -> str:
-    """The first line of a small file (a passphrase, a password). :raise Refused:"""
-    data = read_small_file(path, what)
-    return data.decode(errors="replace").splitlines()[0] if data.strip() else ""
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
@@ -106,6 +78,13 @@ def _fingerprint_client(kind: str, want: str) -> Any:
 
 async def connect(cfg: dict[str, Any], warnings: list[str]) -> Any:
     """The SSH connection ``cfg`` describes. :raise Refused:"""
+    try:
+        return await _connect(cfg, warnings)
+    except SecretError as exc:  # a key or secret file that cannot be used
+        raise Refused("usage", str(exc), exc.code) from None
+
+
+async def _connect(cfg: dict[str, Any], warnings: list[str]) -> Any:
     import asyncssh
 
     host, port, user = str(cfg["host"]), int(cfg["port"]), str(cfg["user"])
