@@ -38,6 +38,35 @@ async def test_pool_runs_calls_at_the_same_time() -> None:
     pool.close()
 
 
+async def test_an_idle_pool_thread_keeps_nothing_alive() -> None:
+    """A pool thread drops its last call, arguments and result once it has handed them
+    over: idle threads holding their last 1 MiB read each were +24 MiB of peak RSS."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    pool = IoThreadPool(4)
+    refs: list[weakref.ref[Big]] = []
+    args: list[weakref.ref[Big]] = []
+
+    def call(arg: Big) -> Big:
+        out = Big()
+        refs.append(weakref.ref(out))
+        return out
+
+    for _ in range(16):
+        arg = Big()
+        args.append(weakref.ref(arg))
+        await pool.run(call, arg)
+        del arg
+    await trio.sleep(0.05)  # the last thread is past its hand-over
+    gc.collect()
+    assert [r() for r in refs + args] == [None] * 32
+    pool.close()
+
+
 async def test_pool_passes_exceptions_back() -> None:
     pool = IoThreadPool(1)
     with pytest.raises(ZeroDivisionError):

@@ -72,6 +72,10 @@ class IoThreadPool:
                     token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:  # the loop is gone; nobody waits any more
                 pass
+            # An idle thread must not keep its last call alive: its result (a 1 MiB read's
+            # bytes) or its arguments would stay in memory until the thread's next call, one
+            # such buffer per thread (+24 MiB of peak RSS under uncached 1 MiB reads).
+            del item, fn, args, token, task, result
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in a pool thread and return its result (or raise its exception).
