@@ -31,6 +31,8 @@ def test_no_secret_on_the_command_line(tmp_path: Path) -> None:
     assert "hunter2" not in words
     assert launch.env["SSH_ASKPASS"] == HELPER and launch.env["SSH_ASKPASS_REQUIRE"] == "force"
     assert "BatchMode=no" in launch.argv and "IdentitiesOnly=yes" in launch.argv
+    # no ssh_config is read (a ProxyCommand there would run), no known_hosts file written
+    assert launch.argv[1:3] == ["-F", "/dev/null"] and "UpdateHostKeys=no" in launch.argv
     # the destination is fixed and the host an option: a host never reads as an option, and
     # its % is not a token
     assert launch.argv[-4:] == ["-s", "--", "blockfs-ssh-host", "sftp"]
