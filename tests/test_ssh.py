@@ -7,6 +7,7 @@ connection in the middle of fio, and a host that stays away longer than ``timeou
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import signal
@@ -254,21 +255,22 @@ TRANSPORTS = ["openssh", "asyncssh"]
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_each_way_to_authenticate(sshd, ssh_keys, ssh_agent, ssh_password_user, tmp_path, transport) -> None:  # type: ignore[no-untyped-def]
+    u = functools.partial(url, sshd, transport=transport)
     img, _ = _image(tmp_path, "qcow2")
     home = ssh_password_user.make_dir()
     theirs = home / "disk.qcow2"
     run(["cp", str(img), str(theirs)])
     ssh_password_user.give(theirs)
     cases = {
-        "agent": (url(sshd, transport=transport, path=img, identity=""), {"SSH_AUTH_SOCK": str(ssh_agent)}),
-        "key": (url(sshd, transport=transport, path=img), {}),
+        "agent": (u(img, identity=""), {"SSH_AUTH_SOCK": str(ssh_agent)}),
+        "key": (u(img), {}),
         "key with passphrase": (
-            url(sshd, transport=transport, path=img, identity=str(ssh_keys.identity_enc),
+            u(img, identity=str(ssh_keys.identity_enc),
                 **{"identity-passphrase-file": str(ssh_keys.passphrase_file)}),
             {},
         ),
         "password": (
-            url(sshd, transport=transport, path=theirs, user=ssh_password_user.name, identity="",
+            u(theirs, user=ssh_password_user.name, identity="",
                 **{"password-file": str(ssh_password_user.password_file)}),
             {"SSH_AUTH_SOCK": ""},
         ),
@@ -281,6 +283,7 @@ def test_each_way_to_authenticate(sshd, ssh_keys, ssh_agent, ssh_password_user, 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_path, transport) -> None:  # type: ignore[no-untyped-def]
+    u = functools.partial(url, sshd, transport=transport)
     img, _ = _image(tmp_path, "qcow2")
     wrong_pw = tmp_path / "wrong-password"
     wrong_pw.write_text("not the password\n")
@@ -288,23 +291,23 @@ def test_refusals_are_one_line_errors(sshd, ssh_keys, ssh_password_user, tmp_pat
     os.mkfifo(fifo)
     no_agent = {"SSH_AUTH_SOCK": "", "HOME": str(tmp_path)}
     cases = [
-        ("a wrong password", url(sshd, transport=transport, path=img, user=ssh_password_user.name, identity="",
+        ("a wrong password", u(img, user=ssh_password_user.name, identity="",
                                  **{"password-file": str(wrong_pw)}), no_agent,
          "authentication failed (tried: keys in ~/.ssh, password)"),
-        ("no way at all", url(sshd, transport=transport, path=img, identity=""), no_agent,
+        ("no way at all", u(img, identity=""), no_agent,
          "authentication failed (tried: keys in ~/.ssh)"),
-        ("a wrong passphrase", url(sshd, transport=transport, path=img, identity=str(ssh_keys.identity_enc),
+        ("a wrong passphrase", u(img, identity=str(ssh_keys.identity_enc),
                                    **{"identity-passphrase-file": str(wrong_pw)}), {},
          "identity"),
-        ("a wrong fingerprint", url(sshd, transport=transport, path=img, **{"host-key-check": "sha256:" + "A" * 43}), {},
+        ("a wrong fingerprint", u(img, **{"host-key-check": "sha256:" + "A" * 43}), {},
          "host key not trusted"),
-        ("a wrong md5", url(sshd, transport=transport, path=img, **{"host-key-check": "md5:" + ":".join(["00"] * 16)}),
+        ("a wrong md5", u(img, **{"host-key-check": "md5:" + ":".join(["00"] * 16)}),
          {}, "host key not trusted"),
-        ("no file there", url(sshd, transport=transport, path=tmp_path / "nothing.qcow2"), {}, "no such file"),
-        ("a FIFO as the password file (no hang)", url(sshd, transport=transport, path=img, identity="",
+        ("no file there", u(tmp_path / "nothing.qcow2"), {}, "no such file"),
+        ("a FIFO as the password file (no hang)", u(img, identity="",
                                                       **{"password-file": str(fifo)}),
          no_agent, "not a regular file"),
-        ("a FIFO as the key", url(sshd, transport=transport, path=img, identity=str(fifo)), {}, "not a regular file"),
+        ("a FIFO as the key", u(img, identity=str(fifo)), {}, "not a regular file"),
     ]  # fmt: skip
     for what, loc, env, text in cases:
         res = _info(loc, env)
@@ -327,11 +330,12 @@ def test_an_ipv6_host_in_brackets(sshd, tmp_path: Path) -> None:  # type: ignore
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_host_key_checks(sshd, tmp_path: Path, transport: str) -> None:  # type: ignore[no-untyped-def]
+    u = functools.partial(url, sshd, transport=transport)
     img, _ = _image(tmp_path, "qcow2")
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     known = home / ".ssh" / "known_hosts"
-    plain = url(sshd, transport=transport, path=img, **{"host-key-check": ""})  # the default: known_hosts
+    plain = u(img, **{"host-key-check": ""})  # the default: known_hosts
     # unknown host: refused
     res = _info(plain, {"HOME": str(home)})
     assert res.returncode != 0 and "host key not trusted" in res.stderr, res.stderr
@@ -343,9 +347,9 @@ def test_host_key_checks(sshd, tmp_path: Path, transport: str) -> None:  # type:
     known.write_text(Path(sshd.known_hosts).read_text())
     assert _info(plain, {"HOME": str(home)}).returncode == 0
     # fingerprints, either hash
-    assert _info(url(sshd, transport=transport, path=img, **{"host-key-check": f"md5:{sshd.fp_md5}"})).returncode == 0
+    assert _info(u(img, **{"host-key-check": f"md5:{sshd.fp_md5}"})).returncode == 0
     # none: accepted, with a warning
-    res = _info(url(sshd, transport=transport, path=img, **{"host-key-check": "none"}), {"HOME": str(tmp_path)})
+    res = _info(u(img, **{"host-key-check": "none"}), {"HOME": str(tmp_path)})
     assert res.returncode == 0
 
 

@@ -221,8 +221,8 @@ def fold_properties(location: str, props: dict[str, str]) -> str:
 
 class _Connection:
     """One SSH connection (an ``ssh`` or :mod:`~blockfs.nodes.ssh_relay` process) and the
-    SFTP session over its pipes. ``generation`` tells a node whether the session it used is still the
-    current one."""
+    SFTP session over its pipes. ``generation`` tells a node whether the session it used is
+    still the current one."""
 
     def __init__(self, loc: SshLocation) -> None:
         self.loc = loc
@@ -278,7 +278,9 @@ async def _start_relay(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
     return await _start_asyncssh(loc)
 
 
-async def _start_openssh(loc: SshLocation, ssh: str, helper: str) -> tuple[SftpSession, trio.Process]:
+async def _start_openssh(
+    loc: SshLocation, ssh: str, helper: str
+) -> tuple[SftpSession, trio.Process]:
     """``ssh -s HOST sftp`` (:mod:`blockfs.nodes.openssh`); SFTP over its standard input
     and output. When it ends before SFTP begins, its error output says why."""
     check = loc.opts.get("host-key-check", "known_hosts")
