@@ -62,6 +62,12 @@ def test_unusable_files_are_refused_before_ssh_starts(tmp_path: Path) -> None:
         _launch(tmp_path, **{"password-file": str(big)})
 
 
+def test_the_openssh_version_is_read_from_ssh_v() -> None:
+    assert openssh.openssh_version(b"OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.15") == (9, 2)
+    assert openssh.openssh_version(b"OpenSSH_8.4p1 Debian-5") < openssh.MIN_VERSION
+    assert openssh.openssh_version(b"Sun_SSH_1.1.4") == (0, 0)
+
+
 def _helper(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([HELPER, *args], capture_output=True, text=True, timeout=20,
                           env=dict(os.environ, **env))  # fmt: skip

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 import sys
@@ -95,14 +96,40 @@ def read_secret(path: str, what: str) -> str:
     return data.decode(errors="replace").splitlines()[0] if data.strip() else ""
 
 
-def find_tools() -> tuple[str, str] | None:
-    """``ssh`` and the askpass helper, or None when either is missing (then asyncssh)."""
+#: the oldest OpenSSH that takes every option used here (KnownHostsCommand: 8.5)
+MIN_VERSION = (8, 5)
+_tools: list[tuple[str, str] | None] = []
+
+
+async def find_tools() -> tuple[str, str] | None:
+    """``ssh`` (OpenSSH :data:`MIN_VERSION` or later) and the askpass helper, or None when
+    either is missing or too old (then asyncssh). Asked once per process."""
+    if not _tools:
+        _tools.append(await _find_tools())
+    return _tools[0]
+
+
+async def _find_tools() -> tuple[str, str] | None:
+    import trio  # here: the askpass helper, which imports this module, needs no trio
+
     ssh = shutil.which("ssh")
     beside = os.path.join(os.path.dirname(sys.executable), HELPER)
     helper = beside if os.access(beside, os.X_OK) else shutil.which(HELPER)
     if ssh is None or helper is None or any(c.isspace() or c in "\"'" for c in helper):
         return None
-    return ssh, helper
+    try:
+        with trio.fail_after(10):
+            res = await trio.run_process([ssh, "-V"], capture_stdout=True, capture_stderr=True,
+                                         check=False, stdin=b"")  # fmt: skip
+    except (OSError, trio.TooSlowError):
+        return None
+    return (ssh, helper) if openssh_version(res.stderr + res.stdout) >= MIN_VERSION else None
+
+
+def openssh_version(text: bytes) -> tuple[int, int]:
+    """(major, minor) from ``ssh -V``'s "OpenSSH_9.2p1 ..."; (0, 0) if it is not OpenSSH."""
+    m = re.match(rb"\s*OpenSSH_(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 @dataclass

@@ -267,12 +267,13 @@ async def _start_relay(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
         TransientError: the host cannot be reached now.
     """
     transport = loc.opts.get("transport", "auto")
-    tools = openssh.find_tools() if transport != "asyncssh" else None
+    tools = await openssh.find_tools() if transport != "asyncssh" else None
     if tools is not None:
         return await _start_openssh(loc, *tools)
     if transport == "openssh":
         raise UsageError(
-            f"{loc.server}: transport=openssh: ssh or {openssh.HELPER} is not installed",
+            f"{loc.server}: transport=openssh: ssh (OpenSSH 8.5 or later) or "
+            f"{openssh.HELPER} is not installed",
             errno=errno.ENOENT,
         )
     return await _start_asyncssh(loc)
