@@ -451,9 +451,12 @@ class Daemon:
         (blockfs.fuseloop), or None: pyfuse3's own loop will.
 
         ``fuse_threads`` None (auto, the default): threads when some image has a direct data
-        path (a local raw, qcow2 or VHDX image); 0: pyfuse3's loop; N: N threads. Images without one (ssh, gluster) gain nothing from
-        the threads and would pay for them: each of their requests then goes from a reader
-        thread to the event loop, one more thread wake-up (~40 us here) than pyfuse3's loop.
+        path (a local raw, qcow2 or VHDX image; a raw image on an ssh host, whose reads and
+        writes the threads send to its SFTP session themselves); 0: pyfuse3's loop; N: N
+        threads. Images without one (gluster, a qcow2 or VHDX image on an ssh host) gain
+        nothing from the threads and would pay for them: each of their requests then goes
+        from a reader thread to the event loop, one more thread wake-up (~40 us here) than
+        pyfuse3's loop.
         """
         threads = self.config.fuse_threads
         if threads is None:

@@ -229,6 +229,13 @@ class Export:
         """Whether FUSE reader threads can answer some of this image's reads and writes."""
         return self._direct is not None
 
+    @property
+    def submits(self) -> bool:
+        """Whether the image's node sends requests from the calling thread and answers them
+        later (a remote image: :meth:`submit_read`, :meth:`submit_write`)."""
+        direct = self._direct
+        return direct is not None and direct.submit_read is not None
+
     # -- the data path ------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -384,6 +391,83 @@ class Export:
             return None
         self._count_write(offset, length, t0, direct=True)
         return length
+
+    def submit_read(
+        self, offset: int, length: int, answer: Callable[[bytes, int], None]
+    ) -> bool:
+        """A read the image's remote node sends from the calling thread (issue 14), answered
+        later: ``answer(data, err)`` in the event loop's thread, ``err`` 0 with the bytes (as
+        many as asked, fewer at the end of the disk), an errno, or
+        :data:`~blockfs.nodes.base.RETRY` (the event loop must serve the request itself).
+        False: declined, nothing sent (the event loop serves it)."""
+        with self._lock:
+            direct = self._direct
+            if direct is None or direct.submit_read is None or self._gate is not None:
+                return False
+            size = self._root.size
+            if offset >= size or length <= 0:
+                return False
+            length = min(length, size - offset)
+            self._inflight += 1
+        t0 = _now()
+        stats = self.stats
+
+        def done(data: bytes, err: int) -> None:
+            if err == 0:
+                t1 = _now()
+                dt = t1 - t0
+                with self._lock:
+                    stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
+                    stats.rd_bytes += length
+                    stats.rd_total_time_ns += dt
+                    stats.last_io_ns = t1
+                    self.direct_rd_operations += 1
+            elif err > 0:
+                with self._lock:
+                    stats.failed_rd_operations += 1
+            self._request_done()
+            answer(data, err)
+
+        return self._submitted(direct.submit_read, offset, length, done)
+
+    def submit_write(
+        self, offset: int, data: memoryview, answer: Callable[[bytes, int], None]
+    ) -> bool:
+        """A write sent from the calling thread (:meth:`submit_read`); ``data`` must stay
+        unchanged until ``answer``. A write that reaches the end of the disk is declined
+        (the event loop cuts it and counts it)."""
+        stats = self.stats
+        with self._lock:
+            direct = self._direct
+            if direct is None or direct.submit_write is None or self._gate is not None:
+                return False
+            length = len(data)
+            if self.read_only or length <= 0 or offset + length > self._root.size:
+                return False
+            self._inflight += 1
+        t0 = _now()
+
+        def done(_: bytes, err: int) -> None:
+            if err == 0:
+                self._count_write(offset, length, t0, direct=True)
+            elif err > 0:
+                with self._lock:
+                    stats.failed_wr_operations += 1
+            self._request_done()
+            answer(b"", err)
+
+        return self._submitted(direct.submit_write, offset, data, done)
+
+    def _submitted(self, submit: Callable[..., bool], *args: object) -> bool:
+        """Send a counted request; a declined one (or one that failed to go) is uncounted."""
+        try:
+            sent = submit(*args)
+        except Exception:
+            log.exception("%s: a request could not be sent", self.name)
+            sent = False
+        if not sent:
+            self._request_done()
+        return sent
 
     async def close_direct(self) -> None:
         """No thread starts a direct request from now on (the image is about to close), and

@@ -67,6 +67,7 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -427,11 +428,20 @@ class FuseLoop:
                                 pack_out(out, 0, _OUT + got, 0, unique)
                                 self._answer(fd, out_view[: _OUT + got])
                                 continue
+                            if export.submits:
+                                req = bytes(view[: _IN + RW_IN.size])
+                                if export.submit_read(off, size, self._remote_answer(fd, req)):
+                                    continue
                         else:
                             got = export.write_direct(off, view[80 : 80 + size])
                             if got is not None:
                                 self._answer(fd, WRITE_ANSWER.pack(24, 0, unique, got, 0))
                                 continue
+                            if export.submits:
+                                req = bytes(view[:n])  # kept: sent again if the connection goes
+                                data = memoryview(req)[80 : 80 + size]
+                                if export.submit_write(off, data, self._remote_answer(fd, req)):
+                                    continue
                     except BlockfsError as exc:
                         self._answer(fd, OUT_HEADER.pack(_OUT, -exc.errno, unique))
                         continue
@@ -446,6 +456,27 @@ class FuseLoop:
                 continue  # left unanswered: it fails when the connection ends
             self._slots.acquire()
             self._hand_over(fd, bytes(view[:n]))
+
+    def _remote_answer(self, fd: int, req: bytes) -> Callable[[bytes, int], None]:
+        """How a request sent by a remote image's node from this thread is answered, in the
+        event loop's thread once its reply came (:meth:`Export.submit_read`): the data, the
+        errno, or (the connection went) the request served by the event loop after all, as
+        if it had been handed over (retried there), without taking a slot."""
+
+        def answer(data: bytes, err: int) -> None:
+            unique = IN_HEADER.unpack_from(req)[2]
+            if err == 0:
+                if IN_HEADER.unpack_from(req)[1] == READ:
+                    self._answer_parts(fd, OUT_HEADER.pack(_OUT + len(data), 0, unique), data)
+                else:
+                    size = RW_IN.unpack_from(req, _IN)[2]
+                    self._answer(fd, WRITE_ANSWER.pack(24, 0, unique, size, 0))
+            elif err > 0:
+                self._answer(fd, OUT_HEADER.pack(_OUT, -err, unique))
+            elif self._nursery is not None and not self._stopping:
+                self._nursery.start_soon(self._handle, fd, req, False)
+
+        return answer
 
     def _hand_over(self, fd: int, req: bytes) -> None:
         """Queue a request for the event loop; wake the loop only if no wake-up is pending
@@ -495,7 +526,7 @@ class FuseLoop:
             else:
                 nursery.start_soon(self._handle, fd, req)
 
-    async def _handle(self, fd: int, req: bytes) -> None:
+    async def _handle(self, fd: int, req: bytes, slot: bool = True) -> None:
         _, op, unique, node, uid, gid, pid, _, _ = IN_HEADER.unpack_from(req)
         try:
             reply = await self._dispatch(op, node, RequestContext(uid, gid, pid), req)
@@ -508,7 +539,8 @@ class FuseLoop:
             if reply is not None:
                 self._answer_parts(fd, OUT_HEADER.pack(_OUT + len(reply), 0, unique), reply)
         finally:
-            self._slots.release()
+            if slot:
+                self._slots.release()
 
     async def _dispatch(self, op: int, node: int, ctx: RequestContext, req: bytes) -> bytes | None:
         """The answer's payload (None: no answer). :raise pyfuse3.FUSEError: its errno."""

@@ -396,6 +396,43 @@ def test_a_dropped_connection_is_invisible_and_a_long_outage_is_eio(
     assert img.read_bytes() == before
 
 
+# -- the FUSE reader threads' path -----------------------------------------------------------
+
+
+def test_reader_threads_send_a_raw_images_requests_themselves(mount, sshd_fn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A raw image on an ssh host is served by the FUSE reader threads, which send its reads
+    and writes to the SFTP session themselves (1 MiB ones in parts): fio verifies a pass of
+    mixed sizes, the stats say the threads carried the requests, and the image is what was
+    read back. Then every connection is killed in the middle of a verifying read pass: the
+    requests the dead connection held go back to the event loop and are sent again there,
+    and fio sees no error."""
+    sshd = sshd_fn
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(32 * MiB))
+    m = mount(f"vm={url(sshd, img, timeout='10')},format=raw")
+    assert "FUSE requests: 2 reader threads" in m.log_text()
+    job = ["fio", "--name=ssh", f"--filename={m / 'vm'}", "--size=24M", "--ioengine=libaio",
+           "--direct=1", "--verify=crc32c", "--verify_fatal=1", "--randrepeat=1",
+           "--rw=randwrite", "--bsrange=4k-1m", "--iodepth=8"]  # fmt: skip
+    out = run([*job, "--do_verify=1"], cwd=tmp_path).stdout
+    assert "err= 0" in out, out
+    direct = m.stats("vm")["direct"]
+    assert direct["rd_operations"] > 0 and direct["wr_operations"] > 0, direct
+    fio = subprocess.Popen(
+        [*job, "--verify_only"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=tmp_path,
+    )  # fmt: skip
+    time.sleep(0.5)
+    assert sshd.kill_connections(), "no connection to drop"
+    out, _ = fio.communicate(timeout=120)
+    assert fio.returncode == 0 and "err= 0" in out, out
+    view = tmp_path / "view.raw"
+    run(["cp", str(m / "vm"), str(view)])
+    m.umount()
+    assert img.read_bytes() == view.read_bytes()
+    assert "Traceback" not in m.log_text()
+
+
 # -- jobs with ssh targets -----------------------------------------------------------------
 
 

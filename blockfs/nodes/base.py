@@ -122,6 +122,26 @@ class DirectIo:
     readinto: Callable[[int, memoryview], bool]
     #: store the view at the offset; None: writes always need the event loop
     write: Callable[[int, memoryview], bool] | None = None
+    #: a remote node's requests, sent from the calling thread and answered later (issue 14):
+    #: ``submit_read(offset, length, done)`` and ``submit_write(offset, data, done)`` send
+    #: the request and return True, or decline (False, nothing sent). ``done(data, err)``
+    #: is then called once, in the event loop's thread: ``err`` 0 (``data``: the bytes
+    #: read, as long as asked; b"" for a write), an errno (the request failed for good), or
+    #: :data:`RETRY` (the connection went: the event loop must send the request again, with
+    #: its retries). A write's data must stay unchanged until ``done``.
+    submit_read: Callable[[int, int, DirectDone], bool] | None = None
+    submit_write: Callable[[int, memoryview, DirectDone], bool] | None = None
+
+
+#: how a submitted request ends (see :attr:`DirectIo.submit_read`)
+DirectDone = Callable[[bytes, int], None]
+#: ``done``'s ``err`` for a request the event loop must send again
+RETRY = -1
+
+
+def never_direct(offset: int, view: memoryview) -> bool:
+    """A ``readinto`` that always declines (a node whose only direct path is submitted)."""
+    return False
 
 
 #: what a reader thread copies zeroes from

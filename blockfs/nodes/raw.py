@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from blockfs.errors import BlockfsError
-from blockfs.nodes.base import DirectIo, Extent, Node
+from blockfs.nodes.base import DirectDone, DirectIo, Extent, Node
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,19 @@ class RawNode(Node):
         """The child's, as it is: a raw node maps one to one. A probed image's head is
         guarded in the event loop, so writes below it are not direct."""
         below = self.child.direct_io()
-        if below is None or below.write is None or self._probe_guard is None:
+        if below is None or self._probe_guard is None:
             return below
-        write, head = below.write, self._probe_bytes
+        if below.write is None and below.submit_write is None:
+            return below
+        write, submit, head = below.write, below.submit_write, self._probe_bytes
 
         def guarded(offset: int, view: memoryview) -> bool:
-            return offset >= head and write(offset, view)
+            return offset >= head and write is not None and write(offset, view)
 
-        return DirectIo(below.readinto, guarded)
+        def guarded_submit(offset: int, view: memoryview, done: DirectDone) -> bool:
+            return offset >= head and submit is not None and submit(offset, view, done)
+
+        return DirectIo(below.readinto, guarded, below.submit_read, guarded_submit)
 
     async def read(self, offset: int, length: int) -> bytes:  # replaced per instance
         return await self.child.read(offset, length)

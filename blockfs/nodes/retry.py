@@ -39,7 +39,7 @@ from typing import ClassVar, TypeVar
 import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
-from blockfs.nodes.base import Extent, Node
+from blockfs.nodes.base import DirectIo, Extent, Node
 from blockfs.nodes.filter import FilterNode
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,15 @@ class RetryFilter(FilterNode):
         return RetryStatistics(self._retries, self._reconnects, self._failures)
 
     # -- the operations, each through one retry loop ------------------------------------------
+
+    def direct_io(self) -> DirectIo | None:
+        """The child's submitted requests (a remote node's): one that fails with the
+        connection comes back to the event loop (:data:`~blockfs.nodes.base.RETRY`) and is
+        retried here, as any other request."""
+        below = self.child.direct_io()
+        if below is None or (below.submit_read is None and below.submit_write is None):
+            return None
+        return below
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self._retry("read", lambda: self.child.read(offset, length))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,15 +71,23 @@ _F_SETPIPE_SZ = 1031
 _IOV_MAX = 1024
 
 _HEADER = struct.Struct(">IBI")  # length, type, request id
+#: the reply types a submitted request sees (:meth:`SftpSession.submit`)
+STATUS_REPLY, DATA_REPLY = _STATUS, _DATA
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_READ_ARGS = struct.Struct(">QI")
+_READ_ARGS = READ_ARGS = struct.Struct(">QI")
+U32, U64 = _U32, _U64
 
 _ERRNO = {
     FX_NO_SUCH_FILE: errno.ENOENT,
     FX_PERMISSION_DENIED: errno.EACCES,
     FX_OP_UNSUPPORTED: errno.EOPNOTSUPP,
 }
+
+
+def status_errno(code: int) -> int:
+    """The errno of a STATUS code that is not OK."""
+    return _ERRNO.get(code, errno.EIO)
 
 
 class SftpError(BlockfsError):
@@ -205,7 +214,14 @@ class SftpSession:
         self._out: deque[memoryview] = deque()
         self._writer_parked: Any = None
         self._next_id = 1
-        self._waiting: dict[int, tuple[_Waiter, int]] = {}
+        #: request id -> (its waiter, the reply's index), or (a callback, -1) for a request
+        #: submitted from another thread (:meth:`submit`)
+        self._waiting: dict[int, tuple[Any, int]] = {}
+        #: held where a request id is taken, requests are queued or written, and the writer
+        #: parks: :meth:`submit` runs in the FUSE reader threads
+        self._tlock = threading.Lock()
+        self._token = self.token = trio.lowlevel.current_trio_token()
+        self._wake_queued = False
         self._version_waiter: _Waiter | None = None
         self.dead: str | None = None
         self.extensions: dict[bytes, bytes] = {}
@@ -225,7 +241,8 @@ class SftpSession:
     async def start(self) -> None:
         """INIT, VERSION and the server's limits. :raise TransientError: no answer."""
         waiter = self._version_waiter = _Waiter(1)
-        self._send([memoryview(_U32.pack(5) + bytes([_INIT]) + _U32.pack(3))])
+        with self._tlock:
+            self._send([memoryview(_U32.pack(5) + bytes([_INIT]) + _U32.pack(3))])
         if self.dead is not None:
             raise TransientError(f"{self.where}: {self.dead}", reached=False)
         typ, payload = (await self._wait(waiter, ()))[0]
@@ -281,17 +298,18 @@ class SftpSession:
         ids = []
         parts: list[memoryview] = []
         waiting = self._waiting
-        for i, (typ, body) in enumerate(packets):
-            rid = self._next_id
-            self._next_id = (rid + 1) & 0xFFFFFFFF
-            length = 5
-            for piece in body:
-                length += len(piece)
-            parts.append(memoryview(_HEADER.pack(length, typ, rid)))
-            parts.extend(memoryview(piece) for piece in body)
-            waiting[rid] = (waiter, i)
-            ids.append(rid)
-        self._send(parts)
+        with self._tlock:
+            for i, (typ, body) in enumerate(packets):
+                rid = self._next_id
+                self._next_id = (rid + 1) & 0xFFFFFFFF
+                length = 5
+                for piece in body:
+                    length += len(piece)
+                parts.append(memoryview(_HEADER.pack(length, typ, rid)))
+                parts.extend(memoryview(piece) for piece in body)
+                waiting[rid] = (waiter, i)
+                ids.append(rid)
+            self._send(parts)
         if self.dead is not None:  # the pipe broke while sending
             raise TransientError(f"{self.where}: {self.dead}", reached=True)
         return await self._wait(waiter, ids)
@@ -310,9 +328,63 @@ class SftpSession:
             await trio.lowlevel.wait_task_rescheduled(abort)
         return waiter.replies
 
+    def submit(
+        self, typ: int, body: Sequence[bytes | memoryview], done: Any
+    ) -> bool:  # fmt: skip
+        """One request from another thread (a FUSE reader's, issue 14): ``done(type,
+        payload)`` is called in the event loop's thread with its reply, or with type -1 if the
+        session ends first. Returns False (nothing sent) if the session is gone. The body's
+        pieces are written or queued here; they must stay unchanged until the reply.
+
+        The request is written to the pipe at once when nothing is queued before it (no
+        wake-up of the event loop at all), else queued for the writer task, woken through the
+        loop's token."""
+        length = 5
+        for piece in body:
+            length += len(piece)
+        wake = False
+        with self._tlock:
+            if self.dead is not None:
+                return False
+            rid = self._next_id
+            self._next_id = (rid + 1) & 0xFFFFFFFF
+            parts = [memoryview(_HEADER.pack(length, typ, rid))]
+            parts.extend(memoryview(piece) for piece in body)
+            self._waiting[rid] = (done, -1)
+            out = self._out
+            if not out and self._writer_parked is not None:
+                try:
+                    n = os.writev(self._send_fd, parts)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    del self._waiting[rid]  # the writer task finds the pipe broken too
+                    return False
+                while parts and n >= len(parts[0]):
+                    n -= len(parts.pop(0))
+                if parts and n:
+                    parts[0] = parts[0][n:]
+            if parts:
+                out.extend(parts)
+                if self._writer_parked is not None and not self._wake_queued:
+                    self._wake_queued = wake = True
+        if wake:
+            try:
+                self._token.run_sync_soon(self._wake_writer)
+            except trio.RunFinishedError:
+                pass
+        return True
+
+    def _wake_writer(self) -> None:
+        with self._tlock:
+            self._wake_queued = False
+            task, self._writer_parked = self._writer_parked, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
     def _send(self, parts: list[memoryview]) -> None:
-        """Queue a request's pieces for the writer task, which sends all that is queued in one
-        ``writev`` once the tasks runnable now have had their turn: requests made together
+        """(Under ``_tlock``.) Queue a request's pieces for the writer task, which sends all
+        that is queued in one ``writev`` once the tasks runnable now have had their turn: requests made together
         (a queue depth's worth of FUSE requests, the parts of a split read) leave together,
         in one pipe write, one wake-up of the relay and often one SSH packet. A write per
         request was a sixth of the daemon's time under 4 KiB random reads."""
@@ -323,31 +395,37 @@ class SftpSession:
             trio.lowlevel.reschedule(task)
 
     def _unpark(self, _: Any) -> trio.lowlevel.Abort:
-        self._writer_parked = None
+        with self._tlock:
+            self._writer_parked = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def _write_loop(self) -> None:
         out = self._out
         fd = self._send_fd
+        lock = self._tlock
         try:
             while self.dead is None:
-                if not out:
-                    self._writer_parked = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
-                    continue
-                try:
-                    n = os.writev(fd, list(islice(out, _IOV_MAX)))
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(fd)
-                    continue
-                while n:
-                    head = out[0]
-                    if n >= len(head):
-                        n -= len(head)
-                        out.popleft()
+                with lock:
+                    if not out:
+                        self._writer_parked = trio.lowlevel.current_task()
+                        n = -2
                     else:
-                        out[0] = head[n:]
-                        n = 0
+                        try:
+                            n = os.writev(fd, list(islice(out, _IOV_MAX)))
+                        except BlockingIOError:
+                            n = -1
+                        while n > 0:
+                            head = out[0]
+                            if n >= len(head):
+                                n -= len(head)
+                                out.popleft()
+                            else:
+                                out[0] = head[n:]
+                                n = 0
+                if n == -2:
+                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                elif n == -1:
+                    await trio.lowlevel.wait_writable(fd)
         except trio.Cancelled:
             self._fail_all("closed")
             raise
@@ -461,11 +539,23 @@ class SftpSession:
                                 start += 4  # the data alone; a bad length stays for check()
                             else:
                                 typ = _BAD_DATA
-                        self._deliver(entry[0], entry[1], typ, bytes(view[start:stop]))
+                        if entry[1] < 0:
+                            self._deliver_direct(entry[0], typ, bytes(view[start:stop]))
+                        else:
+                            self._deliver(entry[0], entry[1], typ, bytes(view[start:stop]))
                 pos = stop
         if need > len(buf) - pos:  # room for the whole packet once what came before is gone
             buf.extend(bytes(need - (len(buf) - pos) + _READ_CHUNK // 4))
         return pos
+
+    def _deliver_direct(self, done: Any, typ: int, payload: bytes) -> None:
+        try:
+            done(typ, payload)
+        except Exception as exc:  # it runs in the reader task: the session must go on
+            import logging
+
+            logging.getLogger(__name__).exception("%s: a reply's callback failed: %s",
+                                                  self.where, exc)  # fmt: skip
 
     @staticmethod
     def _deliver(waiter: _Waiter, index: int, typ: int, payload: bytes) -> None:
@@ -476,15 +566,20 @@ class SftpSession:
             trio.lowlevel.reschedule(task)
 
     def _fail_all(self, why: str, code: int = errno.ECONNRESET) -> None:
-        if self.dead is None:
-            self.dead = why
-        waiters = {id(w): w for w, _ in self._waiting.values()}
+        with self._tlock:
+            if self.dead is None:
+                self.dead = why
+            entries = list(self._waiting.values())
+            self._waiting.clear()
+            self._out.clear()
+            writer, self._writer_parked = self._writer_parked, None
+        waiters = {id(w): w for w, i in entries if i >= 0}
         if self._version_waiter is not None:
             waiters[id(self._version_waiter)] = self._version_waiter
             self._version_waiter = None
-        self._waiting.clear()
-        self._out.clear()
-        writer, self._writer_parked = self._writer_parked, None
+        for done, i in entries:
+            if i < 0:
+                self._deliver_direct(done, -1, why.encode())
         if writer is not None:
             trio.lowlevel.reschedule(writer)  # it sees the session dead and ends
         for w in waiters.values():

@@ -54,6 +54,7 @@ import os
 import posixpath
 import sys
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -63,7 +64,16 @@ import trio
 
 from blockfs.errors import BlockfsError, TransientError, UsageError
 from blockfs.nodes import openssh, sftp
-from blockfs.nodes.base import Extent, IoCounters, Node, Status
+from blockfs.nodes.base import (
+    RETRY,
+    DirectDone,
+    DirectIo,
+    Extent,
+    IoCounters,
+    Node,
+    Status,
+    never_direct,
+)
 from blockfs.nodes.runpool import RunPool
 from blockfs.nodes.sftp import SftpError, SftpSession
 
@@ -464,6 +474,9 @@ class SshNode(Node):
         self._real = loc.path
         self._closed = False
         self._max_read = self._max_write = _SAFE_REQUEST
+        #: the session and the file's handle on it, replaced together (the FUSE reader
+        #: threads read them as one: a handle of another session would be refused)
+        self._pair: tuple[SftpSession, bytes] | None = None
 
     @classmethod
     async def open(cls, loc: SshLocation, *, read_only: bool, create: bool = False) -> SshNode:
@@ -520,6 +533,7 @@ class SshNode(Node):
                 raise BlockfsError(f"{loc.uri()}: open: {exc}", errno=exc.errno) from None
             raise
         self._conn, self._session, self._handle = conn, s, handle
+        self._pair = (s, handle)
         self._generation = conn.generation
         self._real = real
         self._ident = ("ssh", loc.host, loc.port, real)
@@ -627,6 +641,7 @@ class SshNode(Node):
         except SftpError as exc:
             raise BlockfsError(f"{self.filename}: reconnect: {exc}", errno=exc.errno) from None
         self._session, self._handle, self._generation = s, handle, gen
+        self._pair = (s, handle)
 
     async def reopen(self, read_only: bool) -> None:
         if read_only == self.read_only:
@@ -644,11 +659,103 @@ class SshNode(Node):
         except SftpError as exc:
             raise BlockfsError(f"{self.filename}: reopen: {exc}", errno=exc.errno) from None
         old, self._handle = self._handle, handle
+        self._pair = (s, handle)
         self.read_only = read_only
         await _close_quietly(s, old)
 
     def identity(self) -> Hashable | None:
         return self._ident
+
+    # -- the FUSE reader threads' path (issue 14) ------------------------------------------
+
+    def direct_io(self) -> DirectIo | None:
+        """Reads and writes sent by the FUSE reader threads themselves and answered from the
+        session's reply (see :meth:`SftpSession.submit`): no event loop task per request.
+        Anything that needs more (a request larger than one SFTP packet, a broken session,
+        a read-only file) is declined to the event loop's path; a request whose connection
+        goes is handed back (:data:`RETRY`) to be sent again there, with the retry filter."""
+        return DirectIo(never_direct, None, self._submit_read, self._submit_write)
+
+    def _submit_read(self, offset: int, length: int, done: DirectDone) -> bool:
+        pair = self._pair
+        if pair is None:
+            return False
+        step = self._max_read
+        if length <= step:
+            return self._read_one(pair, offset, length, done)
+        def part(pos: int) -> Callable[[DirectDone], bool]:
+            return lambda cb: self._read_one(pair, offset + pos, min(step, length - pos), cb)
+
+        gather = _Gather(done, pair[0].token)
+        return gather.send([part(pos) for pos in range(0, length, step)])
+
+    def _read_one(
+        self, pair: tuple[SftpSession, bytes], offset: int, length: int, done: DirectDone
+    ) -> bool:
+        s, handle = pair
+        io = self.io
+
+        def reply(typ: int, payload: bytes) -> None:
+            if typ == sftp.DATA_REPLY and len(payload) == length:
+                io.rd_operations += 1
+                io.rd_bytes += length
+                done(payload, 0)
+            elif typ == sftp.STATUS_REPLY and _status(payload) == sftp.FX_EOF:
+                io.rd_operations += 1
+                io.rd_bytes += length
+                done(bytes(length), 0)  # past the end of the file: zeroes
+            else:
+                self._direct_failed(typ, payload, done, "read")
+
+        return s.submit(sftp.READ, (sstr(handle), _READ_ARGS.pack(offset, length)), reply)
+
+    def _submit_write(self, offset: int, data: memoryview, done: DirectDone) -> bool:
+        pair = self._pair
+        if pair is None or self.read_only:
+            return False
+        step, length = self._max_write, len(data)
+        if length <= step:
+            return self._write_one(pair, offset, data, done)
+        def part(pos: int) -> Callable[[DirectDone], bool]:
+            return lambda cb: self._write_one(pair, offset + pos, data[pos : pos + step], cb)
+
+        gather = _Gather(done, pair[0].token)
+        return gather.send([part(pos) for pos in range(0, length, step)])
+
+    def _write_one(
+        self, pair: tuple[SftpSession, bytes], offset: int, data: memoryview, done: DirectDone
+    ) -> bool:
+        s, handle = pair
+        length = len(data)
+        io = self.io
+
+        def reply(typ: int, payload: bytes) -> None:
+            if typ == sftp.STATUS_REPLY and _status(payload) == sftp.FX_OK:
+                io.wr_operations += 1
+                io.wr_bytes += length
+                if offset + length > self.size:
+                    self.size = offset + length
+                done(b"", 0)
+            else:
+                self._direct_failed(typ, payload, done, "write")
+
+        body = (sstr(handle), _U64.pack(offset), _U32.pack(length), data)
+        return s.submit(sftp.WRITE, body, reply)
+
+    def _direct_failed(self, typ: int, payload: bytes, done: DirectDone, what: str) -> None:
+        """A submitted request that did not succeed: sent again by the event loop when the
+        connection went or the answer is one the async path handles (a short read), else
+        failed with the server's errno (counted as the async path counts it)."""
+        code = _status(payload) if typ == sftp.STATUS_REPLY else None
+        if code is None or code in (sftp.FX_CONNECTION_LOST, sftp.FX_NO_CONNECTION):
+            done(b"", RETRY)
+            return
+        if what == "read":
+            self.io.failed_rd_operations += 1
+        else:
+            self.io.failed_wr_operations += 1
+        log.debug("%s: %s: status %d", self.filename, what, code)
+        done(b"", sftp.status_errno(code))
 
     @property
     def real_path(self) -> str:
@@ -659,7 +766,7 @@ class SshNode(Node):
             return
         self._closed = True
         s, handle, conn = self._session, self._handle, self._conn
-        self._session = self._conn = None
+        self._session = self._conn = self._pair = None
         with trio.CancelScope(shield=True):
             if s is not None and s.dead is None:
                 await _close_quietly(s, handle)
@@ -670,6 +777,76 @@ class SshNode(Node):
         d = super().describe()
         d["server"] = self.loc.server
         return d
+
+
+class _Gather:
+    """The parts of one submitted request larger than an SFTP packet: ``done`` is called
+    once, in the event loop's thread, when every part that went has answered, with the
+    parts' bytes joined, or with the first failure (RETRY if a part could not go)."""
+
+    __slots__ = ("done", "token", "parts", "left", "err", "lock")
+
+    def __init__(self, done: DirectDone, token: trio.lowlevel.TrioToken) -> None:
+        self.done = done
+        self.token = token
+        self.parts: list[bytes] = []
+        self.left = 0
+        self.err = 0
+        #: the replies (event loop) and the sending thread count down together
+        self.lock = threading.Lock()
+
+    def send(self, senders: list[Callable[[DirectDone], bool]]) -> bool:
+        """Send the parts in order; False if none went (then nothing will be called)."""
+        self.parts = [b""] * len(senders)
+        with self.lock:
+            self.left = len(senders) + 1  # one more, given back once all are sent
+        sent = 0
+        for i, send in enumerate(senders):
+            if not send(self._part(i)):
+                with self.lock:
+                    self.err = self.err or RETRY  # the event loop serves it, whole
+                break
+            sent += 1
+        if sent == 0:
+            return False
+        with self.lock:
+            self.left -= len(senders) - sent + 1
+            last = self.left == 0
+        if last:  # every reply came while sending: finish in the event loop's thread
+            try:
+                self.token.run_sync_soon(self._finish)
+            except trio.RunFinishedError:
+                pass
+        return True
+
+    def _part(self, i: int) -> DirectDone:
+        def part(data: bytes, err: int) -> None:  # the event loop's thread
+            with self.lock:
+                if err and not self.err:
+                    self.err = err
+                self.parts[i] = data
+                self.left -= 1
+                last = self.left == 0
+            if last:
+                self._finish()
+
+        return part
+
+    def _finish(self) -> None:
+        if self.err:
+            self.done(b"", self.err)
+        else:
+            self.done(b"".join(self.parts), 0)
+
+
+def _status(payload: bytes) -> int | None:
+    """A STATUS reply's code (None: malformed)."""
+    return int.from_bytes(payload[:4], "big") if len(payload) >= 4 else None
+
+
+_READ_ARGS = sftp.READ_ARGS
+_U32, _U64 = sftp.U32, sftp.U64
+sstr = sftp.sstr
 
 
 def _flags(read_only: bool) -> int:
