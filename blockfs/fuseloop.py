@@ -12,6 +12,12 @@ the descriptor that read it):
   counters, in-flight count and gate, under its lock. A READ is one ``preadv`` into the
   thread's buffer and one ``write`` of the answer; a WRITE is one ``pwrite`` of a view of the
   request buffer (the payload is never copied). Every system call releases the GIL.
+- READ and WRITE of a raw image on an ssh host (issue 14) are sent by the reader thread to the
+  image's SFTP session itself (:meth:`Export.submit_read` / :meth:`Export.submit_write`,
+  :meth:`blockfs.nodes.sftp.SftpSession.submit`), and answered in the event loop's thread
+  straight from the session's reply, without a task; a request whose connection goes is
+  served again by the event loop (:meth:`_handle`), through the retry filter, its deadline
+  running from when it was first sent.
 - Every other request (and a READ or WRITE the export declines: a job's filter in the graph,
   the gate shut for a graph change, a qcow2, VHDX or remote image) is copied and handed to the
   trio event loop, where a task decodes it, calls :class:`blockfs.fs.BlockfsOperations` as
@@ -74,6 +80,7 @@ import pyfuse3
 import trio
 
 from blockfs.errors import BlockfsError
+from blockfs.nodes.retry import FIRST_SENT
 
 log = logging.getLogger(__name__)
 
@@ -422,26 +429,27 @@ class FuseLoop:
                 export = exports.get(fh)
                 if export is not None:
                     try:
-                        if op == READ:
+                        if export.submits:  # a remote image: sent now, answered later
+                            if op == READ:
+                                req = bytes(view[: _IN + RW_IN.size])
+                                if export.submit_read(off, size, self._remote_answer(fd, req)):
+                                    continue
+                            else:
+                                req = bytes(view[:n])  # kept: sent again if the connection goes
+                                data = memoryview(req)[80 : 80 + size]
+                                if export.submit_write(off, data, self._remote_answer(fd, req)):
+                                    continue
+                        elif op == READ:
                             got = export.read_direct(off, out_view[_OUT : _OUT + size])
                             if got is not None:
                                 pack_out(out, 0, _OUT + got, 0, unique)
                                 self._answer(fd, out_view[: _OUT + got])
                                 continue
-                            if export.submits:
-                                req = bytes(view[: _IN + RW_IN.size])
-                                if export.submit_read(off, size, self._remote_answer(fd, req)):
-                                    continue
                         else:
                             got = export.write_direct(off, view[80 : 80 + size])
                             if got is not None:
                                 self._answer(fd, WRITE_ANSWER.pack(24, 0, unique, got, 0))
                                 continue
-                            if export.submits:
-                                req = bytes(view[:n])  # kept: sent again if the connection goes
-                                data = memoryview(req)[80 : 80 + size]
-                                if export.submit_write(off, data, self._remote_answer(fd, req)):
-                                    continue
                     except BlockfsError as exc:
                         self._answer(fd, OUT_HEADER.pack(_OUT, -exc.errno, unique))
                         continue
@@ -463,6 +471,8 @@ class FuseLoop:
         errno, or (the connection went) the request served by the event loop after all, as
         if it had been handed over (retried there), without taking a slot."""
 
+        sent = time.monotonic()
+
         def answer(data: bytes, err: int) -> None:
             unique = IN_HEADER.unpack_from(req)[2]
             if err == 0:
@@ -474,7 +484,7 @@ class FuseLoop:
             elif err > 0:
                 self._answer(fd, OUT_HEADER.pack(_OUT, -err, unique))
             elif self._nursery is not None and not self._stopping:
-                self._nursery.start_soon(self._handle, fd, req, False)
+                self._nursery.start_soon(self._handle, fd, req, False, sent)
 
         return answer
 
@@ -526,8 +536,12 @@ class FuseLoop:
             else:
                 nursery.start_soon(self._handle, fd, req)
 
-    async def _handle(self, fd: int, req: bytes, slot: bool = True) -> None:
+    async def _handle(
+        self, fd: int, req: bytes, slot: bool = True, sent: float | None = None
+    ) -> None:
         _, op, unique, node, uid, gid, pid, _, _ = IN_HEADER.unpack_from(req)
+        if sent is not None:  # handed back by a remote node: its deadline runs from then
+            FIRST_SENT.set(trio.current_time() - (time.monotonic() - sent))
         try:
             reply = await self._dispatch(op, node, RequestContext(uid, gid, pid), req)
         except pyfuse3.FUSEError as exc:

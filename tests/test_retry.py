@@ -159,6 +159,25 @@ async def test_no_try_begins_past_the_deadline(autojump_clock: trio.testing.Mock
     assert trio.current_time() - start == pytest.approx(7.3)
 
 
+async def test_the_deadline_runs_from_when_the_request_was_first_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request the FUSE reader threads sent first and handed back (its connection went)
+    is given only what is left of its deadline: here 6 of 10 s were spent before."""
+    from blockfs.nodes.retry import FIRST_SENT
+
+    child = FlakyNode(failures=100)
+    node = RetryFilter(child, RetryPolicy(retries=50, delay=1, backoff=2, deadline=10))
+    start = trio.current_time()
+    FIRST_SENT.set(start - 6)
+    with pytest.raises(BlockfsError, match="deadline"):
+        await node.read(0, 1)
+    # tries at 0, 1.1, 3.2 (9.2 s after the first sending); the next wait would end past 10
+    # (without the earlier start: 4 tries, until 7.3, as in the test above)
+    assert child.calls["read"] == 3
+    assert trio.current_time() - start == pytest.approx(3.2)
+
+
 async def test_non_transient_errors_pass_at_once(autojump_clock: trio.testing.MockClock) -> None:
     child = FlakyNode()
     child.final_error = BlockfsError("no space", errno=errno.ENOSPC)

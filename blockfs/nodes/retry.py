@@ -30,6 +30,7 @@ acknowledgement (twice, the same bytes). This module must not know any one proto
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,14 @@ class RetryStatistics:
     reconnects: int
     #: requests given up (retries or deadline spent, or a flush whose reply was lost)
     failures: int
+
+
+#: when the request a task serves was first sent, on trio's clock, if that was before the task
+#: (a request the FUSE reader threads sent, handed back when its connection went): the
+#: deadline counts from then, so that a request fails ``timeout=`` after it was first sent
+FIRST_SENT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "blockfs_first_sent", default=None
+)
 
 
 class RetryFilter(FilterNode):
@@ -159,7 +168,7 @@ class RetryFilter(FilterNode):
 
     async def _retry(self, what: str, send: Callable[[], Awaitable[T]]) -> T:
         policy = self.policy
-        deadline = trio.current_time() + policy.deadline
+        deadline = (FIRST_SENT.get() or trio.current_time()) + policy.deadline
         delay = policy.delay
         tries = 0
         while True:
