@@ -384,10 +384,11 @@ class SftpSession:
 
     def _send(self, parts: list[memoryview]) -> None:
         """(Under ``_tlock``.) Queue a request's pieces for the writer task, which sends all
-        that is queued in one ``writev`` once the tasks runnable now have had their turn: requests made together
-        (a queue depth's worth of FUSE requests, the parts of a split read) leave together,
-        in one pipe write, one wake-up of the relay and often one SSH packet. A write per
-        request was a sixth of the daemon's time under 4 KiB random reads."""
+        that is queued in one ``writev`` once the tasks runnable now have had their turn:
+        requests made together (a queue depth's worth of FUSE requests, the parts of a split
+        read) leave together, in one pipe write, one wake-up of the relay and often one SSH
+        packet. A write per request was a sixth of the daemon's time under 4 KiB random
+        reads."""
         self._out.extend(parts)
         task = self._writer_parked
         if task is not None:
