@@ -239,11 +239,9 @@ class Export:
     # -- the data path ------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        size = self.root.size
-        if offset >= size or length <= 0:
+        length = self._reach(offset, length)
+        if length == 0:
             return b""
-        if offset + length > size:
-            length = size - offset
         if self._gate is not None:
             await self._wait_admitted()
         stats = self.stats
@@ -259,15 +257,28 @@ class Export:
             raise
         finally:
             self._request_done()
+        self._count_read(length, t0)
+        return data
+
+    def _reach(self, offset: int, length: int) -> int:
+        """How much of a read of ``length`` at ``offset`` the disk holds (0: none; cut
+        short at its end)."""
+        size = self._root.size
+        if offset >= size or length <= 0:
+            return 0
+        return min(length, size - offset)
+
+    def _count_read(self, length: int, t0: int, direct: bool = False) -> None:
         t1 = _now()
         dt = t1 - t0
-        with lock:
+        stats = self.stats
+        with self._lock:
             # the histogram's bin, which counts the operation too (see BlockStats)
             stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
             stats.rd_bytes += length
             stats.rd_total_time_ns += dt
             stats.last_io_ns = t1
-        return data
+            self.direct_rd_operations += direct
 
     async def write(self, offset: int, data: bytes) -> int:
         """Write ``data``; a write straddling the end is cut short (its length is returned), a
@@ -334,12 +345,9 @@ class Export:
             direct = self._direct
             if direct is None or self._gate is not None:
                 return None
-            size = self._root.size
-            length = len(into)
-            if offset >= size or length <= 0:
+            length = self._reach(offset, len(into))
+            if length == 0:
                 return 0
-            if offset + length > size:
-                length = size - offset
             self._inflight += 1
         stats = self.stats
         t0 = _now()
@@ -353,14 +361,7 @@ class Export:
             self._request_done()
         if not done:
             return None
-        t1 = _now()
-        dt = t1 - t0
-        with self._lock:
-            stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
-            stats.rd_bytes += length
-            stats.rd_total_time_ns += dt
-            stats.last_io_ns = t1
-            self.direct_rd_operations += 1
+        self._count_read(length, t0, direct=True)
         return length
 
     def write_direct(self, offset: int, data: memoryview) -> int | None:
@@ -404,24 +405,16 @@ class Export:
             direct = self._direct
             if direct is None or direct.submit_read is None or self._gate is not None:
                 return False
-            size = self._root.size
-            if offset >= size or length <= 0:
-                return False
-            length = min(length, size - offset)
+            length = self._reach(offset, length)
+            if length == 0:
+                return False  # the event loop answers it (nothing to read)
             self._inflight += 1
         t0 = _now()
         stats = self.stats
 
         def done(data: bytes, err: int) -> None:
             if err == 0:
-                t1 = _now()
-                dt = t1 - t0
-                with self._lock:
-                    stats.rd_bins[bisect_right(stats.rd_boundaries, dt)] += 1
-                    stats.rd_bytes += length
-                    stats.rd_total_time_ns += dt
-                    stats.last_io_ns = t1
-                    self.direct_rd_operations += 1
+                self._count_read(length, t0, direct=True)
             elif err > 0:
                 with self._lock:
                     stats.failed_rd_operations += 1

@@ -228,21 +228,27 @@ def _quoted(path: str) -> str:
     return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
-def refusal(server: str, check: str, text: str, launch: Launch) -> BlockfsError:
-    """The one-line error for an ``ssh`` that ended before SFTP began (``text``: what it
-    wrote on its error output)."""
+def last_complaint(text: str, default: str) -> str:
+    """The last line ``ssh`` (or ``ssh-keygen``) wrote on its error output, the askpass
+    helper's own notes left out; ``default`` if there is none."""
     lines = [
         line.strip() for line in text.splitlines() if line.strip() and not line.startswith(ASKED)
     ]
+    return lines[-1][:200] if lines else default
+
+
+def refusal(server: str, check: str, text: str, launch: Launch) -> BlockfsError:
+    """The one-line error for an ``ssh`` that ended before SFTP began (``text``: what it
+    wrote on its error output)."""
     low = text.lower()
-    last = lines[-1][:200] if lines else "ssh ended"
+    last = last_complaint(text, "ssh ended")
     if "permission denied" in low or "too many authentication failures" in low:
         return UsageError(
             f"{server}: authentication failed (tried: {', '.join(launch.tried)})",
             errno=errno.EACCES,
         )
     if "host key verification failed" in low:
-        if "has changed" in low or "identification has changed" in low:
+        if "has changed" in low:
             why = "the key changed"
         elif check.startswith(("sha256:", "md5:")):
             why = "another fingerprint"

@@ -106,15 +106,19 @@ class RawNode(Node):
         below = self.child.direct_io()
         if below is None or self._probe_guard is None:
             return below
-        if below.write is None and below.submit_write is None:
-            return below
         write, submit, head = below.write, below.submit_write, self._probe_bytes
+        if write is None and submit is None:
+            return below
+        guarded = guarded_submit = None
+        if write is not None:
 
-        def guarded(offset: int, view: memoryview) -> bool:
-            return offset >= head and write is not None and write(offset, view)
+            def guarded(offset: int, view: memoryview) -> bool:
+                return offset >= head and write(offset, view)
 
-        def guarded_submit(offset: int, view: memoryview, done: DirectDone) -> bool:
-            return offset >= head and submit is not None and submit(offset, view, done)
+        if submit is not None:
+
+            def guarded_submit(offset: int, view: memoryview, done: DirectDone) -> bool:
+                return offset >= head and submit(offset, view, done)
 
         return DirectIo(below.readinto, guarded, below.submit_read, guarded_submit)
 

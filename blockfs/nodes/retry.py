@@ -168,7 +168,8 @@ class RetryFilter(FilterNode):
 
     async def _retry(self, what: str, send: Callable[[], Awaitable[T]]) -> T:
         policy = self.policy
-        deadline = (FIRST_SENT.get() or trio.current_time()) + policy.deadline
+        first = FIRST_SENT.get()
+        deadline = (trio.current_time() if first is None else first) + policy.deadline
         delay = policy.delay
         tries = 0
         while True:

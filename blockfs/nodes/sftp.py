@@ -75,8 +75,7 @@ _HEADER = struct.Struct(">IBI")  # length, type, request id
 STATUS_REPLY, DATA_REPLY = _STATUS, _DATA
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_READ_ARGS = READ_ARGS = struct.Struct(">QI")
-U32, U64 = _U32, _U64
+_READ_ARGS = struct.Struct(">QI")
 
 _ERRNO = {
     FX_NO_SUCH_FILE: errno.ENOENT,
@@ -88,6 +87,23 @@ _ERRNO = {
 def status_errno(code: int) -> int:
     """The errno of a STATUS code that is not OK."""
     return _ERRNO.get(code, errno.EIO)
+
+
+def status_code(payload: bytes) -> int | None:
+    """A STATUS reply's code (None: malformed)."""
+    return int.from_bytes(payload[:4], "big") if len(payload) >= 4 else None
+
+
+def read_packet(h: bytes, offset: int, length: int) -> tuple[int, tuple[bytes, ...]]:
+    """A READ request: ``h`` is the handle as an SFTP string (:func:`sstr`)."""
+    return READ, (h, _READ_ARGS.pack(offset, length))
+
+
+def write_packet(
+    h: bytes, offset: int, data: bytes | memoryview
+) -> tuple[int, tuple[bytes | memoryview, ...]]:
+    """A WRITE request of ``data`` (not copied): ``h`` is the handle as an SFTP string."""
+    return WRITE, (h, _U64.pack(offset), _U32.pack(len(data)), data)
 
 
 class SftpError(BlockfsError):
@@ -220,7 +236,8 @@ class SftpSession:
         #: held where a request id is taken, requests are queued or written, and the writer
         #: parks: :meth:`submit` runs in the FUSE reader threads
         self._tlock = threading.Lock()
-        self._token = self.token = trio.lowlevel.current_trio_token()
+        #: the event loop's (submitters in other threads reach it through this)
+        self.token = trio.lowlevel.current_trio_token()
         self._wake_queued = False
         self._version_waiter: _Waiter | None = None
         self.dead: str | None = None
@@ -370,7 +387,7 @@ class SftpSession:
                     self._wake_queued = wake = True
         if wake:
             try:
-                self._token.run_sync_soon(self._wake_writer)
+                self.token.run_sync_soon(self._wake_writer)
             except trio.RunFinishedError:
                 pass
         return True
@@ -662,7 +679,7 @@ class SftpSession:
         h = sstr(handle)
         spans = [(pos, min(step, length - pos)) for pos in range(0, length, step)]
         replies = await self.requests(
-            [(READ, (h, _READ_ARGS.pack(offset + pos, n))) for pos, n in spans]
+            [read_packet(h, offset + pos, n) for pos, n in spans]
         )
         parts = []
         for (pos, n), reply in zip(spans, replies, strict=True):
@@ -677,10 +694,10 @@ class SftpSession:
     async def write(self, handle: bytes, offset: int, data: bytes | memoryview, step: int) -> None:
         h = sstr(handle)
         view = memoryview(data)
-        packets = []
-        for pos in range(0, len(view), step):
-            piece = view[pos : pos + step]
-            packets.append((WRITE, (h, _U64.pack(offset + pos), _U32.pack(len(piece)), piece)))
+        packets = [
+            write_packet(h, offset + pos, view[pos : pos + step])
+            for pos in range(0, len(view), step)
+        ]
         for reply in await self.requests(packets):
             self.check(reply, "write")
 

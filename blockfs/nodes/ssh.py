@@ -313,68 +313,76 @@ async def _start_openssh(
             capture_stderr=True, check=False,
         )  # fmt: skip
         if res.returncode != 0:
-            why = [line for line in res.stderr.decode(errors="replace").splitlines()
-                   if line.strip() and not line.startswith(openssh.ASKED)]  # fmt: skip
-            text = why[-1].strip()[:200] if why else f"ssh-keygen exited {res.returncode}"
+            text = openssh.last_complaint(
+                res.stderr.decode(errors="replace"), f"ssh-keygen exited {res.returncode}"
+            )
             raise UsageError(f"{loc.server}: identity {launch.key_check[-1]}: {text}",
                              errno=errno.EACCES)  # fmt: skip
-    errors = tempfile.TemporaryFile()  # ssh's complaints: private, gone when closed
+    # ssh's complaints: a private file, gone when closed (ssh keeps its own descriptor)
+    with tempfile.TemporaryFile() as errors:
+        proc, to_child, from_child = await _spawn(
+            loc, "ssh", launch.argv, stderr=errors.fileno(), env=launch.env
+        )
+        session = SftpSession(to_child, from_child, loc.server, stall_timeout=_stall(loc))
+        try:
+            try:
+                await session.start()
+            except BlockfsError:
+                session.close()
+                with trio.move_on_after(2):
+                    await proc.wait()
+                if proc.returncode is None:
+                    raise
+                errors.seek(0)
+                text = errors.read(64 << 10).decode(errors="replace")
+                raise openssh.refusal(loc.server, check, text, launch) from None
+        except BaseException:
+            session.close()
+            with trio.CancelScope(shield=True):
+                await _reap(proc)
+            raise
+    return session, proc
+
+
+async def _spawn(
+    loc: SshLocation, what: str, argv: list[str], **kwargs: Any
+) -> tuple[trio.Process, int, int]:
+    """``argv`` in a session of its own, its standard input and output pipes to us: the
+    process, the descriptor we write to it, the one we read from it.
+
+    :raise TransientError: it did not start."""
     to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
     from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
     try:
         proc = await trio.lowlevel.open_process(
-            launch.argv, stdin=to_child_r, stdout=from_child_w, stderr=errors.fileno(),
-            env=launch.env, start_new_session=True,
-        )  # fmt: skip
-    except OSError as exc:
-        errors.close()
-        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
-            os.close(fd)
-        raise TransientError(f"{loc.server}: ssh did not start: {exc.strerror}",
-                             reached=False) from None  # fmt: skip
-    os.close(to_child_r)
-    os.close(from_child_w)
-    stall = max(1.0, loc.timeout / 3)
-    session = SftpSession(to_child_w, from_child_r, loc.server, b"", stall_timeout=stall)
-    try:
-        try:
-            await session.start()
-        except BlockfsError:
-            session.close()
-            with trio.move_on_after(2):
-                await proc.wait()
-            if proc.returncode is None:
-                raise
-            errors.seek(0)
-            text = errors.read(64 << 10).decode(errors="replace")
-            raise openssh.refusal(loc.server, check, text, launch) from None
-    except BaseException:
-        session.close()
-        with trio.CancelScope(shield=True):
-            await _reap(proc)
+            argv, stdin=to_child_r, stdout=from_child_w, start_new_session=True, **kwargs
+        )
+    except BaseException as exc:
+        os.close(to_child_w)
+        os.close(from_child_r)
+        if isinstance(exc, OSError):
+            raise TransientError(
+                f"{loc.server}: {what} did not start: {exc.strerror}", reached=False
+            ) from None
         raise
     finally:
-        errors.close()
-    return session, proc
+        os.close(to_child_r)
+        os.close(from_child_w)
+    return proc, to_child_w, from_child_r
+
+
+def _stall(loc: SshLocation) -> float:
+    """A connection silent this long with requests waiting is given up (the session's
+    watchdog): a third of ``timeout=``, so that a retry on a new one fits before the retry
+    filter's deadline."""
+    return max(1.0, loc.timeout / 3)
 
 
 async def _start_asyncssh(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
     """Start an asyncssh relay for ``loc``, wait for its word, start SFTP over it."""
-    to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
-    from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-I", "-m", "blockfs.nodes.ssh_relay"],
-            stdin=to_child_r, stdout=from_child_w, start_new_session=True,
-        )  # fmt: skip
-    except OSError as exc:
-        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
-            os.close(fd)
-        raise TransientError(
-            f"{loc.server}: the ssh relay did not start: {exc.strerror}", reached=False
-        ) from None
-    os.close(to_child_r)
-    os.close(from_child_w)
+    proc, to_child_w, from_child_r = await _spawn(
+        loc, "the ssh relay", [sys.executable, "-I", "-m", "blockfs.nodes.ssh_relay"]
+    )
     cfg = {
         "host": loc.host, "port": loc.port, "user": loc.user,
         "options": dict(loc.options), "timeout": loc.timeout,
@@ -397,10 +405,9 @@ async def _start_asyncssh(loc: SshLocation) -> tuple[SftpSession, trio.Process]:
             raise TransientError(message, errno=code, reached=False)
         for warning in word.get("warnings") or ():
             log.warning("%s", warning)
-        # a connection silent for a third of timeout= is given up, so that a retry on a new
-        # one fits before the retry filter's deadline
-        stall = max(1.0, loc.timeout / 3)
-        session = SftpSession(to_child_w, from_child_r, loc.server, rest, stall_timeout=stall)
+        session = SftpSession(
+            to_child_w, from_child_r, loc.server, rest, stall_timeout=_stall(loc)
+        )
         await session.start()
     except BaseException:
         if session is not None:
@@ -540,7 +547,7 @@ class SshNode(Node):
                 raise BlockfsError(f"{loc.uri()}: open: {exc}", errno=exc.errno) from None
             raise
         self._conn, self._session, self._handle = conn, s, handle
-        self._pair = (s, sstr(handle))
+        self._pair = (s, sftp.sstr(handle))
         self._generation = conn.generation
         self._real = real
         self._ident = ("ssh", loc.host, loc.port, real)
@@ -648,7 +655,7 @@ class SshNode(Node):
         except SftpError as exc:
             raise BlockfsError(f"{self.filename}: reconnect: {exc}", errno=exc.errno) from None
         self._session, self._handle, self._generation = s, handle, gen
-        self._pair = (s, sstr(handle))
+        self._pair = (s, sftp.sstr(handle))
 
     async def reopen(self, read_only: bool) -> None:
         if read_only == self.read_only:
@@ -666,7 +673,7 @@ class SshNode(Node):
         except SftpError as exc:
             raise BlockfsError(f"{self.filename}: reopen: {exc}", errno=exc.errno) from None
         old, self._handle = self._handle, handle
-        self._pair = (s, sstr(handle))
+        self._pair = (s, sftp.sstr(handle))
         self.read_only = read_only
         await _close_quietly(s, old)
 
@@ -677,24 +684,29 @@ class SshNode(Node):
 
     def direct_io(self) -> DirectIo | None:
         """Reads and writes sent by the FUSE reader threads themselves and answered from the
-        session's reply (see :meth:`SftpSession.submit`): no event loop task per request.
-        Anything that needs more (a request larger than one SFTP packet, a broken session,
-        a read-only file) is declined to the event loop's path; a request whose connection
-        goes is handed back (:data:`RETRY`) to be sent again there, with the retry filter."""
+        session's reply (see :meth:`SftpSession.submit`): no event loop task per request. A
+        request larger than one SFTP packet goes in parts; a broken session or a read-only
+        file declines it to the event loop's path; a request whose connection goes is handed
+        back (:data:`RETRY`) to be sent again there, with the retry filter."""
         return DirectIo(never_direct, None, self._submit_read, self._submit_write)
 
     def _submit_read(self, offset: int, length: int, done: DirectDone) -> bool:
         pair = self._pair
         if pair is None:
             return False
-        step = self._max_read
-        if length <= step:
-            return self._read_one(pair, offset, length, done)
-        def part(pos: int) -> Callable[[DirectDone], bool]:
-            return lambda cb: self._read_one(pair, offset + pos, min(step, length - pos), cb)
+        return _send_split(
+            length, self._max_read, done, pair[0].token,
+            lambda pos, n, cb: self._read_one(pair, offset + pos, n, cb),
+        )  # fmt: skip
 
-        gather = _Gather(done, pair[0].token)
-        return gather.send([part(pos) for pos in range(0, length, step)])
+    def _submit_write(self, offset: int, data: memoryview, done: DirectDone) -> bool:
+        pair = self._pair
+        if pair is None or self.read_only:
+            return False
+        return _send_split(
+            len(data), self._max_write, done, pair[0].token,
+            lambda pos, n, cb: self._write_one(pair, offset + pos, data[pos : pos + n], cb),
+        )  # fmt: skip
 
     def _read_one(
         self, pair: tuple[SftpSession, bytes], offset: int, length: int, done: DirectDone
@@ -704,30 +716,17 @@ class SshNode(Node):
 
         def reply(typ: int, payload: bytes) -> None:
             if typ == sftp.DATA_REPLY and len(payload) == length:
-                io.rd_operations += 1
-                io.rd_bytes += length
-                done(payload, 0)
-            elif typ == sftp.STATUS_REPLY and _status(payload) == sftp.FX_EOF:
-                io.rd_operations += 1
-                io.rd_bytes += length
-                done(bytes(length), 0)  # past the end of the file: zeroes
+                data = payload
+            elif typ == sftp.STATUS_REPLY and sftp.status_code(payload) == sftp.FX_EOF:
+                data = bytes(length)  # past the end of the file: zeroes
             else:
                 self._direct_failed(typ, payload, done, "read")
+                return
+            io.rd_operations += 1
+            io.rd_bytes += length
+            done(data, 0)
 
-        return s.submit(sftp.READ, (handle, _READ_ARGS.pack(offset, length)), reply)
-
-    def _submit_write(self, offset: int, data: memoryview, done: DirectDone) -> bool:
-        pair = self._pair
-        if pair is None or self.read_only:
-            return False
-        step, length = self._max_write, len(data)
-        if length <= step:
-            return self._write_one(pair, offset, data, done)
-        def part(pos: int) -> Callable[[DirectDone], bool]:
-            return lambda cb: self._write_one(pair, offset + pos, data[pos : pos + step], cb)
-
-        gather = _Gather(done, pair[0].token)
-        return gather.send([part(pos) for pos in range(0, length, step)])
+        return s.submit(*sftp.read_packet(handle, offset, length), reply)
 
     def _write_one(
         self, pair: tuple[SftpSession, bytes], offset: int, data: memoryview, done: DirectDone
@@ -737,23 +736,22 @@ class SshNode(Node):
         io = self.io
 
         def reply(typ: int, payload: bytes) -> None:
-            if typ == sftp.STATUS_REPLY and _status(payload) == sftp.FX_OK:
-                io.wr_operations += 1
-                io.wr_bytes += length
-                if offset + length > self.size:
-                    self.size = offset + length
-                done(b"", 0)
-            else:
+            if typ != sftp.STATUS_REPLY or sftp.status_code(payload) != sftp.FX_OK:
                 self._direct_failed(typ, payload, done, "write")
+                return
+            io.wr_operations += 1
+            io.wr_bytes += length
+            if offset + length > self.size:
+                self.size = offset + length
+            done(b"", 0)
 
-        body = (handle, _U64.pack(offset), _U32.pack(length), data)
-        return s.submit(sftp.WRITE, body, reply)
+        return s.submit(*sftp.write_packet(handle, offset, data), reply)
 
     def _direct_failed(self, typ: int, payload: bytes, done: DirectDone, what: str) -> None:
         """A submitted request that did not succeed: sent again by the event loop when the
         connection went or the answer is one the async path handles (a short read), else
         failed with the server's errno (counted as the async path counts it)."""
-        code = _status(payload) if typ == sftp.STATUS_REPLY else None
+        code = sftp.status_code(payload) if typ == sftp.STATUS_REPLY else None
         if code is None or code in (sftp.FX_CONNECTION_LOST, sftp.FX_NO_CONNECTION):
             done(b"", RETRY)
             return
@@ -784,6 +782,21 @@ class SshNode(Node):
         d = super().describe()
         d["server"] = self.loc.server
         return d
+
+
+def _send_split(
+    length: int, step: int, done: DirectDone, token: trio.lowlevel.TrioToken,
+    send: Callable[[int, int, DirectDone], bool],
+) -> bool:  # fmt: skip
+    """Send a request of ``length`` bytes as ``send(pos, n, done)`` calls of at most ``step``
+    bytes: one, or parts gathered into one ``done``."""
+    if length <= step:
+        return send(0, length, done)
+
+    def part(pos: int) -> Callable[[DirectDone], bool]:
+        return lambda cb: send(pos, min(step, length - pos), cb)
+
+    return _Gather(done, token).send([part(pos) for pos in range(0, length, step)])
 
 
 class _Gather:
@@ -844,16 +857,6 @@ class _Gather:
             self.done(b"", self.err)
         else:
             self.done(b"".join(self.parts), 0)
-
-
-def _status(payload: bytes) -> int | None:
-    """A STATUS reply's code (None: malformed)."""
-    return int.from_bytes(payload[:4], "big") if len(payload) >= 4 else None
-
-
-_READ_ARGS = sftp.READ_ARGS
-_U32, _U64 = sftp.U32, sftp.U64
-sstr = sftp.sstr
 
 
 def _flags(read_only: bool) -> int:
