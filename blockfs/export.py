@@ -50,7 +50,7 @@ from typing import Literal, TypeVar
 import trio
 
 from blockfs.errors import BlockfsError, NoSpaceError, ReadOnlyError, UsageError
-from blockfs.nodes.base import DirectIo, Node
+from blockfs.nodes.base import DirectIo, Held, Node
 from blockfs.nodes.filter import FilterNode
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,11 @@ class Export:
             return 0
         return min(length, size - offset)
 
-    def _count_read(self, length: int, t0: int, direct: bool = False) -> None:
+    def _count_read(
+        self, length: int, t0: int, direct: bool = False, done: bool = False
+    ) -> None:
+        """Count a read that succeeded; ``done``: and one request less in flight, under the
+        same lock (:meth:`_request_done`)."""
         t1 = _now()
         dt = t1 - t0
         stats = self.stats
@@ -279,6 +283,13 @@ class Export:
             stats.rd_total_time_ns += dt
             stats.last_io_ns = t1
             self.direct_rd_operations += direct
+            if not done:
+                return
+            self._inflight -= 1
+            if self._inflight:
+                return
+            drained = self._drained
+        self._wake_drained(drained)
 
     async def write(self, offset: int, data: bytes) -> int:
         """Write ``data``; a write straddling the end is cut short (its length is returned), a
@@ -394,13 +405,15 @@ class Export:
         return length
 
     def submit_read(
-        self, offset: int, length: int, answer: Callable[[bytes, int], None]
+        self, offset: int, length: int, answer: Callable[[bytes, int], None], held: Held
     ) -> bool:
         """A read the image's remote node sends from the calling thread (issue 14), answered
         later: ``answer(data, err)`` in the event loop's thread, ``err`` 0 with the bytes (as
         many as asked, fewer at the end of the disk), an errno, or
         :data:`~blockfs.nodes.base.RETRY` (the event loop must serve the request itself).
-        False: declined, nothing sent (the event loop serves it)."""
+        False: declined, nothing sent (the event loop serves it). The node may hold the
+        request back: the caller calls what it added to ``held`` once it has no more
+        requests at hand (:attr:`~blockfs.nodes.base.DirectIo.submit_read`)."""
         with self._lock:
             direct = self._direct
             if direct is None or direct.submit_read is None or self._gate is not None:
@@ -414,17 +427,17 @@ class Export:
 
         def done(data: bytes, err: int) -> None:
             if err == 0:
-                self._count_read(length, t0, direct=True)
-            elif err > 0:
+                self._count_read(length, t0, direct=True, done=True)
+            else:
                 with self._lock:
-                    stats.failed_rd_operations += 1
-            self._request_done()
+                    stats.failed_rd_operations += err > 0
+                self._request_done()
             answer(data, err)
 
-        return self._submitted(direct.submit_read, offset, length, done)
+        return self._submitted(direct.submit_read, offset, length, done, held)
 
     def submit_write(
-        self, offset: int, data: memoryview, answer: Callable[[bytes, int], None]
+        self, offset: int, data: memoryview, answer: Callable[[bytes, int], None], held: Held
     ) -> bool:
         """A write sent from the calling thread (:meth:`submit_read`); ``data`` must stay
         unchanged until ``answer``. A write that reaches the end of the disk is declined
@@ -449,7 +462,7 @@ class Export:
             self._request_done()
             answer(b"", err)
 
-        return self._submitted(direct.submit_write, offset, data, done)
+        return self._submitted(direct.submit_write, offset, data, done, held)
 
     def _submitted(self, submit: Callable[..., bool], *args: object) -> bool:
         """Send a counted request; a declined one (or one that failed to go) is uncounted."""
@@ -531,6 +544,9 @@ class Export:
         with self._lock:
             self._inflight -= 1
             drained = self._drained if self._inflight == 0 else None
+        self._wake_drained(drained)
+
+    def _wake_drained(self, drained: trio.Event | None) -> None:
         if drained is not None:
             token = self._token
             if token is not None and threading.get_ident() != self._loop_thread:

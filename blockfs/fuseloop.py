@@ -17,7 +17,15 @@ the descriptor that read it):
   :meth:`blockfs.nodes.sftp.SftpSession.submit`), and answered in the event loop's thread
   straight from the session's reply, without a task; a request whose connection goes is
   served again by the event loop (:meth:`_handle`), through the retry filter, its deadline
-  running from when it was first sent.
+  running from when it was first sent. Requests the kernel queued together go together: after
+  such a request the thread reads on, from a second, non-blocking clone of its descriptor,
+  holding the SFTP requests back (at most :data:`HOLD_MAX` of them), and sends them in one
+  pipe write when the queue is empty (or before anything else: a local read, a hand-over),
+  and only then blocks. One reader thread serves a mount whose threads only send (see
+  :mod:`blockfs.daemon`): two split the queue and contend for the GIL.
+  Measured (4 KiB random reads at queue depth 16, loopback sshd, 2 cores, all processes'
+  CPU per request): a pipe write per request 120 us, ``ssh`` and ``sshd`` most of it; sent
+  together (7 requests per write on average) 87 us; sshfs 113 us.
 - Every other request (and a READ or WRITE the export declines: a job's filter in the graph,
   the gate shut for a graph change, a qcow2, VHDX or remote image) is copied and handed to the
   trio event loop, where a task decodes it, calls :class:`blockfs.fs.BlockfsOperations` as
@@ -80,6 +88,7 @@ import pyfuse3
 import trio
 
 from blockfs.errors import BlockfsError
+from blockfs.nodes.base import Held
 from blockfs.nodes.retry import FIRST_SENT
 
 log = logging.getLogger(__name__)
@@ -105,6 +114,10 @@ RW_IN = struct.Struct("<QQII")  # fh offset size read_flags/write_flags (read an
 WRITE_OUT = struct.Struct("<II")  # size padding
 #: a WRITE's whole answer, header and fuse_write_out, packed at once (the threads' hot path)
 WRITE_ANSWER = struct.Struct("<IiQII")
+#: the most requests to remote images a reader thread holds back before it sends them
+HOLD_MAX = 32
+#: ... and the most bytes of written data
+HOLD_BYTES = 256 << 10
 FH_IN = struct.Struct("<QI")  # fh flags (release, fsync, flush: the fh comes first)
 #: fuse_setattr_in: valid padding fh size lock_owner atime mtime ctime atimensec mtimensec
 #: ctimensec mode unused4 uid gid unused5
@@ -263,6 +276,10 @@ class FuseLoop:
         self._queue_lock = threading.Lock()
         self._wake_pending = False
         self._fds: list[int] = []
+        #: a non-blocking clone for each reader: what it reads while it holds requests back
+        self._nb_fds: list[int] = []
+        #: requests to remote images the readers sent, and the sends that carried them
+        self.held_requests = self.held_sends = 0
         #: held while the notifier writes on a descriptor, and while they are closed
         self._fd_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
@@ -310,10 +327,13 @@ class FuseLoop:
         try:
             for _ in range(self.threads):
                 self._fds.append(self._clone())
+                self._nb_fds.append(self._clone())
+                os.set_blocking(self._nb_fds[-1], False)
         except OSError as exc:
-            for clone in self._fds:
+            for clone in self._fds + self._nb_fds:
                 os.close(clone)
             self._fds.clear()
+            self._nb_fds.clear()
             raise LoopError(f"cannot clone the FUSE device: {exc.strerror}") from None
 
     def _clone(self) -> int:
@@ -343,8 +363,9 @@ class FuseLoop:
             self._running = len(self._fds)
             for i, fd in enumerate(self._fds):
                 t = threading.Thread(
-                    target=self._reader, args=(fd,), name=f"fuse-reader-{i}", daemon=True
-                )
+                    target=self._reader, args=(fd, self._nb_fds[i]), name=f"fuse-reader-{i}",
+                    daemon=True,
+                )  # fmt: skip
                 self._workers.append(t)
                 t.start()
             await self._stop.wait()
@@ -372,22 +393,29 @@ class FuseLoop:
             for i, fd in enumerate(self._fds):
                 if i >= len(self._workers) or not self._workers[i].is_alive():
                     os.close(fd)
+                    os.close(self._nb_fds[i])
             self._fds = []
+            self._nb_fds = []
         finally:
             self._fd_lock.release()
         self._workers.clear()
 
     # -- the reader threads --------------------------------------------------------------------
 
-    def _reader(self, fd: int) -> None:
+    def _reader(self, fd: int, nb_fd: int) -> None:
         # Signals go to the event loop's thread (trio's handlers), never to a reader.
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
+        held: Held = set()
+        tally = [0, 0]  # requests held back, sends
         try:
-            self._read_loop(fd)
+            self._read_loop(fd, nb_fd, held, tally)
         except Exception:
             log.exception("FUSE reader failed")
         finally:
+            tally[1] += self._send_held(held)
             with self._running_lock:
+                self.held_requests += tally[0]
+                self.held_sends += tally[1]
                 self._running -= 1
                 last = self._running == 0
             if last:
@@ -403,7 +431,7 @@ class FuseLoop:
             return False
         return True
 
-    def _read_loop(self, fd: int) -> None:
+    def _read_loop(self, blocking_fd: int, nb_fd: int, held: Held, tally: list[int]) -> None:
         buf = bytearray(self.bufsize)
         view = memoryview(buf)
         # READ answers are built apart from the request: a direct read that declines may
@@ -414,13 +442,20 @@ class FuseLoop:
         unpack_header, unpack_rw = IN_HEADER.unpack_from, RW_IN.unpack_from
         pack_out = OUT_HEADER.pack_into
         exports = self.ops.exports_by_handle
+        count = size_held = 0  # held back now: requests, bytes of written data
         while True:
+            # a request is answered on the descriptor that read it
+            fd = nb_fd if held else blocking_fd
             try:
                 n = readv(fd, [buf])
+            except BlockingIOError:  # no more requests at hand: send what is held
+                count = size_held = 0
+                tally[1] += self._send_held(held)
+                continue
             except OSError as exc:
                 if exc.errno in (errno.ENODEV, errno.EBADF):
                     return  # the session ended (unmounted)
-                if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                if exc.errno in (errno.EINTR, errno.ENOENT):
                     continue  # ENOENT: a request interrupted before it was read
                 raise
             _, op, unique, _, _, _, _, _, _ = unpack_header(buf)
@@ -429,29 +464,40 @@ class FuseLoop:
                 export = exports.get(fh)
                 if export is not None:
                     try:
-                        if export.submits:  # a remote image: sent now, answered later
+                        if export.submits:  # a remote image: sent soon, answered later
                             if op == READ:
                                 req = bytes(view[: _IN + RW_IN.size])
                                 answer = self._remote_answer(fd, req, unique, None)
-                                if export.submit_read(off, size, answer):
-                                    continue
+                                sent = export.submit_read(off, size, answer, held)
                             else:
                                 req = bytes(view[:n])  # kept: sent again if the connection goes
                                 data = memoryview(req)[80 : 80 + size]
                                 answer = self._remote_answer(fd, req, unique, size)
-                                if export.submit_write(off, data, answer):
-                                    continue
-                        elif op == READ:
-                            got = export.read_direct(off, out_view[_OUT : _OUT + size])
-                            if got is not None:
-                                pack_out(out, 0, _OUT + got, 0, unique)
-                                self._answer(fd, out_view[: _OUT + got])
+                                sent = export.submit_write(off, data, answer, held)
+                                size_held += size
+                            if sent:
+                                count += 1
+                                tally[0] += 1
+                                if count >= HOLD_MAX or size_held >= HOLD_BYTES:
+                                    count = size_held = 0
+                                    tally[1] += self._send_held(held)
                                 continue
+                            # declined: the event loop serves it (below)
                         else:
-                            got = export.write_direct(off, view[80 : 80 + size])
-                            if got is not None:
-                                self._answer(fd, WRITE_ANSWER.pack(24, 0, unique, got, 0))
-                                continue
+                            if held:  # nothing waits behind a local read or write
+                                count = size_held = 0
+                                tally[1] += self._send_held(held)
+                            if op == READ:
+                                got = export.read_direct(off, out_view[_OUT : _OUT + size])
+                                if got is not None:
+                                    pack_out(out, 0, _OUT + got, 0, unique)
+                                    self._answer(fd, out_view[: _OUT + got])
+                                    continue
+                            else:
+                                got = export.write_direct(off, view[80 : 80 + size])
+                                if got is not None:
+                                    self._answer(fd, WRITE_ANSWER.pack(24, 0, unique, got, 0))
+                                    continue
                     except BlockfsError as exc:
                         self._answer(fd, OUT_HEADER.pack(_OUT, -exc.errno, unique))
                         continue
@@ -462,10 +508,26 @@ class FuseLoop:
                         continue
             elif op == INTERRUPT or op == FORGET or op == BATCH_FORGET:
                 continue  # no answer; blockfs keeps no lookup counts, runs no long requests
+            if held:
+                count = size_held = 0
+                tally[1] += self._send_held(held)
             if self._stopping:
                 continue  # left unanswered: it fails when the connection ends
             self._slots.acquire()
             self._hand_over(fd, bytes(view[:n]))
+
+    @staticmethod
+    def _send_held(held: Held) -> int:
+        """Send the requests the nodes held back (see :attr:`DirectIo.submit_read`); how
+        many sends that took (one per SFTP session)."""
+        sends = list(held)
+        held.clear()
+        for send in sends:
+            try:
+                send()
+            except Exception:
+                log.exception("sending requests to a remote image failed")
+        return len(sends)
 
     def _remote_answer(
         self, fd: int, req: bytes, unique: int, written: int | None

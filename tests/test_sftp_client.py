@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
+from typing import Any
 
 import pytest
 import trio
@@ -211,6 +213,76 @@ async def test_a_large_write_waits_for_the_pipe_and_keeps_its_order() -> None:
     assert bytes(received[: len(payload)]) == payload
     assert bytes(received[len(payload) :]) == payload
     s.close()
+    await peer.aclose()
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+async def test_requests_held_by_a_thread_leave_together_when_sent() -> None:
+    """A reader thread's requests held back (``held``) reach the pipe only when it sends
+    them, then all in one write; a request the event loop makes meanwhile goes after them
+    (one stream, in order); each reply reaches its own callback in the event loop's thread."""
+    peer, s = await started()
+    loop_thread = threading.get_ident()
+    replies: dict[int, tuple[int, bytes, bool]] = {}
+
+    def callback(i: int) -> Any:
+        def done(typ: int, payload: bytes) -> None:
+            replies[i] = (typ, payload, threading.get_ident() == loop_thread)
+
+        return done
+
+    held: set[Any] = set()
+
+    def hold() -> None:
+        for i in range(5):
+            assert s.submit(*sftp.read_packet(sftp.sstr(b"h"), i * 4, 4), callback(i), held)
+
+    await trio.to_thread.run_sync(hold)
+    assert len(held) == 1
+    await trio.sleep(0.2)
+    assert not _readable(peer.to_server_r), "a held request was written"
+    await trio.to_thread.run_sync(lambda: [send() for send in held])
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(peer.to_server_r)
+    first = os.read(peer.to_server_r, 1 << 20)  # one write: every request at once
+    peer.buf = first
+    reqs = [await peer.packet() for _ in range(5)]
+    assert peer.buf == b"" and [r[0] for r in reqs] == [sftp.READ] * 5
+
+    # held again; the event loop's own request, made meanwhile, follows them
+    await trio.to_thread.run_sync(lambda: s.submit(
+        *sftp.read_packet(sftp.sstr(b"h"), 40, 4), callback(5), held))  # fmt: skip
+    got = {}
+
+    async def own() -> None:
+        got["own"] = await s.read(b"h", 44, 4, 4)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(own)
+        later = [await peer.packet() for _ in range(2)]
+        offsets = [struct.unpack(">Q", r[2][5:13])[0] for r in later]
+        assert offsets == [40, 44], offsets
+        for _, rid, rest in reqs + later:
+            (offset,) = struct.unpack(">Q", rest[5:13])
+            await peer.send(103, rid, data(b"%04d" % offset))
+    await trio.sleep(0.05)
+    assert got == {"own": b"0044"}
+    want = {i: (103, b"%04d" % (i * 4), True) for i in range(5)}
+    assert replies == {**want, 5: (103, b"0040", True)}, replies
+    held.clear()  # sent already by the event loop's writer: nothing left to send
+
+    # held, then the session ends before they are sent: each callback hears of it
+    await trio.to_thread.run_sync(lambda: s.submit(
+        *sftp.read_packet(sftp.sstr(b"h"), 0, 4), callback(9), held))  # fmt: skip
+    s.close()
+    await trio.to_thread.run_sync(lambda: [send() for send in held])
+    await trio.sleep(0.05)
+    assert replies[9][0] == -1 and replies[9][2], replies[9]
     await peer.aclose()
 
 

@@ -392,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="threads reading FUSE requests, which answer reads and writes of local raw, qcow2 "
         "and VHDX images themselves and send those of raw images on ssh hosts; auto (the "
-        f"default): {FUSE_THREADS} when some image is one, else 0 (0: pyfuse3's own loop, "
-        "one task per request)",
+        f"default): {FUSE_THREADS} when some image is local, 1 when all such are on ssh "
+        "hosts, else 0 (0: pyfuse3's own loop, one task per request)",
     )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=_cmd_mount)

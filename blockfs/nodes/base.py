@@ -123,18 +123,23 @@ class DirectIo:
     #: store the view at the offset; None: writes always need the event loop
     write: Callable[[int, memoryview], bool] | None = None
     #: a remote node's requests, sent from the calling thread and answered later (issue 14):
-    #: ``submit_read(offset, length, done)`` and ``submit_write(offset, data, done)`` send
-    #: the request and return True, or decline (False, nothing sent). ``done(data, err)``
-    #: is then called once, in the event loop's thread: ``err`` 0 (``data``: the bytes
+    #: ``submit_read(offset, length, done, held)`` and ``submit_write(offset, data, done,
+    #: held)`` take the request and return True, or decline (False, nothing sent). The node
+    #: may hold the request back and add to ``held`` (:data:`Held`) how to send what it holds:
+    #: the caller calls each of those once it has no more requests at hand (before it waits
+    #: or does anything slow), so that requests made together leave together. ``done(data,
+    #: err)`` is then called once, in the event loop's thread: ``err`` 0 (``data``: the bytes
     #: read, as long as asked; b"" for a write), an errno (the request failed for good), or
     #: :data:`RETRY` (the connection went: the event loop must send the request again, with
     #: its retries). A write's data must stay unchanged until ``done``.
-    submit_read: Callable[[int, int, DirectDone], bool] | None = None
-    submit_write: Callable[[int, memoryview, DirectDone], bool] | None = None
+    submit_read: Callable[[int, int, DirectDone, Held], bool] | None = None
+    submit_write: Callable[[int, memoryview, DirectDone, Held], bool] | None = None
 
 
 #: how a submitted request ends (see :attr:`DirectIo.submit_read`)
 DirectDone = Callable[[bytes, int], None]
+#: how to send the requests a remote node held back (see :attr:`DirectIo.submit_read`)
+Held = set[Callable[[], None]]
 #: ``done``'s ``err`` for a request the event loop must send again
 RETRY = -1
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from blockfs.errors import BlockfsError
-from blockfs.nodes.base import DirectDone, DirectIo, Extent, Node
+from blockfs.nodes.base import DirectDone, DirectIo, Extent, Held, Node
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class RawNode(Node):
 
         if submit is not None:
 
-            def guarded_submit(offset: int, view: memoryview, done: DirectDone) -> bool:
-                return offset >= head and submit(offset, view, done)
+            def guarded_submit(
+                offset: int, view: memoryview, done: DirectDone, held: Held
+            ) -> bool:
+                return offset >= head and submit(offset, view, done, held)
 
         return DirectIo(below.readinto, guarded, below.submit_read, guarded_submit)
 

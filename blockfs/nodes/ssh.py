@@ -75,6 +75,7 @@ from blockfs.nodes.base import (
     DirectDone,
     DirectIo,
     Extent,
+    Held,
     IoCounters,
     Node,
     Status,
@@ -690,27 +691,30 @@ class SshNode(Node):
         back (:data:`RETRY`) to be sent again there, with the retry filter."""
         return DirectIo(never_direct, None, self._submit_read, self._submit_write)
 
-    def _submit_read(self, offset: int, length: int, done: DirectDone) -> bool:
+    def _submit_read(self, offset: int, length: int, done: DirectDone, held: Held) -> bool:
         pair = self._pair
         if pair is None:
             return False
         return _send_split(
             length, self._max_read, done, pair[0].token,
-            lambda pos, n, cb: self._read_one(pair, offset + pos, n, cb),
+            lambda pos, n, cb: self._read_one(pair, offset + pos, n, cb, held),
         )  # fmt: skip
 
-    def _submit_write(self, offset: int, data: memoryview, done: DirectDone) -> bool:
+    def _submit_write(
+        self, offset: int, data: memoryview, done: DirectDone, held: Held
+    ) -> bool:
         pair = self._pair
         if pair is None or self.read_only:
             return False
         return _send_split(
             len(data), self._max_write, done, pair[0].token,
-            lambda pos, n, cb: self._write_one(pair, offset + pos, data[pos : pos + n], cb),
+            lambda pos, n, cb: self._write_one(pair, offset + pos, data[pos : pos + n], cb, held),
         )  # fmt: skip
 
     def _read_one(
-        self, pair: tuple[SftpSession, bytes], offset: int, length: int, done: DirectDone
-    ) -> bool:
+        self, pair: tuple[SftpSession, bytes], offset: int, length: int, done: DirectDone,
+        held: Held,
+    ) -> bool:  # fmt: skip
         s, handle = pair
         io = self.io
 
@@ -726,11 +730,12 @@ class SshNode(Node):
             io.rd_bytes += length
             done(data, 0)
 
-        return s.submit(*sftp.read_packet(handle, offset, length), reply)
+        return s.submit(*sftp.read_packet(handle, offset, length), reply, held)
 
     def _write_one(
-        self, pair: tuple[SftpSession, bytes], offset: int, data: memoryview, done: DirectDone
-    ) -> bool:
+        self, pair: tuple[SftpSession, bytes], offset: int, data: memoryview, done: DirectDone,
+        held: Held,
+    ) -> bool:  # fmt: skip
         s, handle = pair
         length = len(data)
         io = self.io
@@ -745,7 +750,7 @@ class SshNode(Node):
                 self.size = offset + length
             done(b"", 0)
 
-        return s.submit(*sftp.write_packet(handle, offset, data), reply)
+        return s.submit(*sftp.write_packet(handle, offset, data), reply, held)
 
     def _direct_failed(self, typ: int, payload: bytes, done: DirectDone, what: str) -> None:
         """A submitted request that did not succeed: sent again by the event loop when the
