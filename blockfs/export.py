@@ -271,8 +271,8 @@ class Export:
     def _count_read(
         self, length: int, t0: int, direct: bool = False, done: bool = False
     ) -> None:
-        """Count a read that succeeded; ``done``: and one request less in flight, under the
-        same lock (:meth:`_request_done`)."""
+        """Count a read that succeeded; ``done``: and it is no longer in flight (one lock
+        round for both, as :meth:`_request_done` would)."""
         t1 = _now()
         dt = t1 - t0
         stats = self.stats
@@ -283,12 +283,7 @@ class Export:
             stats.rd_total_time_ns += dt
             stats.last_io_ns = t1
             self.direct_rd_operations += direct
-            if not done:
-                return
-            self._inflight -= 1
-            if self._inflight:
-                return
-            drained = self._drained
+            drained = self._one_less() if done else None
         self._wake_drained(drained)
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -332,7 +327,10 @@ class Export:
             raise NoSpaceError(f"write past the end of {self.name}")
         return min(length, size - offset)
 
-    def _count_write(self, offset: int, length: int, t0: int, direct: bool = False) -> None:
+    def _count_write(
+        self, offset: int, length: int, t0: int, direct: bool = False, done: bool = False
+    ) -> None:
+        """Count a write that succeeded (``done``: as :meth:`_count_read`)."""
         t1 = _now()
         dt = t1 - t0
         stats = self.stats
@@ -344,7 +342,9 @@ class Export:
             stats.last_io_ns = t1
             if offset + length > stats.wr_highest_offset:
                 stats.wr_highest_offset = offset + length
+            drained = self._one_less() if done else None
         self.mtime_ns = time.time_ns()
+        self._wake_drained(drained)
 
     # -- the data path of the FUSE reader threads ----------------------------------------------
 
@@ -455,11 +455,11 @@ class Export:
 
         def done(_: bytes, err: int) -> None:
             if err == 0:
-                self._count_write(offset, length, t0, direct=True)
-            elif err > 0:
+                self._count_write(offset, length, t0, direct=True, done=True)
+            else:
                 with self._lock:
-                    stats.failed_wr_operations += 1
-            self._request_done()
+                    stats.failed_wr_operations += err > 0
+                self._request_done()
             answer(b"", err)
 
         return self._submitted(direct.submit_write, offset, data, done, held)
@@ -542,9 +542,14 @@ class Export:
         """One request less in flight; the last one wakes ``quiesced()`` (from a reader thread
         through the event loop's token)."""
         with self._lock:
-            self._inflight -= 1
-            drained = self._drained if self._inflight == 0 else None
+            drained = self._one_less()
         self._wake_drained(drained)
+
+    def _one_less(self) -> trio.Event | None:
+        """(Under the lock.) One request less in flight; the event to set if it was the
+        last."""
+        self._inflight -= 1
+        return self._drained if self._inflight == 0 else None
 
     def _wake_drained(self, drained: trio.Event | None) -> None:
         if drained is not None:

@@ -443,14 +443,19 @@ class FuseLoop:
         pack_out = OUT_HEADER.pack_into
         exports = self.ops.exports_by_handle
         count = size_held = 0  # held back now: requests, bytes of written data
+
+        def send_held() -> None:
+            nonlocal count, size_held
+            count = size_held = 0
+            tally[1] += self._send_held(held)
+
         while True:
             # a request is answered on the descriptor that read it
             fd = nb_fd if held else blocking_fd
             try:
                 n = readv(fd, [buf])
             except BlockingIOError:  # no more requests at hand: send what is held
-                count = size_held = 0
-                tally[1] += self._send_held(held)
+                send_held()
                 continue
             except OSError as exc:
                 if exc.errno in (errno.ENODEV, errno.EBADF):
@@ -474,19 +479,17 @@ class FuseLoop:
                                 data = memoryview(req)[80 : 80 + size]
                                 answer = self._remote_answer(fd, req, unique, size)
                                 sent = export.submit_write(off, data, answer, held)
-                                size_held += size
+                                size_held += size if sent else 0
                             if sent:
                                 count += 1
                                 tally[0] += 1
                                 if count >= HOLD_MAX or size_held >= HOLD_BYTES:
-                                    count = size_held = 0
-                                    tally[1] += self._send_held(held)
+                                    send_held()
                                 continue
                             # declined: the event loop serves it (below)
                         else:
                             if held:  # nothing waits behind a local read or write
-                                count = size_held = 0
-                                tally[1] += self._send_held(held)
+                                send_held()
                             if op == READ:
                                 got = export.read_direct(off, out_view[_OUT : _OUT + size])
                                 if got is not None:
@@ -509,8 +512,7 @@ class FuseLoop:
             elif op == INTERRUPT or op == FORGET or op == BATCH_FORGET:
                 continue  # no answer; blockfs keeps no lookup counts, runs no long requests
             if held:
-                count = size_held = 0
-                tally[1] += self._send_held(held)
+                send_held()
             if self._stopping:
                 continue  # left unanswered: it fails when the connection ends
             self._slots.acquire()

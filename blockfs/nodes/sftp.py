@@ -27,6 +27,7 @@ is dropped; a malformed reply fails its request with EIO.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import threading
@@ -69,6 +70,8 @@ PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
 #: the most pieces one writev takes (Linux: IOV_MAX)
 _IOV_MAX = 1024
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">IBI")  # length, type, request id
 #: the reply types a submitted request sees (:meth:`SftpSession.submit`)
@@ -260,7 +263,8 @@ class SftpSession:
         """INIT, VERSION and the server's limits. :raise TransientError: no answer."""
         waiter = self._version_waiter = _Waiter(1)
         with self._tlock:
-            self._send([memoryview(_U32.pack(5) + bytes([_INIT]) + _U32.pack(3))])
+            self._out.append(_U32.pack(5) + bytes([_INIT]) + _U32.pack(3))
+            self._wake_idle_writer()
         if self.dead is not None:
             raise TransientError(f"{self.where}: {self.dead}", reached=False)
         typ, payload = (await self._wait(waiter, ()))[0]
@@ -313,21 +317,9 @@ class SftpSession:
         if self.dead is not None:
             raise TransientError(f"{self.where}: {self.dead}", reached=False)
         waiter = _Waiter(len(packets))
-        ids = []
-        parts: list[bytes | memoryview] = []
-        waiting = self._waiting
         with self._tlock:
-            for i, (typ, body) in enumerate(packets):
-                rid = self._next_id
-                self._next_id = (rid + 1) & 0xFFFFFFFF
-                length = 5
-                for piece in body:
-                    length += len(piece)
-                parts.append(memoryview(_HEADER.pack(length, typ, rid)))
-                parts.extend(memoryview(piece) for piece in body)
-                waiting[rid] = (waiter, i)
-                ids.append(rid)
-            self._send(parts)
+            ids = [self._enqueue(typ, body, (waiter, i)) for i, (typ, body) in enumerate(packets)]
+            self._wake_idle_writer()
         if self.dead is not None:  # the pipe broke while sending
             raise TransientError(f"{self.where}: {self.dead}", reached=True)
         return await self._wait(waiter, ids)
@@ -361,18 +353,10 @@ class SftpSession:
         ``writev``, one wake-up of ``ssh`` and one SSH packet (a reader thread sends a queue
         depth's worth of 4 KiB reads so: the machine's CPU per request went from 120 to 87 us,
         ``ssh`` and ``sshd`` most of the difference; ``benchmarks/README.md``)."""
-        length = 5
-        for piece in body:
-            length += len(piece)
         with self._tlock:
             if self.dead is not None:
                 return False
-            rid = self._next_id
-            self._next_id = (rid + 1) & 0xFFFFFFFF
-            out = self._out
-            out.append(_HEADER.pack(length, typ, rid))
-            out.extend(body)
-            self._waiting[rid] = (done, -1)
+            self._enqueue(typ, body, (done, -1))
         if held is None:
             self.send_held()
         else:
@@ -389,17 +373,9 @@ class SftpSession:
             if not out or self._writer_parked is None or self.dead is not None:
                 return
             try:
-                n = os.writev(self._send_fd, list(islice(out, _IOV_MAX)))
+                self._write_queued()
             except OSError:
-                n = 0  # full (the writer waits for room) or broken (the writer fails all)
-            while n > 0:
-                head = out[0]
-                if n >= len(head):
-                    n -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = head[n:]
-                    n = 0
+                pass  # broken: the writer task finds it so too and fails every request
             if out and not self._wake_queued:
                 self._wake_queued = wake = True
         if wake:
@@ -415,14 +391,46 @@ class SftpSession:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
-    def _send(self, parts: list[bytes | memoryview]) -> None:
-        """(Under ``_tlock``.) Queue a request's pieces for the writer task, which sends all
-        that is queued in one ``writev`` once the tasks runnable now have had their turn:
-        requests made together (a queue depth's worth of FUSE requests, the parts of a split
-        read) leave together, in one pipe write, one wake-up of the relay and often one SSH
+    def _enqueue(self, typ: int, body: Sequence[bytes | memoryview], entry: Any) -> int:
+        """(Under ``_tlock``.) Queue one request (its pieces as they are, never copied) and
+        note who waits for its reply (``entry``, see ``_waiting``); its id."""
+        length = 5
+        for piece in body:
+            length += len(piece)
+        rid = self._next_id
+        self._next_id = (rid + 1) & 0xFFFFFFFF
+        out = self._out
+        out.append(_HEADER.pack(length, typ, rid))
+        out.extend(body)
+        self._waiting[rid] = entry
+        return rid
+
+    def _write_queued(self) -> int:
+        """(Under ``_tlock``.) One ``writev`` of what is queued; what it took leaves the
+        queue. The bytes written, or -1: the pipe is full. :raise OSError: it is broken."""
+        out = self._out
+        try:
+            n = os.writev(self._send_fd, list(islice(out, _IOV_MAX)))
+        except BlockingIOError:
+            return -1
+        left = n
+        while left > 0:
+            head = out[0]
+            if left >= len(head):
+                left -= len(head)
+                out.popleft()
+            else:
+                out[0] = head[left:]
+                left = 0
+        return n
+
+    def _wake_idle_writer(self) -> None:
+        """(Under ``_tlock``, in the event loop.) Wake the writer task if it is idle: it sends
+        all that is queued in one ``writev`` once the tasks runnable now have had their turn,
+        so requests made together (the parts of a split read, the tasks' requests of one
+        round) leave together, in one pipe write, one wake-up of ``ssh`` and often one SSH
         packet. A write per request was a sixth of the daemon's time under 4 KiB random
         reads."""
-        self._out.extend(parts)
         task = self._writer_parked
         if task is not None:
             self._writer_parked = None
@@ -440,22 +448,11 @@ class SftpSession:
         try:
             while self.dead is None:
                 with lock:
-                    if not out:
+                    if out:
+                        n = self._write_queued()
+                    else:
                         self._writer_parked = trio.lowlevel.current_task()
                         n = -2
-                    else:
-                        try:
-                            n = os.writev(fd, list(islice(out, _IOV_MAX)))
-                        except BlockingIOError:
-                            n = -1
-                        while n > 0:
-                            head = out[0]
-                            if n >= len(head):
-                                n -= len(head)
-                                out.popleft()
-                            else:
-                                out[0] = head[n:]
-                                n = 0
                 if n == -2:
                     await trio.lowlevel.wait_task_rescheduled(self._unpark)
                 elif n == -1:
@@ -586,10 +583,7 @@ class SftpSession:
         try:
             done(typ, payload)
         except Exception as exc:  # it runs in the reader task: the session must go on
-            import logging
-
-            logging.getLogger(__name__).exception("%s: a reply's callback failed: %s",
-                                                  self.where, exc)  # fmt: skip
+            log.exception("%s: a reply's callback failed: %s", self.where, exc)
 
     @staticmethod
     def _deliver(waiter: _Waiter, index: int, typ: int, payload: bytes) -> None:
